@@ -1,0 +1,14 @@
+"""nfnet-zoo: DeepMind-faithful NFNets in timm's model factory.
+
+Importing this package registers the NFNet variants with timm, so that
+`timm.create_model("nfnet_f1", pretrained=True)` builds DeepMind's F1 with its ImageNet weights.
+"""
+from .convert import convert_haiku_checkpoint, load_haiku_checkpoint
+from .errors import NFNetZooError
+from .nfnet import NFNet, NFNetCfg
+from .variants import DM_ACCURACY, VARIANTS, list_pretrained_names
+
+__version__ = "0.1.0"
+
+__all__ = ["NFNet", "NFNetCfg", "NFNetZooError", "VARIANTS", "DM_ACCURACY", "list_pretrained_names",
+           "convert_haiku_checkpoint", "load_haiku_checkpoint"]
