@@ -5,10 +5,11 @@ Importing this package registers the NFNet variants with timm, so that
 """
 from .convert import convert_haiku_checkpoint, load_haiku_checkpoint
 from .errors import NFNetZooError
+from .inference import optimize_for_inference
 from .nfnet import NFNet, NFNetCfg
 from .variants import DM_ACCURACY, VARIANTS, list_pretrained_names
 
 __version__ = "0.1.0"
 
 __all__ = ["NFNet", "NFNetCfg", "NFNetZooError", "VARIANTS", "DM_ACCURACY", "list_pretrained_names",
-           "convert_haiku_checkpoint", "load_haiku_checkpoint"]
+           "convert_haiku_checkpoint", "load_haiku_checkpoint", "optimize_for_inference"]

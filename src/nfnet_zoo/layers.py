@@ -49,21 +49,26 @@ _NONLINEARITY_FN = {
 
 
 class GammaAct(nn.Module):
-    """`f(x) * gamma`, DeepMind's scaled nonlinearity (tanh-approximate GELU by default)."""
+    """`f(x) * gamma`, DeepMind's scaled nonlinearity (tanh-approximate GELU by default).
 
-    def __init__(self, activation: str = "gelu"):
+    With `folded=True` the module computes `f(x)` alone and the gamma is applied by the next conv
+    (`WSConv2d.input_scale`): one elementwise pass less, identical up to float rounding.
+    """
+
+    def __init__(self, activation: str = "gelu", folded: bool = False):
         super().__init__()
         if activation not in _NONLINEARITY_FN:
             raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(_NONLINEARITY_FN)}")
         self.activation = activation
         self.fn = _NONLINEARITY_FN[activation]
         self.gamma = NONLINEARITY_GAMMA[activation]
+        self.folded = folded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x) * self.gamma
+        return self.fn(x) if self.folded else self.fn(x) * self.gamma
 
     def extra_repr(self) -> str:
-        return f"{self.activation}, gamma={self.gamma}"
+        return f"{self.activation}, gamma={self.gamma}" + (" (folded into the next conv)" if self.folded else "")
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -80,8 +85,12 @@ class WSConv2d(nn.Conv2d):
     each output unit with the biased variance; the bias is added after the convolution.
     Parameters (`weight` OIHW, `bias` (O,), `gain` (O, 1, 1, 1)) have timm's names and shapes.
 
-    In eval mode the standardised weight is computed once and reused until a parameter changes
-    (in-place updates bump the tensor version; `to()` or `load_state_dict` change it too).
+    `input_scale` is a constant the input is multiplied by (an activation's gamma, a block's beta):
+    it is folded into the per-unit scale of the standardisation, which costs nothing.
+
+    In eval mode, when no gradient is wanted, the standardised weight (in the autocast dtype, if
+    any) is computed once and reused until a parameter changes: in-place updates bump the tensor
+    version, and `to()` or `load_state_dict` change it too. `train()` drops the cached copy.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
@@ -92,28 +101,38 @@ class WSConv2d(nn.Conv2d):
                          groups=groups, bias=True)
         self.gain = nn.Parameter(torch.ones(out_channels, 1, 1, 1))
         self.eps = eps
+        self.input_scale = 1.0
         self._cache: tuple | None = None
         nn.init.kaiming_normal_(self.weight, nonlinearity="linear")  # haiku VarianceScaling(1, fan_in)
         nn.init.zeros_(self.bias)
 
+    def train(self, mode: bool = True) -> "WSConv2d":
+        self._cache = None
+        return super().train(mode)
+
     def standardized_weight(self) -> torch.Tensor:
         fan_in = self.weight[0].numel()
         var, mean = torch.var_mean(self.weight, dim=(1, 2, 3), keepdim=True, correction=0)
-        scale = torch.rsqrt(torch.clamp(var * fan_in, min=self.eps)) * self.gain
+        gain = self.gain if self.input_scale == 1.0 else self.gain * self.input_scale
+        scale = torch.rsqrt(torch.clamp(var * fan_in, min=self.eps)) * gain
         return self.weight * scale - mean * scale
 
-    def _weight(self) -> torch.Tensor:
-        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+    def _weight(self, x: torch.Tensor) -> torch.Tensor:
+        w, g = self.weight, self.gain
+        if (self.training or torch.compiler.is_compiling()
+                or (torch.is_grad_enabled() and (w.requires_grad or g.requires_grad))):
             self._cache = None
             return self.standardized_weight()
-        w, g = self.weight, self.gain
-        key = (w._version, g._version, w.data_ptr(), g.data_ptr(), w.dtype, w.device)
+        # Under autocast keep the weight in the dtype the conv will run in: no cast per call.
+        autocast = x.device.type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else w.dtype
+        key = (w._version, g._version, w.data_ptr(), g.data_ptr(), w.dtype, w.device, dtype, self.input_scale)
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self.standardized_weight())
+            self._cache = (key, self.standardized_weight().to(dtype))
         return self._cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self._weight()
+        weight = self._weight(x)
         if self.stride[0] == 1:
             return F.conv2d(x, weight, self.bias, 1, self.padding, 1, self.groups)
         ph = same_padding(x.shape[-2], self.kernel_size[0], self.stride[0])

@@ -15,7 +15,8 @@ from timm.layers import ClassifierHead
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
-from .layers import GammaAct, SqueezeExcite, StochDepth, WSConv2d, bottleneck_width, hidden_width
+from .layers import (NONLINEARITY_GAMMA, GammaAct, SqueezeExcite, StochDepth, WSConv2d, bottleneck_width,
+                     hidden_width)
 
 
 @dataclass(frozen=True)
@@ -72,33 +73,42 @@ class NFBlock(nn.Module):
         groups = mid // group_width
         self.downsample = (DownsampleAvg(in_ch, out_ch, stride)
                            if stride > 1 or in_ch != out_ch else None)
-        self.act1 = GammaAct(cfg.activation)
+        # Every activation here feeds a conv: its gamma (and beta) live in that conv's input_scale.
+        self.act1 = GammaAct(cfg.activation, folded=True)
         self.conv1 = WSConv2d(in_ch, mid, 1)
-        self.act2 = GammaAct(cfg.activation)
+        self.act2 = GammaAct(cfg.activation, folded=True)
         self.conv2 = WSConv2d(mid, mid, 3, stride=stride, groups=groups)
         if cfg.use_two_convs:
-            self.act2b = GammaAct(cfg.activation)
+            self.act2b = GammaAct(cfg.activation, folded=True)
             self.conv2b = WSConv2d(mid, mid, 3, groups=groups)
         else:
             self.act2b = self.conv2b = None
-        self.act3 = GammaAct(cfg.activation)
+        self.act3 = GammaAct(cfg.activation, folded=True)
         self.conv3 = WSConv2d(mid, out_ch, 1)
+        gamma = self.act1.gamma
+        for conv in (self.conv2, self.conv2b, self.conv3):
+            if conv is not None:
+                conv.input_scale = gamma
+        self.conv1.input_scale = gamma * beta
+        if self.downsample is not None:  # the average pool is linear, so beta passes through it
+            self.downsample.conv.input_scale = gamma * beta
         self.attn_last = SqueezeExcite(out_ch, hidden_width(out_ch, cfg.se_ratio))
         self.drop_path = StochDepth(stochdepth_rate)
         # SkipInit: the residual branch starts switched off.
         self.skipinit_gain = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.act1(x) * self.beta
+        out = self.act1(x)  # times gamma * beta, applied by conv1 and the shortcut conv
         shortcut = self.downsample(out) if self.downsample is not None else x
         out = self.conv1(out)
         out = self.conv2(self.act2(out))
         if self.conv2b is not None:
             out = self.conv2b(self.act2b(out))
         out = self.conv3(self.act3(out))
-        out = self.attn_last(out) * out
-        out = self.drop_path(out)
-        return out * (self.skipinit_gain * self.alpha) + shortcut
+        # SE gate, stochastic depth (per sample), skip gain and alpha are all per (sample, channel):
+        # combine them on the small gate, then one fused multiply-add on the full tensor.
+        gate = self.drop_path(self.attn_last(out)) * (self.skipinit_gain * self.alpha)
+        return torch.addcmul(shortcut, out, gate)
 
 
 class NFNet(nn.Module):
@@ -120,9 +130,11 @@ class NFNet(nn.Module):
         stem, ch = [], in_chans
         for i, w in enumerate(stem_widths):
             if i:
-                stem.append((f"act{i + 1}", GammaAct(cfg.activation)))
+                stem.append((f"act{i + 1}", GammaAct(cfg.activation, folded=True)))
             stride = 2 if i in (0, len(stem_widths) - 1) else 1
-            stem.append((f"conv{i + 1}", WSConv2d(ch, w, 3, stride=stride)))
+            conv = WSConv2d(ch, w, 3, stride=stride)
+            conv.input_scale = NONLINEARITY_GAMMA[cfg.activation] if i else 1.0
+            stem.append((f"conv{i + 1}", conv))
             ch = w
         self.stem = nn.Sequential(OrderedDict(stem))
         self.feature_info = [dict(num_chs=stem_widths[-2], reduction=2, module=f"stem.act{len(stem_widths)}")]
@@ -192,7 +204,7 @@ class NFNet(nn.Module):
         last = len(self.stem) - 1
         for i, layer in enumerate(self.stem):
             if taps is not None and i == last:
-                taps.append(x)  # activated output at stride 2, before the last stem conv
+                taps.append(x * self.stem[i - 1].gamma)  # activated output at stride 2 (gamma is folded)
             x = layer(x)
         return x
 
