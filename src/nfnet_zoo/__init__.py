@@ -3,6 +3,8 @@
 Importing this package registers the NFNet variants with timm, so that
 `timm.create_model("nfnet_f1", pretrained=True)` builds DeepMind's F1 with its ImageNet weights.
 """
+from .agc import (AGCStats, adaptive_clip_grad_, assert_agc_supported, clipped_parameters,
+                  prepare_for_fsdp2, unscale_and_clip_, weight_decay_groups)
 from .convert import convert_haiku_checkpoint, load_haiku_checkpoint
 from .errors import NFNetZooError
 from .inference import optimize_for_inference
@@ -12,4 +14,6 @@ from .variants import DM_ACCURACY, VARIANTS, list_pretrained_names
 __version__ = "0.1.0"
 
 __all__ = ["NFNet", "NFNetCfg", "NFNetZooError", "VARIANTS", "DM_ACCURACY", "list_pretrained_names",
-           "convert_haiku_checkpoint", "load_haiku_checkpoint", "optimize_for_inference"]
+           "convert_haiku_checkpoint", "load_haiku_checkpoint", "optimize_for_inference",
+           "AGCStats", "adaptive_clip_grad_", "assert_agc_supported", "clipped_parameters",
+           "prepare_for_fsdp2", "unscale_and_clip_", "weight_decay_groups"]
