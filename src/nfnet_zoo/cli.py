@@ -5,6 +5,7 @@ Imports of the heavy modules happen inside the handlers so that `nfnet-zoo --hel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from .errors import NFNetZooError
@@ -36,9 +37,270 @@ def _run_convert(args: argparse.Namespace) -> None:
     print(f"wrote {out}/model.safetensors and {out}/config.json")
 
 
+# --- finetune, evaluate, predict, demo ------------------------------------------------------
+@contextlib.contextmanager
+def _plain_warnings():
+    # warnings from data checks are messages for the user: one line each, no source line
+    import warnings
+    original = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
+
+
+def _kwarg(text: str) -> tuple[str, object]:
+    import ast
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    from .recipe import BAD_IMAGES, MIXED_PRECISION, default
+
+    p = sub.add_parser(
+        "finetune", help="fine-tune an NFNet (or any timm model) on a folder of images, with AGC",
+        description="Fine-tune on DIR/<class>/<image> (or DIR/train + DIR/val, or a Hugging Face dataset "
+        "saved with save_to_disk) with the paper's recipe adapted to fine-tuning: SGD with Nesterov "
+        "momentum 0.9, lr = --lr-base x global batch / 256, linear warmup then cosine decay per step, "
+        "weight decay without gains, skip gains and biases, label smoothing, AGC on every parameter but "
+        "the classifier weight, the variant's dropout and stochastic depth, DeepMind's evaluation "
+        "preprocessing (squash to S+32, centre crop S) at the variant's test size. Runs on CPU, one GPU, "
+        "or many GPUs through `accelerate launch` or `torchrun` (several CPU processes: torchrun). Writes RUN/model.safetensors + config.json (best epoch by "
+        "val top-1), RUN/last/, metrics.jsonl, summary.json, README.md, args.json and a resumable state.",
+        argument_default=argparse.SUPPRESS)
+    d = default
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", help="registered model name, e.g. nfnet_f0 (default: the architecture of --checkpoint)")
+    g.add_argument("--data-dir", help="image folder: DIR/<class>/*, DIR/train + DIR/val (or validation), "
+                   "or a datasets.save_to_disk folder")
+    g.add_argument("--output", help="run folder to create (default: runs/MODEL-DATASET)")
+    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction,
+                   help="start from the variant's released weights (default: yes where they exist)")
+    g.add_argument("--checkpoint", metavar="PATH",
+                   help="start from local weights: a run folder or a .safetensors file")
+    g.add_argument("--model-kwargs", nargs="+", type=_kwarg, metavar="KEY=VALUE",
+                   help="architecture overrides passed to timm.create_model, e.g. widths=(32,64,128,256)")
+    g.add_argument("--val-split", type=float, help=f"fraction of each class held out for validation when DIR "
+                   f"has no val/ folder (fixed split) (default: {d('val_split')})")
+    g.add_argument("--bad-images", choices=BAD_IMAGES, help="corrupt, truncated or unreadable image files: "
+                   f"leave them out with a warning (skip) or stop (error) (default: {d('bad_images')})")
+    g = p.add_argument_group("recipe (timm train.py names)")
+    g.add_argument("--epochs", type=int, help=f"epochs (default: {d('epochs')})")
+    g.add_argument("-b", "--batch-size", type=int, help=f"batch size per process (default: {d('batch_size')})")
+    g.add_argument("--lr", type=float, help="learning rate (default: --lr-base x global batch / 256)")
+    g.add_argument("--lr-base", type=float, help=f"learning rate per 256 images (default: {d('lr_base')}, the paper's)")
+    g.add_argument("--momentum", type=float, help=f"Nesterov momentum (default: {d('momentum')})")
+    g.add_argument("--weight-decay", type=float, help="weight decay, not on gains, skip gains and biases "
+                   f"(default: {d('weight_decay')}, the paper's)")
+    g.add_argument("--warmup-epochs", type=float, help=f"linear warmup epochs (default: {d('warmup_epochs')})")
+    g.add_argument("--warmup-lr", type=float, help=f"learning rate warmup starts at (default: {d('warmup_lr')})")
+    g.add_argument("--min-lr", type=float, help=f"learning rate the cosine ends at (default: {d('min_lr')})")
+    g.add_argument("--smoothing", type=float, help=f"label smoothing (default: {d('smoothing')})")
+    g.add_argument("--mixup", type=float, help=f"mixup alpha, 0 = off (default: {d('mixup')})")
+    g.add_argument("--cutmix", type=float, help=f"cutmix alpha, 0 = off (default: {d('cutmix')})")
+    g.add_argument("--drop", type=float, help="dropout before the classifier (default: the variant's)")
+    g.add_argument("--drop-path", type=float, help="stochastic depth rate of the last block (default: the variant's)")
+    g.add_argument("--clipping", type=float, help="AGC lambda on every parameter but the classifier weight, "
+                   f"0 = off (default: {d('clipping')}, the paper's)")
+    g.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights (timm ModelEmaV3); "
+                   "it is the one validated and exported")
+    g.add_argument("--model-ema-decay", type=float, help=f"EMA decay (default: {d('model_ema_decay')})")
+    g.add_argument("--img-size", type=int, help="training image size (default: the variant's train size); "
+                   "evaluation uses the variant's test size, scaled alike")
+    g.add_argument("--test-img-size", type=int, help="evaluation image size (default: see --img-size)")
+    g.add_argument("--hflip", type=float, help=f"horizontal flip probability (default: {d('hflip')})")
+    g.add_argument("--scale", type=float, nargs=2, metavar=("MIN", "MAX"),
+                   help=f"random-resized-crop area range (default: {d('scale')})")
+    g.add_argument("--seed", type=int, help=f"seed of initialisation, shuffle and augmentation (default: {d('seed')})")
+    g = p.add_argument_group("running")
+    g.add_argument("--grad-accum-steps", type=int, help=f"micro-batches per optimizer step (default: {d('grad_accum_steps')})")
+    g.add_argument("--mixed-precision", choices=MIXED_PRECISION, help=f"autocast dtype (default: {d('mixed_precision')})")
+    g.add_argument("--channels-last", action="store_true", help="channels-last memory layout (faster on GPUs)")
+    g.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    g.add_argument("-j", "--workers", type=int, help=f"data loading processes per training process (default: {d('workers')})")
+    g.add_argument("--resume", nargs="?", const="", metavar="RUN",
+                   help="continue RUN (default: --output) from its last saved state with its saved arguments; "
+                   "only --epochs, --workers, --report-to, --save-every, --log-interval, --cpu and --bad-images "
+                   "may change")
+    g.add_argument("--save-every", type=int, help="optimizer steps between resumable state saves, besides each "
+                   f"epoch's end; 0 = epochs only (default: {d('save_every')})")
+    g.add_argument("--log-interval", type=int, help=f"steps between progress updates (default: {d('log_interval')})")
+    g.add_argument("--report-to", metavar="TRACKER", help="Accelerate tracker for curves: tensorboard, wandb, "
+                   "mlflow, ... or all (default: none)")
+    p.set_defaults(func=_run_finetune)
+
+
+def _run_finetune(args: argparse.Namespace) -> None:
+    from .finetune import finetune
+
+    options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "resume")}
+    if "model_kwargs" in options:
+        options["model_kwargs"] = dict(options["model_kwargs"])
+    if "scale" in options:
+        options["scale"] = tuple(options["scale"])
+    resume = getattr(args, "resume", None)
+    if resume == "":
+        if "output" not in options:
+            raise NFNetZooError("--resume needs the run folder: --resume RUN (or --output RUN --resume)")
+        resume = options["output"]
+    with _plain_warnings():
+        finetune(resume=resume, **options)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate", help="top-1, top-5 and per-class accuracy of a model on an image folder",
+        description="Evaluate MODEL on DIR's val/ (or validation/) folder, or on all of DIR/<class>/* "
+        "when it has none, with the model's own evaluation preprocessing. Class folders are matched to "
+        "the model's class names.")
+    p.add_argument("model", metavar="MODEL", help="run folder, local-dir:PATH, hf-hub:REPO, or a registered "
+                   "name with weights (nfnet_f0)")
+    p.add_argument("--data-dir", required=True, help="image folder (DIR/<class>/<image>) or saved dataset")
+    p.add_argument("-b", "--batch-size", type=int, default=64, help="batch size (default: 64)")
+    p.add_argument("-j", "--workers", type=int, default=4, help="data loading processes (default: 4)")
+    p.add_argument("--bad-images", choices=("skip", "error"), default="skip",
+                   help="unreadable image files: leave out with a warning, or stop (default: skip)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    import json
+    from .evaluate import evaluate, format_evaluation
+
+    with _plain_warnings():
+        result = evaluate(args.model, args.data_dir, batch_size=args.batch_size, workers=args.workers,
+                          bad_images=args.bad_images)
+    print(json.dumps(result, indent=2) if args.json else format_evaluation(result))
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="top-k labels with probabilities for images",
+                       description="Classify images with MODEL (its evaluation preprocessing).")
+    p.add_argument("model", metavar="MODEL", help="run folder, local-dir:PATH, hf-hub:REPO, or a registered "
+                   "name with weights (nfnet_f0)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("-k", "--topk", type=int, default=5, help="labels per image (default: 5)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> None:
+    import json
+    from .evaluate import format_predictions, predict
+
+    results = predict(args.model, args.images, topk=args.topk)
+    print(json.dumps(results, indent=2) if args.json else format_predictions(results))
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo", help="fine-tune the tiny NFNet on scikit-learn's handwritten digits (CPU, no network)",
+        description="Build an image folder from scikit-learn's 1,797 handwritten digits (shipped with the "
+        "package), train nfnet_zoo_tiny on it from scratch on the CPU, evaluate it, and print where the "
+        "model is. A few minutes on a laptop.")
+    p.add_argument("--output", default="runs/demo", help="run folder (default: runs/demo; replaced if it "
+                   "holds an earlier demo run)")
+    p.add_argument("-j", "--workers", type=int, default=2, help="data loading processes (default: 2)")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    with _plain_warnings():
+        run_demo(args.output, workers=args.workers)
+
+
+# --- push, publish, cards (Hub publishing: nfnet_zoo.hub) -------------------------------------
+def _add_hub_target(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repo-id", required=True, help="Hub repo NAMESPACE/NAME (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps "
+                   "its visibility)")
+    p.add_argument("--revision", help="branch to push to (created from main if missing; default: main)")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
+    p.add_argument("--commit-message", help="commit title (default: 'Upload <files>')")
+    p.add_argument("--token", help="Hub token with write access (default: your `hf auth login` token or HF_TOKEN; "
+                   "prefer those: a command-line token is visible to other users of the machine)")
+    p.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT, else https://huggingface.co)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded; contact nothing")
+
+
+def _hub_kwargs(args: argparse.Namespace) -> dict:
+    return dict(private=args.private, revision=args.revision, create_pr=args.create_pr,
+                commit_message=args.commit_message, token=args.token, endpoint=args.endpoint, dry_run=args.dry_run)
+
+
+def _add_push(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "push", help="upload a fine-tuned run folder (weights, config, model card) to the Hugging Face Hub",
+        description="Upload RUN/model.safetensors, RUN/config.json and the model card to a Hub model repo, "
+        "creating it if needed. Nothing else leaves the machine (no training state, no pickles). Only files "
+        "that differ from the Hub's copy are committed, so pushing an unchanged folder makes no commit. An "
+        "edited RUN/README.md is uploaded as it is; the untouched draft is filled in with the repo id. RUN is "
+        "never modified. Load the result with timm.create_model('hf-hub:NAMESPACE/NAME', pretrained=True) "
+        "after `import nfnet_zoo`.")
+    p.add_argument("run", help="run folder written by `nfnet-zoo finetune` (or any timm save_for_hf folder)")
+    _add_hub_target(p)
+    p.set_defaults(func=_run_push)
+
+
+def _run_push(args: argparse.Namespace) -> None:
+    from .hub import push_to_hub
+
+    print(push_to_hub(args.run, args.repo_id, **_hub_kwargs(args)))
+
+
+def _add_publish(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "publish", help="convert an official DeepMind checkpoint and push it to the Hub with its card and config",
+        description="Convert an official DeepMind NFNet checkpoint (F0_haiku.npz ... F6_haiku.npz) as "
+        "`nfnet-zoo convert` does, in a temporary folder, and push model.safetensors, config.json and its "
+        "model card (the zoo card for F0-F6) to a Hub model repo.")
+    p.add_argument("src", help="DeepMind checkpoint, e.g. F1_haiku.npz")
+    p.add_argument("--activation", default="gelu", help="nonlinearity the checkpoint was trained with (default: gelu)")
+    p.add_argument("--alpha", type=float, default=0.2, help="residual scaling alpha of the checkpoint (default: 0.2)")
+    _add_hub_target(p)
+    p.set_defaults(func=_run_publish)
+
+
+def _run_publish(args: argparse.Namespace) -> None:
+    from .hub import publish_checkpoint
+
+    print(publish_checkpoint(args.src, args.repo_id, activation=args.activation, alpha=args.alpha,
+                             **_hub_kwargs(args)))
+
+
+def _add_cards(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cards", help="regenerate model_cards/ and hub_configs/ for the released variants",
+        description="Write model_cards/<tag>/README.md and hub_configs/<tag>/config.json for every registered "
+        "variant with DeepMind's released weights (nfnet_f0.dm_in1k ... nfnet_f6.dm_in1k), from the variant "
+        "table, with parameter counts and GMACs measured by code. Deterministic: files already up to date "
+        "are left alone.")
+    p.add_argument("--out", default=".", help="folder that holds model_cards/ and hub_configs/ (default: .)")
+    p.add_argument("--namespace", help="Hub namespace the cards' usage snippets name (default: nfnet-zoo)")
+    p.set_defaults(func=_run_cards)
+
+
+def _run_cards(args: argparse.Namespace) -> None:
+    from .hub import write_zoo_cards
+
+    changed = write_zoo_cards(args.out, namespace=args.namespace)
+    print("\n".join(f"wrote {p}" for p in changed) if changed else "model cards and hub configs are up to date")
+
+
 # --- (other commands register themselves below: one _add_<command> function each) ------------
 
-_COMMANDS = [_add_convert]
+_COMMANDS = [_add_convert, _add_finetune, _add_evaluate, _add_predict, _add_demo, _add_push, _add_publish,
+             _add_cards]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,262 @@
+"""`nfnet-zoo evaluate` (top-1, top-5, per-class accuracy) and `nfnet-zoo predict` (top-k labels).
+
+MODEL is a run folder (or any folder with model.safetensors + config.json), a `local-dir:` or
+`hf-hub:` name, or a registered name such as `nfnet_f0` (its pretrained weights). Preprocessing is
+the model's own evaluation config (for NFNets: DeepMind's, at the variant's test size).
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+
+from .data import ImageDataset, load_eval_samples, to_rgb
+from .errors import NFNetZooError
+
+
+# --- models ------------------------------------------------------------------------------------
+def check_model_name(name: str) -> str:
+    """`name` if timm knows its architecture; else a one-line error with the closest names."""
+    import timm
+    from timm.models import split_model_name_tag
+    arch, _ = split_model_name_tag(name)
+    if timm.is_model(arch):
+        return name
+    close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+    hint = f"closest: {', '.join(close)}" if close else "list them with timm.list_models('nfnet*')"
+    raise NFNetZooError(f"unknown model {name!r}; {hint}")
+
+
+def has_pretrained_weights(name: str) -> bool:
+    from timm.models._builder import resolve_pretrained_cfg
+    try:
+        return bool(resolve_pretrained_cfg(name).has_weights)
+    except (RuntimeError, AssertionError, KeyError):
+        return False
+
+
+def _hub_cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+    repo_id = repo_id.split("@")[0]
+    return any(isinstance(try_to_load_from_cache(repo_id, f), str)
+               for f in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"))
+
+
+def _is_cached(name: str) -> bool:
+    """True when the pretrained weights need no download (local, or already in the HF cache)."""
+    if name.startswith("local-dir:"):
+        return True
+    if name.startswith("hf-hub:"):
+        return _hub_cached(name[len("hf-hub:"):])
+    from timm.models._builder import resolve_pretrained_cfg
+    cfg = resolve_pretrained_cfg(name)
+    return bool(cfg.file) or (bool(cfg.hf_hub_id) and _hub_cached(cfg.hf_hub_id))
+
+
+def create_pretrained(name: str, ways_out: str = "pass a run folder or local-dir:PATH instead", **kwargs) -> nn.Module:
+    """timm.create_model(name, pretrained=True) with a one-line error (ending in `ways_out`) when the
+    weights are not cached and the Hub cannot be reached."""
+    import timm
+    cached = _is_cached(name)
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except NFNetZooError:
+        raise
+    except Exception as e:  # the Hub client raises many types (OSError, HTTP, connection, offline)
+        if cached:
+            raise
+        raise NFNetZooError(f"pretrained weights for {name} are not in the local cache and could not be "
+                            f"downloaded ({type(e).__name__}); connect to the Hugging Face Hub once, or "
+                            f"{ways_out}") from None
+
+
+@dataclass
+class Checkpoint:
+    """Weights from a run/model folder or a weights file, with what its config.json says."""
+
+    state_dict: dict
+    architecture: Optional[str] = None
+    model_args: Optional[dict] = None
+    label_names: Optional[list] = None
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a model folder (model.safetensors + config.json) or a .safetensors/.pth/.bin file."""
+    import json
+    from safetensors.torch import load_file
+    p = Path(path).expanduser()
+    if p.is_dir():
+        weights = p / "model.safetensors"
+        if not weights.is_file():
+            raise NFNetZooError(f"--checkpoint {p} has no model.safetensors; pass a run folder of "
+                                f"`nfnet-zoo finetune` or a weights file")
+        cfg = json.loads((p / "config.json").read_text()) if (p / "config.json").is_file() else {}
+        return Checkpoint(load_file(weights), cfg.get("architecture"), cfg.get("model_args"), cfg.get("label_names"))
+    if not p.is_file():
+        raise NFNetZooError(f"--checkpoint {p} does not exist; pass a run folder or a .safetensors file")
+    try:
+        if p.suffix == ".safetensors":
+            return Checkpoint(load_file(p))
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise NFNetZooError(f"cannot read --checkpoint {p} ({str(e).splitlines()[0][:120]}); pass a "
+                            f".safetensors file or a run folder") from None
+    for key in ("state_dict", "model", "state_dict_ema"):  # timm/Lightning checkpoint wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    return Checkpoint({k.removeprefix("module."): v for k, v in state.items()})
+
+
+def load_model(spec: str) -> nn.Module:
+    """A trained model by MODEL spec (module docstring), in eval mode on the CPU."""
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file() or not (p / "model.safetensors").is_file():
+            raise NFNetZooError(f"{p} is not a model folder (needs model.safetensors and config.json, as "
+                                f"`nfnet-zoo finetune` writes)")
+        spec = f"local-dir:{p.resolve()}"
+    elif not spec.startswith(("local-dir:", "hf-hub:")):
+        if os.sep in spec or spec.startswith("."):
+            raise NFNetZooError(f"{spec} does not exist; pass a run folder, a local-dir:/hf-hub: name, or a model name")
+        check_model_name(spec)
+        if not has_pretrained_weights(spec):
+            raise NFNetZooError(f"{spec} has no pretrained weights to evaluate; pass a run folder or a name with "
+                                f"weights (e.g. nfnet_f0.dm_in1k)")
+    return create_pretrained(spec).eval()
+
+
+def model_label_names(model: nn.Module) -> Optional[list[str]]:
+    """Class names in classifier order: the config's label_names, or ImageNet's for ImageNet heads."""
+    names = model.pretrained_cfg.get("label_names")
+    if names:
+        return [names[str(i)] if isinstance(names, dict) else names[i] for i in range(len(names))]
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+    subset = infer_imagenet_subset(model)
+    return ImageNetInfo(subset).label_names() if subset else None
+
+
+def _label_descriptions(model: nn.Module) -> Optional[list[str]]:
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+    if model.pretrained_cfg.get("label_names"):
+        return None
+    subset = infer_imagenet_subset(model)
+    return ImageNetInfo(subset).label_descriptions() if subset else None
+
+
+def _eval_transform(model: nn.Module):
+    from timm.data import create_transform, resolve_data_config
+    return create_transform(**resolve_data_config(model=model, use_test_size=True))
+
+
+def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int]) -> list[torch.Tensor]:
+    """Per-sample booleans: is the target among the top-k logits, for each k."""
+    top = logits.topk(max(ks), dim=1).indices
+    hit = top == target[:, None]
+    return [hit[:, :k].any(1) for k in ks]
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --- evaluate ----------------------------------------------------------------------------------
+def evaluate(model: str, data_dir: str | os.PathLike, batch_size: int = 64, workers: int = 4,
+             bad_images: str = "skip") -> dict:
+    """Top-1, top-5 (%) and per-class accuracy of MODEL on the images of `data_dir`.
+
+    Folder classes are matched to the model's classes by name; all of the model's classes compete
+    (so a folder may hold a subset of them)."""
+    net = load_model(model)
+    names = model_label_names(net)
+    data = load_eval_samples(data_dir, bad_images, workers)
+    if names is None:
+        if net.num_classes != len(data.classes):
+            raise NFNetZooError(f"the model has {net.num_classes} classes and no class names; {data_dir} has "
+                                f"{len(data.classes)} classes")
+        warnings.warn("the model has no class names; assuming its classes are the sorted folder names")
+        names = data.classes
+    missing = [c for c in data.classes if c not in names]
+    if missing:
+        raise NFNetZooError(f"classes of {data_dir} that the model does not know: {', '.join(missing[:5])}"
+                            f"{' ...' if len(missing) > 5 else ''} (model classes: {', '.join(names[:5])} ...); "
+                            f"evaluate on a folder whose class folders are named like the model's classes")
+    to_model = {i: names.index(c) for i, c in enumerate(data.classes)}
+    samples = [(k, to_model[lab]) for k, lab in data.val]
+    loader = torch.utils.data.DataLoader(ImageDataset(samples, data.opener(), _eval_transform(net)),
+                                         batch_size=batch_size, num_workers=workers)
+    device = _device()
+    net.to(device)
+    k5 = min(5, net.num_classes)
+    correct1, correct5, targets = [], [], []
+    with torch.inference_mode():
+        for x, y in loader:
+            c1, c5 = topk_correct(net(x.to(device)).float().cpu(), y, (1, k5))
+            correct1.append(c1)
+            correct5.append(c5)
+            targets.append(y)
+    c1, c5, t = torch.cat(correct1), torch.cat(correct5), torch.cat(targets)
+    per_class = {}
+    for i, c in enumerate(data.classes):
+        mask = t == to_model[i]
+        per_class[c] = {"accuracy": 100 * c1[mask].float().mean().item(), "count": int(mask.sum())}
+    return {"model": model, "data_dir": str(data_dir), "num_images": len(t), "skipped": len(data.skipped),
+            "top1": 100 * c1.float().mean().item(), "top5": 100 * c5.float().mean().item(), "per_class": per_class}
+
+
+def format_evaluation(result: dict) -> str:
+    width = max(len("class"), *(len(c) for c in result["per_class"]))
+    rows = [f"{result['model']} on {result['data_dir']}: {result['num_images']} images",
+            f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%", "",
+            f"{'class'.ljust(width)}  {'images':>6}  {'top-1':>7}"]
+    rows += [f"{c.ljust(width)}  {r['count']:>6}  {r['accuracy']:>6.2f}%" for c, r in result["per_class"].items()]
+    return "\n".join(rows)
+
+
+# --- predict -----------------------------------------------------------------------------------
+def predict(model: str, images: Sequence[str | os.PathLike], topk: int = 5) -> list[dict]:
+    """Top-k labels with probabilities for each image: [{"image", "predictions": [{"label", "probability"}]}]."""
+    pils = []
+    for path in images:
+        try:
+            with Image.open(path) as img:
+                img.load()
+                pils.append(to_rgb(img))
+        except FileNotFoundError:
+            raise NFNetZooError(f"image {path} does not exist") from None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise NFNetZooError(f"cannot read image {path} ({str(e).splitlines()[0][:100]}); pass an image file") from None
+    net = load_model(model)
+    names = _label_descriptions(net) or model_label_names(net) or [str(i) for i in range(net.num_classes)]
+    tf = _eval_transform(net)
+    device = _device()
+    net.to(device)
+    k = min(topk, net.num_classes)
+    results = []
+    with torch.inference_mode():
+        for i in range(0, len(pils), 32):
+            x = torch.stack([tf(p) for p in pils[i:i + 32]]).to(device)
+            prob, idx = net(x).float().softmax(1).topk(k, dim=1)
+            for path, ps, ids in zip(images[i:i + 32], prob.tolist(), idx.tolist()):
+                results.append({"image": str(path), "predictions": [
+                    {"label": names[j], "index": j, "probability": p} for p, j in zip(ps, ids)]})
+    return results
+
+
+def format_predictions(results: list[dict]) -> str:
+    rows = []
+    for r in results:
+        rows.append(r["image"])
+        rows += [f"  {p['probability']:7.2%}  {p['label']}" for p in r["predictions"]]
+    return "\n".join(rows)
+
+
+__all__ = ["evaluate", "predict", "load_model", "check_model_name", "read_checkpoint", "model_label_names",
+           "topk_correct", "format_evaluation", "format_predictions", "create_pretrained", "has_pretrained_weights"]

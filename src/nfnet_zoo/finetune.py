@@ -1,0 +1,544 @@
+"""Fine-tune an NFNet on the user's images with Accelerate and AGC (`nfnet-zoo finetune`).
+
+One function, `finetune`, reads top to bottom: accelerator, data, model, optimizer and schedule,
+`prepare`, then a loop of forward, backward, AGC on the accumulated gradient, step; validation with
+`gather_for_metrics`; best/last exports and an Accelerate state for `--resume`.
+
+The run folder RUN:
+  model.safetensors, config.json   best epoch by val top-1 (timm `save_for_hf`; loads with
+                                   timm.create_model("local-dir:RUN", pretrained=True))
+  last/                            the same for the last epoch
+  metrics.jsonl                    one JSON object per epoch
+  args.json, data.json             resolved arguments; the exact file list and split
+  summary.json, README.md          results; model card draft (nfnet_zoo.hub.write_model_card)
+  state/                           Accelerate state (every --save-every steps and each epoch)
+
+Resuming is exact: the shuffle and each sample's augmentation are functions of (seed, epoch,
+index) (see data.py), the RNG state of the training process is saved, so on the CPU a run killed
+at any moment and resumed ends with the same weights as one never interrupted.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .data import ImageData, load_image_data
+from .errors import NFNetZooError
+from .evaluate import evaluate, predict, topk_correct
+from .recipe import (MIXED_PRECISION, BAD_IMAGES, RESUMABLE_OVERRIDES, FinetuneConfig, build_loaders, build_losses,
+                     build_model, build_optimizer, build_scheduler, deepmind_crop_pct, image_sizes)
+
+METRIC_KEYS = ("epoch", "train_loss", "val_loss", "top1", "top5", "lr", "images_per_sec", "clipped_fraction")
+
+
+class _Progress:
+    """Where the run is; saved with the Accelerate state (`register_for_checkpointing`)."""
+
+    def __init__(self):
+        self.epoch = 0            # current epoch (0-based)
+        self.step = 0             # batches of this epoch already trained
+        self.global_step = 0      # optimizer updates so far
+        self.loss_sum = 0.0       # this epoch so far (this process)
+        self.loss_count = 0
+        self.clip_sum = 0.0
+        self.clip_count = 0
+        self.images = 0           # this epoch, all processes
+        self.epoch_time = 0.0
+        self.train_time = 0.0
+        self.history: list[dict] = []
+        self.best: Optional[dict] = None
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, d: dict) -> None:
+        vars(self).update(d)
+
+
+class _StopRequest:
+    """Ctrl-C / SIGTERM set a flag; the loop saves state at the next step boundary and stops.
+    A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: leave the defaults
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# --- configuration and run folder --------------------------------------------------------------
+def _resolve(config: Optional[FinetuneConfig], resume: Optional[str], overrides: dict[str, Any]
+             ) -> tuple[FinetuneConfig, Path, bool]:
+    if resume:
+        run = Path(resume).expanduser()
+        if not (run / "args.json").is_file():
+            raise NFNetZooError(f"{run} is not a fine-tuning run (no args.json); pass the RUN folder written by "
+                                f"`nfnet-zoo finetune --output RUN`, or start a new run without --resume")
+        if not _has_state(run):
+            raise NFNetZooError(f"{run} has no saved state yet (it stopped before its first save); start it again "
+                                f"with the same command (its arguments are in {run}/args.json)")
+        try:
+            cfg = FinetuneConfig.from_json(json.loads((run / "args.json").read_text()))
+        except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
+            raise NFNetZooError(f"{run}/args.json is damaged ({e}); restore it, or start a new run") from None
+        changed = sorted(k for k, v in overrides.items() if k not in RESUMABLE_OVERRIDES and k != "output"
+                         and getattr(cfg, k, None) != v)
+        if changed:
+            raise NFNetZooError(f"cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} when "
+                                f"resuming (they are fixed in {run}/args.json); start a new run to change them")
+        for k in RESUMABLE_OVERRIDES & overrides.keys():
+            setattr(cfg, k, overrides[k])
+        cfg.output = str(run)
+        return cfg, run, True
+    cfg = config or FinetuneConfig()
+    unknown = set(overrides) - set(FinetuneConfig.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"finetune() got unknown arguments {sorted(unknown)}")
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    _validate(cfg)
+    if cfg.output is None:
+        name = Path(cfg.data_dir).name or "data"
+        base = Path("runs") / f"{(cfg.model or 'checkpoint').replace('/', '_')}-{name}"
+        run, i = base, 1
+        while run.exists():
+            i += 1
+            run = base.with_name(f"{base.name}-{i}")
+        cfg.output = str(run)
+    run = Path(cfg.output).expanduser()
+    if _has_saved_work(run):
+        raise NFNetZooError(f"{run} already holds a run; continue it with --resume {run}, or pass another --output")
+    if run.exists() and (not run.is_dir() or any(p.name not in _RUN_START_FILES for p in run.iterdir())):
+        raise NFNetZooError(f"--output {run} exists and is not empty; pass a new folder (nothing is overwritten)")
+    return cfg, run, False
+
+
+# What a run writes before its first saved state: a folder holding only these may be started again.
+_RUN_START_FILES = {"args.json", "data.json", ".args.json.tmp", ".data.json.tmp", "state.tmp", "logs"}
+
+
+def _has_state(run: Path) -> bool:
+    return any((run / d).is_dir() for d in ("state", "state.old"))
+
+
+def _has_saved_work(run: Path) -> bool:
+    return _has_state(run) or (run / "model.safetensors").is_file()
+
+
+def _validate(cfg: FinetuneConfig) -> None:
+    if not cfg.data_dir:
+        raise NFNetZooError("no data: pass --data-dir DIR with DIR/<class>/<image> (or DIR/train and DIR/val)")
+    if not cfg.model and not cfg.checkpoint:
+        raise NFNetZooError("no model: pass --model NAME (e.g. nfnet_f0), or --checkpoint RUN of an earlier run")
+    checks = [
+        (cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}"),
+        (cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}"),
+        (cfg.grad_accum_steps >= 1, f"--grad-accum-steps must be >= 1, got {cfg.grad_accum_steps}"),
+        (cfg.clipping >= 0, f"--clipping must be >= 0 (0 turns AGC off), got {cfg.clipping}"),
+        (cfg.mixed_precision in MIXED_PRECISION, f"--mixed-precision must be one of {MIXED_PRECISION}"),
+        (cfg.bad_images in BAD_IMAGES, f"--bad-images must be one of {BAD_IMAGES}"),
+        (cfg.lr is None or cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
+        (0 <= cfg.smoothing < 1, f"--smoothing must be in [0, 1), got {cfg.smoothing}"),
+        (cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise NFNetZooError(msg)
+
+
+def _write_json(path: Path, obj: Any, lines: bool = False) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    text = "".join(json.dumps(o) + "\n" for o in obj) if lines else json.dumps(obj, indent=2) + "\n"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _save_model_folder(model: nn.Module, dest: Path, label_names: list[str], model_args: dict,
+                       data_config: dict) -> None:
+    """timm's save_for_hf into a temp folder beside `dest`, then os.replace file by file."""
+    from timm.models import save_for_hf
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=dest.parent if dest.name == "last" else dest))
+    try:
+        # safetensors wants contiguous tensors: a channels_last model is exported in the default layout
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        with _swapped_state(model, state):
+            save_for_hf(model, str(tmp), model_config={"label_names": list(label_names)},
+                        model_args=model_args, data_config=data_config, safe_serialization=True)
+        for name in ("model.safetensors", "config.json"):
+            os.replace(tmp / name, dest / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _swapped_state(model: nn.Module, state: dict):
+    original = model.state_dict
+    model.state_dict = lambda *a, **k: state
+    try:
+        yield
+    finally:
+        model.state_dict = original
+
+
+def _save_state(accelerator, run: Path) -> None:
+    """Accelerate save_state into state.tmp, then swap it in: a kill leaves state/ or state.old/ whole."""
+    tmp, state, old = run / "state.tmp", run / "state", run / "state.old"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if state.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(state, old)
+        os.replace(tmp, state)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _state_dir(run: Path) -> Path:
+    # killed between the two renames of _save_state: state.old is the last complete one
+    return run / "state" if (run / "state").is_dir() else run / "state.old"
+
+
+# --- running ---------------------------------------------------------------------------------
+def _accelerator(cfg: FinetuneConfig, run: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    # Accelerate runs several CPU processes (gloo) only with cpu=True; torchrun on a machine without
+    # a GPU should not silently train N independent copies.
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = cfg.cpu or (several and not torch.cuda.is_available() and not _has_xpu())
+    try:
+        accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision,
+                                  gradient_accumulation_steps=cfg.grad_accum_steps, log_with=cfg.report_to or None,
+                                  project_config=ProjectConfiguration(project_dir=str(run),
+                                                                      logging_dir=str(run / "logs")))
+    except (ValueError, ImportError, RuntimeError) as e:
+        raise NFNetZooError(f"cannot set up training ({str(e).splitlines()[0]}); check --mixed-precision, "
+                            f"--report-to and the accelerate config") from None
+    if cfg.report_to and not accelerator.log_with:  # Accelerate only warns, and the curves would be lost
+        raise NFNetZooError(f"--report-to {cfg.report_to}: the tracker's package is not installed; "
+                            f"pip install {cfg.report_to if cfg.report_to != 'all' else 'tensorboard'}, "
+                            f"or leave --report-to out")
+    return accelerator
+
+
+def _has_xpu() -> bool:
+    return hasattr(torch, "xpu") and torch.xpu.is_available()
+
+
+def _is_fsdp2(accelerator) -> bool:
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    return plugin is not None and getattr(plugin, "fsdp_version", 1) == 2
+
+
+def _evaluate(model: nn.Module, loader, accelerator, num_classes: int) -> dict:
+    """Val loss, top-1 and top-5 (%), each sample counted once across processes."""
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    rows = []
+    with torch.no_grad():
+        for x, y in loader:
+            with accelerator.autocast():
+                out = model(x)
+            c1, c5 = topk_correct(out.float(), y, (1, min(5, num_classes)))
+            per_sample = torch.stack([loss_fn(out.float(), y), c1.float(), c5.float()], 1)
+            rows.append(accelerator.gather_for_metrics(per_sample))
+    model.train()
+    m = torch.cat(rows).double().mean(0).tolist()
+    return {"val_loss": m[0], "top1": 100 * m[1], "top5": 100 * m[2]}
+
+
+def _summary_table(history: list[dict], best_epoch: Optional[int]) -> str:
+    cols = [("epoch", "{:d}"), ("train_loss", "{:.4f}"), ("val_loss", "{:.4f}"), ("top1", "{:.2f}"),
+            ("top5", "{:.2f}"), ("lr", "{:.2e}"), ("images_per_sec", "{:.1f}"), ("clipped_fraction", "{:.3f}")]
+    heads = ["epoch", "train loss", "val loss", "top-1", "top-5", "lr", "img/s", "clipped"]
+    cells = [[("-" if r.get(k) is None else f.format(r[k])) + (" *" if k == "epoch" and r["epoch"] == best_epoch
+                                                               else "") for k, f in cols] for r in history]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))
+    return "\n".join([line(heads), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+# --- the loop ------------------------------------------------------------------------------------
+def finetune(config: Optional[FinetuneConfig] = None, *, resume: Optional[str] = None, **overrides: Any) -> Path:
+    """Fine-tune `config.model` on `config.data_dir`; returns the run folder (see the module docstring).
+
+    Pass a FinetuneConfig and/or its fields as keyword arguments; `resume=RUN` continues a run from
+    its saved state (only `RESUMABLE_OVERRIDES` may then change). Raises NFNetZooError on bad input.
+    """
+    cfg, run, resuming = _resolve(config, resume, overrides)
+    accelerator = _accelerator(cfg, run)
+    from accelerate.utils import set_seed
+    main = accelerator.is_main_process
+    if cfg.clipping > 0:
+        from .agc import assert_agc_supported
+        assert_agc_supported(accelerator)
+    set_seed(cfg.seed)
+
+    # data: checked once by the main process, then read by all from RUN/data.json
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+        if not resuming:
+            accelerator.print(f"checking images in {cfg.data_dir} ...")
+            load_image_data(cfg.data_dir, cfg.val_split, cfg.bad_images, cfg.workers).save(run / "data.json")
+    accelerator.wait_for_everyone()
+    data = ImageData.load(run / "data.json")
+    cfg.dataset = data.name
+
+    model, model_args, base_model = build_model(cfg, data.classes, accelerator.print)
+    if not resuming:
+        cfg.base_model = base_model
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train_loader, val_loader, sampler = build_loaders(cfg, data, model, accelerator)
+    train_size, test_size = image_sizes(cfg, model)
+    data_config = {"input_size": (3, train_size, train_size), "test_input_size": (3, test_size, test_size),
+                   "crop_pct": deepmind_crop_pct(test_size), "test_crop_pct": deepmind_crop_pct(test_size),
+                   "crop_mode": "squash"}
+    mixup, train_loss_fn = build_losses(cfg, len(data.classes))
+    lr = cfg.resolved_lr(accelerator.num_processes)
+    optimizer = build_optimizer(cfg, model, lr)
+    ema = None
+    if cfg.model_ema:
+        from timm.utils import ModelEmaV3
+        ema = ModelEmaV3(model, decay=cfg.model_ema_decay)
+
+    if _is_fsdp2(accelerator):
+        from .agc import prepare_for_fsdp2
+        prepare_for_fsdp2(model)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    clip_params = None
+    if cfg.clipping > 0:
+        from .agc import clipped_parameters, unscale_and_clip_
+        clip_params = clipped_parameters(model)  # after prepare: FSDP2 replaces parameters
+    if val_loader is not None:
+        val_loader = accelerator.prepare(val_loader)
+    updates_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
+    scheduler = build_scheduler(cfg, optimizer.optimizer, updates_per_epoch)
+    progress = _Progress()
+    accelerator.register_for_checkpointing(progress)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    if resuming:
+        if main:  # exports a kill interrupted: the files they were replacing are intact
+            for leftover in run.glob("**/.export-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+        accelerator.load_state(str(_state_dir(run)))
+        accelerator.print(f"resuming {run} at epoch {progress.epoch + 1}, step {progress.step}")
+    elif main:
+        _write_json(run / "args.json", cfg.to_json())
+    if cfg.report_to:
+        accelerator.init_trackers("nfnet-zoo", config={k: v for k, v in cfg.to_json().items()
+                                                       if isinstance(v, (int, float, str, bool))})
+    unwrapped = accelerator.unwrap_model(model)
+    if main:
+        accelerator.print(f"fine-tuning {cfg.model} on {len(data.train)} images ({len(data.classes)} classes), "
+                          f"validating on {len(data.val)}; {accelerator.num_processes} process(es) on "
+                          f"{accelerator.device.type}, global batch {cfg.global_batch(accelerator.num_processes)}, "
+                          f"lr {lr:.4g}, AGC {cfg.clipping or 'off'}, {train_size}px train / {test_size}px eval; "
+                          f"run folder {run}")
+
+    from tqdm.auto import tqdm
+    images_per_step = cfg.batch_size * accelerator.num_processes
+    nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
+    with _StopRequest() as stop:
+        while progress.epoch < cfg.epochs:
+            epoch = progress.epoch
+            sampler.epoch = epoch
+            loader = (accelerator.skip_first_batches(train_loader, progress.step) if progress.step
+                      else train_loader)
+            bar = tqdm(total=len(train_loader), initial=progress.step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       disable=None if accelerator.is_local_main_process else True, leave=False, dynamic_ncols=True)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+            clip_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+            clip_count = 0
+            t0, step0 = time.perf_counter(), progress.step
+            scheduler.step_update(progress.global_step)
+            model.train()
+            for x, y in loader:
+                with accelerator.accumulate(model):
+                    if mixup is not None:
+                        x, y = mixup(x, y)
+                    if cfg.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    loss = train_loss_fn(model(x), y)
+                    accelerator.backward(loss)
+                    if clip_params is not None:
+                        stats = unscale_and_clip_(accelerator, clip_params, cfg.clipping)
+                        if stats is not None:  # None on accumulation micro-steps
+                            clip_sum += stats.clipped / stats.units
+                            clip_count += 1
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                d = loss.detach()
+                nonfinite |= ~torch.isfinite(d)
+                loss_sum += d.double()
+                progress.step += 1
+                bar.update(1)
+                if not accelerator.sync_gradients:
+                    continue
+                progress.global_step += 1
+                scheduler.step_update(progress.global_step)
+                if ema is not None:
+                    ema.update(unwrapped, step=progress.global_step)
+                check = progress.global_step % cfg.log_interval == 0 or (
+                    cfg.save_every and progress.global_step % cfg.save_every == 0)
+                if check or accelerator.num_processes == 1 and stop.requested:
+                    _raise_if_diverged(nonfinite, accelerator, progress, run)
+                    if check and bar.disable is False:
+                        rate = (progress.step - step0) * images_per_step / (time.perf_counter() - t0)
+                        bar.set_postfix(loss=f"{d.item():.3f}", img_s=f"{rate:.0f}")
+                    stopping = _stop_agreed(stop, accelerator, check)
+                    if stopping or (cfg.save_every and progress.global_step % cfg.save_every == 0):
+                        _fold(progress, loss_sum, clip_sum, clip_count, images_per_step, step0, t0)
+                        loss_sum.zero_(); clip_sum.zero_(); clip_count = 0
+                        t0, step0 = time.perf_counter(), progress.step
+                        _save_state(accelerator, run)
+                        if stopping:
+                            bar.close()
+                            accelerator.print(f"stopped at epoch {epoch + 1}, step {progress.step}; state saved in "
+                                              f"{run}/state; continue with: nfnet-zoo finetune --resume {run}",
+                                              file=sys.stderr)
+                            raise KeyboardInterrupt
+            bar.close()
+            _raise_if_diverged(nonfinite, accelerator, progress, run)
+            _fold(progress, loss_sum, clip_sum, clip_count, images_per_step, step0, t0)
+
+            _end_of_epoch(accelerator, cfg, run, progress, ema.module if ema is not None else model, val_loader,
+                          optimizer.param_groups[0]["lr"], data.classes, model_args, data_config)
+
+    if main:
+        _finish(cfg, run, data, progress, train_size)
+    if cfg.report_to:
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    return run
+
+
+def _end_of_epoch(accelerator, cfg: FinetuneConfig, run: Path, progress: _Progress, eval_model: nn.Module,
+                  val_loader, lr: float, classes: list[str], model_args: dict, data_config: dict) -> None:
+    """Validate, export last (and best) weights, log the epoch's metrics, then save the state."""
+    metrics = (_evaluate(eval_model, val_loader, accelerator, len(classes)) if val_loader is not None
+               else {"val_loss": None, "top1": None, "top5": None})
+    train_loss = accelerator.reduce(torch.tensor([progress.loss_sum, progress.loss_count],
+                                                 dtype=torch.float64, device=accelerator.device), "sum")
+    row = {"epoch": progress.epoch + 1, "train_loss": (train_loss[0] / train_loss[1]).item(), **metrics, "lr": lr,
+           "images_per_sec": progress.images / max(progress.epoch_time, 1e-9),
+           "clipped_fraction": progress.clip_sum / progress.clip_count if progress.clip_count else None}
+    progress.history.append({k: row[k] for k in METRIC_KEYS})
+    # best by val top-1 (the first of equals); without a val split the last epoch is the best
+    improved = progress.best is None or row["top1"] is None or row["top1"] > progress.best["top1"]
+    if improved:
+        progress.best = dict(row)
+    export = accelerator.unwrap_model(eval_model)
+    if accelerator.is_main_process:
+        _save_model_folder(export, run / "last", classes, model_args, data_config)
+        if improved:
+            _save_model_folder(export, run, classes, model_args, data_config)
+        _write_json(run / "metrics.jsonl", progress.history, lines=True)
+    if cfg.report_to:
+        accelerator.log({k: v for k, v in row.items() if v is not None and k != "epoch"}, step=progress.epoch + 1)
+    accelerator.print(_epoch_line(row, cfg.epochs))
+    progress.train_time += progress.epoch_time
+    progress.epoch += 1
+    progress.step = progress.loss_count = progress.clip_count = progress.images = 0
+    progress.loss_sum = progress.clip_sum = progress.epoch_time = 0.0
+    _save_state(accelerator, run)
+
+
+def _fold(progress: _Progress, loss_sum, clip_sum, clip_count: int, images_per_step: int, step0: int,
+          t0: float) -> None:
+    """Move the device-side running sums of this stretch of steps into the saved progress."""
+    progress.loss_sum += loss_sum.item()
+    progress.loss_count += progress.step - step0
+    progress.clip_sum += clip_sum.item()
+    progress.clip_count += clip_count
+    progress.images += (progress.step - step0) * images_per_step
+    progress.epoch_time += time.perf_counter() - t0
+
+
+def _stop_agreed(stop: _StopRequest, accelerator, at_check: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return stop.requested
+    if not at_check:  # processes agree only at steps they all check
+        return False
+    flag = torch.tensor(float(stop.requested), device=accelerator.device)
+    return bool(accelerator.reduce(flag, "max").item())
+
+
+def _raise_if_diverged(nonfinite: torch.Tensor, accelerator, progress: _Progress, run: Path) -> None:
+    flag = accelerator.reduce(nonfinite.float(), "max") if accelerator.num_processes > 1 else nonfinite
+    if bool(flag.item()):
+        saved = (f"the last good state is in {run}/state (epoch {_saved_epoch(run)})"
+                 if _state_dir(run).is_dir() else "no state had been saved yet")
+        raise NFNetZooError(f"training diverged: the loss became non-finite at epoch {progress.epoch + 1}, step "
+                            f"{progress.step}; {saved} and the best model in {run}; start again with a lower --lr "
+                            f"(or --clipping > 0, or --mixed-precision bf16 instead of fp16)")
+
+
+def _saved_epoch(run: Path) -> str:
+    try:
+        rows = (run / "metrics.jsonl").read_text().splitlines()
+        return f"end of {len(rows)}" if rows else "1, mid-epoch"
+    except OSError:
+        return "?"
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    fmt = lambda k, f: "-" if row.get(k) is None else format(row[k], f)
+    return (f"epoch {row['epoch']}/{epochs}: train loss {fmt('train_loss', '.4f')}, val loss {fmt('val_loss', '.4f')}, "
+            f"top-1 {fmt('top1', '.2f')}%, top-5 {fmt('top5', '.2f')}%, {fmt('images_per_sec', '.1f')} img/s, "
+            f"clipped {fmt('clipped_fraction', '.3f')}")
+
+
+def _finish(cfg: FinetuneConfig, run: Path, data: ImageData, progress: _Progress, img_size: int) -> None:
+    best = progress.best or {}
+    summary = {"best_epoch": best.get("epoch"), "top1": best.get("top1"), "top5": best.get("top5"),
+               "val_loss": best.get("val_loss"), "num_train": len(data.train), "num_val": len(data.val),
+               "num_classes": len(data.classes), "label_names": data.classes, "model": cfg.model,
+               "base_model": cfg.base_model, "img_size": img_size, "train_time_s": round(progress.train_time, 1)}
+    _write_json(run / "summary.json", summary)
+    try:
+        from .hub import write_model_card
+    except ImportError:
+        warnings.warn("model card not written: nfnet_zoo.hub is not available")
+    else:
+        write_model_card(run)
+    print(_summary_table(progress.history, best.get("epoch")))
+    top1 = "-" if best.get("top1") is None else f"{best['top1']:.2f}%"
+    print(f"best epoch {best.get('epoch')}: val top-1 {top1}; model in {run} "
+          f"(timm.create_model('local-dir:{run}', pretrained=True) after `import nfnet_zoo`)")
+
+
+__all__ = ["finetune", "FinetuneConfig", "evaluate", "predict"]  # evaluate/predict: re-exported for the package

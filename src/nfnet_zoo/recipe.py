@@ -1,0 +1,268 @@
+"""The fine-tuning recipe: every knob of `nfnet-zoo finetune` with its default, in one place.
+
+Defaults are the paper's ImageNet recipe (Brock et al. 2021, section 4 and appendix) adapted to
+fine-tuning a pretrained model on a small dataset:
+- SGD with Nesterov momentum 0.9; lr = lr_base * global_batch / 256 with the paper's lr_base 0.1;
+- 10 epochs: 1 of linear warmup (the paper: 5 of 360), then cosine decay to zero, per optimizer step;
+- weight decay 2e-5 (the paper's), not applied to gains, skip gains and biases;
+- label smoothing 0.1; AGC with clipping 0.01 on every parameter but the classifier weight;
+- the variant's dropout and stochastic depth; mixup/cutmix off (small datasets);
+- train at the variant's train size with random-resized crops and flips; evaluate as DeepMind
+  does at the variant's test size (squash-resize to S + 32, centre crop S, bicubic).
+Below the defaults: how each piece is built from them (model, data pipeline, loss, optimizer,
+schedule), so that `finetune.py` holds only the loop and the run folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .data import EpochSampler, ImageData, ImageDataset, ignore_sigint
+from .errors import NFNetZooError
+from .evaluate import check_model_name, create_pretrained, has_pretrained_weights, read_checkpoint
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+BAD_IMAGES = ("skip", "error")
+
+
+@dataclass
+class FinetuneConfig:
+    """Resolved arguments of one fine-tuning run (stored as RUN/args.json)."""
+
+    model: Optional[str] = None          # registered name (nfnet_f0 ...); None: from --checkpoint's run
+    data_dir: Optional[str] = None
+    output: Optional[str] = None
+    epochs: int = 10
+    batch_size: int = 32                 # per process; global batch = batch_size * processes * grad_accum_steps
+    lr: Optional[float] = None           # None: lr_base * global_batch / 256
+    lr_base: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 2e-5
+    warmup_epochs: float = 1.0
+    warmup_lr: float = 0.0
+    min_lr: float = 0.0
+    smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    drop: Optional[float] = None         # None: the variant's dropout
+    drop_path: Optional[float] = None    # None: the variant's stochastic depth rate
+    model_ema: bool = False
+    model_ema_decay: float = 0.9998
+    clipping: float = 0.01               # AGC lambda; 0 turns AGC off
+    img_size: Optional[int] = None       # None: the variant's train size
+    test_img_size: Optional[int] = None  # None: the variant's test size (scaled with --img-size)
+    hflip: float = 0.5
+    scale: tuple[float, float] = (0.08, 1.0)
+    grad_accum_steps: int = 1
+    channels_last: bool = False
+    seed: int = 42
+    workers: int = 4
+    pretrained: Optional[bool] = None    # None: pretrained where the variant has released weights
+    checkpoint: Optional[str] = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    mixed_precision: str = "no"
+    cpu: bool = False
+    val_split: float = 0.1
+    report_to: Optional[str] = None
+    bad_images: str = "skip"
+    save_every: int = 500                # optimizer steps between resumable state saves (and each epoch)
+    log_interval: int = 10
+    # filled in when the run starts
+    base_model: Optional[str] = None
+    dataset: Optional[str] = None
+
+    def global_batch(self, num_processes: int) -> int:
+        return self.batch_size * num_processes * self.grad_accum_steps
+
+    def resolved_lr(self, num_processes: int) -> float:
+        return self.lr if self.lr is not None else self.lr_base * self.global_batch(num_processes) / 256
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["scale"] = list(self.scale)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "FinetuneConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if "scale" in d:
+            d["scale"] = tuple(d["scale"])
+        return cls(**d)
+
+
+# What may change when a run is resumed: how it runs, not what it computes (plus a longer schedule).
+RESUMABLE_OVERRIDES = frozenset({"epochs", "workers", "report_to", "log_interval", "save_every", "cpu",
+                                 "bad_images"})
+
+
+def default(name: str) -> Any:
+    """The default of one FinetuneConfig field (for --help texts)."""
+    f = FinetuneConfig.__dataclass_fields__[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def eval_size_for(train_size: int, variant_train: int, variant_test: int) -> int:
+    """DeepMind evaluates at a larger size than it trains; keep the variant's ratio for other sizes."""
+    if train_size == variant_train:
+        return variant_test
+    return int(round(train_size * variant_test / variant_train))
+
+
+def deepmind_crop_pct(size: int) -> float:
+    """DeepMind's eval crop: squash-resize to size + 32, centre crop size."""
+    return size / (size + 32)
+
+
+# --- the pieces ---------------------------------------------------------------------------------
+def build_model(cfg: FinetuneConfig, classes: list[str], log: Callable[[str], None] = print
+                ) -> tuple[nn.Module, dict, Optional[str]]:
+    """The model with a head for `classes`; returns (model, model_args for config.json, base_model)."""
+    import timm
+    from timm.models._builder import resolve_pretrained_cfg
+    kwargs = dict(cfg.model_kwargs)
+    ckpt = read_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
+    if ckpt is not None and ckpt.architecture:
+        if cfg.model is None:
+            cfg.model = ckpt.architecture
+        if cfg.model.split(".")[0] == ckpt.architecture:
+            saved = {k: v for k, v in (ckpt.model_args or {}).items() if k not in ("num_classes", "global_pool")}
+            kwargs = {**saved, **kwargs}
+    if cfg.model is None:
+        raise NFNetZooError(f"--checkpoint {cfg.checkpoint} does not name its architecture; pass --model NAME")
+    name = check_model_name(cfg.model)
+    arch_args = dict(kwargs)  # what rebuilds the architecture (dropout rates are training-time only)
+    if cfg.drop is not None:
+        kwargs["drop_rate"] = cfg.drop
+    if cfg.drop_path is not None:
+        kwargs["drop_path_rate"] = cfg.drop_path
+    pretrained = cfg.pretrained
+    if ckpt is not None:
+        pretrained = False
+    elif pretrained is None:
+        pretrained = has_pretrained_weights(name)
+    base_model = resolve_pretrained_cfg(name).hf_hub_id if pretrained else None
+    try:
+        if pretrained:
+            log(f"loading pretrained weights of {name}" + (f" ({base_model})" if base_model else ""))
+            model = create_pretrained(name, ways_out="train from scratch with --no-pretrained, or start from "
+                                      "local weights with --checkpoint PATH", num_classes=len(classes), **kwargs)
+        else:
+            model = timm.create_model(name, num_classes=len(classes), **kwargs)
+    except TypeError as e:
+        raise NFNetZooError(f"bad model argument for {name}: {e}; check --model-kwargs") from None
+    if ckpt is not None:
+        load_checkpoint(model, ckpt, classes, cfg.checkpoint, log)
+    return model, {**arch_args, "num_classes": len(classes)}, base_model
+
+
+def load_checkpoint(model: nn.Module, ckpt, classes: list[str], path: str, log: Callable[[str], None] = print) -> None:
+    """Load `ckpt` (evaluate.Checkpoint) into `model`; a classifier for other classes is replaced (warning)."""
+    head = model.get_classifier()
+    head_keys = {n for n, p in model.named_parameters() if any(p is q for q in head.parameters())}
+    state = dict(ckpt.state_dict)
+    shapes_match = all(k in state and state[k].shape == p.shape for k, p in model.state_dict().items()
+                       if k in head_keys)
+    same_classes = ckpt.label_names is None and shapes_match or list(ckpt.label_names or []) == list(classes)
+    if not same_classes:
+        theirs = ckpt.label_names or []
+        warnings.warn(f"--checkpoint {path} was trained on other classes ({len(theirs)}: "
+                      f"{', '.join(map(str, theirs[:4]))}{' ...' if len(theirs) > 4 else ''}); "
+                      f"its classifier is replaced by a new one for the {len(classes)} classes of the data")
+        state = {k: v for k, v in state.items() if k not in head_keys}
+    elif ckpt.label_names is None:
+        log(f"--checkpoint {path} has no class names; keeping its classifier (same shape as the data's)")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise NFNetZooError(f"--checkpoint {path} does not fit --model {model.pretrained_cfg.get('architecture')} "
+                            f"({str(e).splitlines()[-1].strip()[:150]}); pass the --model it was trained as") from None
+    missing = [k for k in missing if k not in head_keys or same_classes]
+    if missing or unexpected:
+        raise NFNetZooError(f"--checkpoint {path} does not fit --model {model.pretrained_cfg.get('architecture')} "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); pass the --model it was "
+                            f"trained as, or omit --model for a run folder")
+
+
+def build_loaders(cfg: FinetuneConfig, data: ImageData, model: nn.Module, accelerator
+                  ) -> tuple[torch.utils.data.DataLoader, Optional[torch.utils.data.DataLoader], EpochSampler]:
+    """Train loader (random-resized crop + flip, resumable shuffle), val loader (DeepMind's eval
+    preprocessing; None without val images) and the train sampler, whose `epoch` the loop sets."""
+    from timm.data import create_transform, resolve_data_config
+    train_size, test_size = image_sizes(cfg, model)
+    dc = resolve_data_config(model=model)
+    train_tf = create_transform(train_size, is_training=True, scale=cfg.scale, hflip=cfg.hflip, color_jitter=0.0,
+                                interpolation=dc["interpolation"], mean=dc["mean"], std=dc["std"])
+    eval_tf = create_transform(test_size, is_training=False, interpolation=dc["interpolation"], mean=dc["mean"],
+                               std=dc["std"], crop_pct=deepmind_crop_pct(test_size), crop_mode="squash")
+    per_step = cfg.batch_size * accelerator.num_processes
+    if len(data.train) < per_step:
+        raise NFNetZooError(f"{len(data.train)} training images is fewer than one batch ({cfg.batch_size} x "
+                            f"{accelerator.num_processes} process(es)); lower --batch-size to at most "
+                            f"{max(1, len(data.train) // accelerator.num_processes)}")
+    opener = data.opener()
+    common = dict(num_workers=cfg.workers, pin_memory=accelerator.device.type == "cuda",
+                  persistent_workers=cfg.workers > 0, worker_init_fn=ignore_sigint,
+                  prefetch_factor=4 if cfg.workers > 0 else None)
+    sampler = EpochSampler(len(data.train), cfg.seed)
+    train = torch.utils.data.DataLoader(
+        ImageDataset(data.train, opener, train_tf, cfg.seed), batch_size=cfg.batch_size, sampler=sampler,
+        drop_last=True, generator=torch.Generator().manual_seed(cfg.seed), **common)
+    val = (torch.utils.data.DataLoader(ImageDataset(data.val, opener, eval_tf), batch_size=cfg.batch_size,
+                                       shuffle=False, **common) if data.val else None)
+    return train, val, sampler
+
+
+def image_sizes(cfg: FinetuneConfig, model: nn.Module) -> tuple[int, int]:
+    """(train, eval) image sizes: --img-size/--test-img-size, else the variant's from its pretrained_cfg."""
+    pc = model.pretrained_cfg
+    v_train = pc["input_size"][-1]
+    v_test = (pc.get("test_input_size") or pc["input_size"])[-1]
+    train = cfg.img_size or v_train
+    return train, cfg.test_img_size or eval_size_for(train, v_train, v_test)
+
+
+def build_losses(cfg: FinetuneConfig, num_classes: int) -> tuple[Optional[Any], nn.Module]:
+    """(timm Mixup or None, training loss): soft-target CE with mixup/cutmix, else label smoothing."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    mixup = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        if cfg.batch_size % 2:
+            raise NFNetZooError(f"--mixup/--cutmix need an even --batch-size, got {cfg.batch_size}")
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
+                      num_classes=num_classes)
+        train_loss = SoftTargetCrossEntropy()
+    elif cfg.smoothing > 0:
+        train_loss = LabelSmoothingCrossEntropy(cfg.smoothing)
+    else:
+        train_loss = nn.CrossEntropyLoss()
+    return mixup, train_loss
+
+
+def build_optimizer(cfg: FinetuneConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum over DeepMind's decay partition (agc.weight_decay_groups)."""
+    from timm.optim import create_optimizer_v2
+    from .agc import weight_decay_groups
+    # timm's "sgd" is SGD with Nesterov momentum; our groups state DeepMind's no-decay set.
+    return create_optimizer_v2(weight_decay_groups(model, cfg.weight_decay), opt="sgd", lr=lr,
+                               momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(cfg: FinetuneConfig, optimizer: torch.optim.Optimizer, updates_per_epoch: int) -> Any:
+    """timm's cosine schedule with linear warmup, stepped per optimizer update (`step_update`)."""
+    from timm.scheduler import create_scheduler_v2
+    sched, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs,
+                                   warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
+                                   step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+    return sched
+
+
+__all__ = ["FinetuneConfig", "RESUMABLE_OVERRIDES", "MIXED_PRECISION", "BAD_IMAGES", "default",
+           "eval_size_for", "deepmind_crop_pct", "build_model", "load_checkpoint", "build_loaders", "image_sizes",
+           "build_losses", "build_optimizer", "build_scheduler"]

@@ -1,0 +1,133 @@
+"""`nfnet-zoo evaluate` and `nfnet-zoo predict` against an independent pipeline.
+
+Reference: timm's `local-dir:` loader and DeepMind's evaluation preprocessing written out here with
+PIL (squash-resize to S + 32, bicubic; centre crop S; ImageNet normalisation), on real PNG files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from _images import make_folder
+import nfnet_zoo  # noqa: F401
+from nfnet_zoo import NFNetZooError
+from nfnet_zoo.cli import main as cli_main
+from nfnet_zoo.evaluate import evaluate, predict
+from nfnet_zoo.finetune import finetune
+
+MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("eval") / "shapes", n_train=12, n_val=5)
+
+
+@pytest.fixture(scope="module")
+def run(data_dir, tmp_path_factory) -> Path:
+    return finetune(model="nfnet_zoo_tiny", data_dir=str(data_dir), output=str(tmp_path_factory.mktemp("r") / "run"),
+                    epochs=2, lr=0.1, img_size=32, batch_size=8, workers=0, pretrained=False)
+
+
+def _reference_logits(run: Path, files: list[Path]) -> torch.Tensor:
+    import timm
+    model = timm.create_model(f"local-dir:{run}", pretrained=True).eval()
+    s = 32
+    batch = []
+    for f in files:
+        img = Image.open(f).convert("RGB").resize((s + 32, s + 32), Image.BICUBIC)
+        img = img.crop((16, 16, 16 + s, 16 + s))
+        a = (np.asarray(img, dtype=np.float64) / 255 - MEAN) / STD
+        batch.append(torch.from_numpy(a.transpose(2, 0, 1)).float())
+    with torch.no_grad():
+        return model(torch.stack(batch))
+
+
+def test_evaluate_matches_an_independent_pipeline(run, data_dir):
+    files = sorted((data_dir / "val").glob("*/*.png"))
+    classes = ["bright", "dark", "mid"]
+    target = torch.tensor([classes.index(f.parent.name) for f in files])
+    logits = _reference_logits(run, files)
+    hit = logits.argmax(1) == target
+    result = evaluate(str(run), data_dir, workers=0)
+    assert result["num_images"] == len(files) == 15
+    assert result["top1"] == pytest.approx(100 * hit.float().mean().item())
+    assert result["top5"] == 100.0  # 3 classes: every label is in the top 5
+    for i, c in enumerate(classes):
+        assert result["per_class"][c]["count"] == 5
+        assert result["per_class"][c]["accuracy"] == pytest.approx(100 * hit[target == i].float().mean().item())
+
+
+def test_predict_matches_an_independent_pipeline(run, data_dir):
+    files = sorted((data_dir / "val").glob("*/*.png"))[::4]
+    probs = _reference_logits(run, files).softmax(1)
+    out = predict(str(run), [str(f) for f in files], topk=3)
+    assert [r["image"] for r in out] == [str(f) for f in files]
+    for r, p in zip(out, probs):
+        got = {q["label"]: q["probability"] for q in r["predictions"]}
+        assert list(got) == [["bright", "dark", "mid"][i] for i in p.argsort(descending=True).tolist()]
+        assert sum(got.values()) == pytest.approx(1.0, abs=1e-5)
+        for q in r["predictions"]:
+            assert q["probability"] == pytest.approx(p[q["index"]].item(), abs=1e-5)
+
+
+def test_cli_json_outputs(run, data_dir, capsys):
+    assert cli_main(["evaluate", str(run), "--data-dir", str(data_dir), "-j", "0", "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert set(ev) >= {"top1", "top5", "per_class", "num_images"} and ev["num_images"] == 15
+    image = next((data_dir / "val" / "dark").glob("*.png"))
+    assert cli_main(["predict", str(run), str(image), "-k", "2", "--json"]) == 0
+    pr = json.loads(capsys.readouterr().out)
+    assert len(pr) == 1 and len(pr[0]["predictions"]) == 2
+    assert cli_main(["evaluate", str(run), "--data-dir", str(data_dir), "-j", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "top-1" in text and "dark" in text
+
+
+def test_a_subset_of_the_classes_is_evaluated_against_all_of_them(run, data_dir, tmp_path):
+    sub = tmp_path / "sub"
+    (sub / "mid").mkdir(parents=True)
+    for f in (data_dir / "val" / "mid").glob("*.png"):
+        (sub / "mid" / f.name).write_bytes(f.read_bytes())
+    r = evaluate(str(run), sub, workers=0)
+    assert r["num_images"] == 5 and list(r["per_class"]) == ["mid"]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("other_classes", "classes of .* that the model does not know: cats"),
+    ("not_a_model_folder", "is not a model folder"),
+    ("unreadable_image", "cannot read image"),
+    ("unknown_name", "unknown model 'nfnet_fx'; closest"),
+])
+def test_faults_are_one_line_errors(case, message, run, tmp_path):
+    if case == "other_classes":
+        make_folder(tmp_path / "d", n_train=1, n_val=0, split=False, classes=("dark",))
+        (tmp_path / "d" / "dark").rename(tmp_path / "d" / "cats")
+        call = lambda: evaluate(str(run), tmp_path / "d", workers=0)
+    elif case == "not_a_model_folder":
+        (tmp_path / "empty").mkdir()
+        call = lambda: predict(str(tmp_path / "empty"), [])
+    elif case == "unreadable_image":
+        (tmp_path / "x.png").write_bytes(b"nope")
+        call = lambda: predict(str(run), [str(tmp_path / "x.png")])
+    else:
+        call = lambda: predict("nfnet_fx", [])
+    with pytest.raises(NFNetZooError, match=message) as e:
+        call()
+    assert "\n" not in str(e.value)
+
+
+def test_registered_name_without_cached_weights(tmp_path, data_dir):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    r = subprocess.run([sys.executable, "-m", "nfnet_zoo.cli", "evaluate", "nfnet_f0", "--data-dir", str(data_dir)],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "not in the local cache" in r.stderr.strip().splitlines()[-1]
