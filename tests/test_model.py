@@ -152,3 +152,65 @@ def test_beta_resets_per_stage():
     # The expected variance resets AFTER a stage's first block: that block still sees the old one.
     assert betas[2] == pytest.approx([1 / (1 + 2 * a2) ** 0.5, 1 / (1 + a2) ** 0.5, 1 / (1 + 2 * a2) ** 0.5])
     assert betas[3] == pytest.approx([1 / (1 + 3 * a2) ** 0.5])
+
+
+def test_autocast_keeps_a_low_precision_cache(model):
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yb = model(x)
+        assert model.stem.conv1._cache[1].dtype == torch.bfloat16
+        assert model(x).dtype == torch.float32 and model.stem.conv1._cache[1].dtype == torch.float32
+    assert (yb.float() - y).abs().max() < 0.05 * y.abs().max()
+
+
+def test_optimize_for_inference_computes_the_same(model):
+    from nfnet_zoo import optimize_for_inference
+
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y = model(x)
+    fast = optimize_for_inference(model)
+    out = fast(x)  # no torch.no_grad(): frozen parameters still use the cache
+    assert not any(p.requires_grad for p in model.parameters()) and model.stem.conv1._cache is not None
+    assert model.stem.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, y, rtol=1e-4, atol=1e-5)
+    low = optimize_for_inference(model, dtype=torch.bfloat16)(x)
+    assert low.dtype == torch.float32 and (low - y).abs().max() < 0.05 * y.abs().max()
+
+
+def _reference_standardization(w, g, input_scale, eps):
+    # DeepMind's WSConv2D.standardize_weight, written with autograd-visible ops
+    var = torch.var(w, dim=(1, 2, 3), keepdim=True, correction=0)
+    mean = torch.mean(w, dim=(1, 2, 3), keepdim=True)
+    scale = torch.rsqrt(torch.clamp(var * w[0].numel(), min=eps)) * g * input_scale
+    return w * scale - mean * scale
+
+
+@pytest.mark.parametrize("magnitude", [1.0, 1e-4])  # 1e-4: var * fan_in under eps, the clamped branch
+def test_weight_standardization_gradients(magnitude):
+    from nfnet_zoo.layers import _WeightStandardization
+
+    torch.manual_seed(0)
+    w = (torch.randn(6, 4, 3, 3, dtype=torch.float64) * magnitude).requires_grad_()
+    g = (1 + 0.2 * torch.randn(6, 1, 1, 1, dtype=torch.float64)).requires_grad_()
+    ours = _WeightStandardization.apply(w, g, 1.7, 1e-4)
+    ref = _reference_standardization(w, g, 1.7, 1e-4)
+    torch.testing.assert_close(ours, ref)
+    dy = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(ours, (w, g), dy), torch.autograd.grad(ref, (w, g), dy))
+
+
+def test_fast_gelu_is_jax_gelu():
+    import torch.nn.functional as F
+
+    from nfnet_zoo.layers import gelu_tanh
+
+    x = (torch.randn(4096, dtype=torch.float64) * 4).requires_grad_()
+    torch.testing.assert_close(gelu_tanh(x), F.gelu(x, approximate="tanh"))
+    dy = torch.randn_like(x)
+    torch.testing.assert_close(torch.autograd.grad(gelu_tanh(x), x, dy)[0],
+                               torch.autograd.grad(F.gelu(x, approximate="tanh"), x, dy)[0])
+    with torch.no_grad():
+        torch.testing.assert_close(gelu_tanh(x.float()), F.gelu(x.float(), approximate="tanh"), rtol=0, atol=1e-6)
