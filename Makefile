@@ -22,7 +22,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP)  ## writes BENCHMARKS.md (about 10 minutes on 2 cores)
 	$(BIN)/python benchmarks/bench.py
 
 cards: $(STAMP)

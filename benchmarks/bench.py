@@ -1,0 +1,302 @@
+"""nfnet-zoo vs timm's dm_nfnet_f0 with the same weights, measured in one run, interleaved.
+
+Cases: inference (eager fp32, bf16 autocast, torch.compile), a training step (forward, backward,
+AGC, SGD), AGC alone, peak memory of a training step, and end-to-end fine-tuning. Every figure is
+the median of repeated runs after warm-up, with the two models alternating, and every inference
+case reports how far each model's logits are from DeepMind's numerics (a float64 reference: timm's
+network with DeepMind's weight standardisation and tanh-GELU swapped in, which matches DeepMind's
+own outputs; see tests/test_variants.py). Runs on the CPU, or on a GPU when one is present.
+
+    python benchmarks/bench.py [--quick] [--skip e2e,compile] [--out BENCHMARKS.md]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _interleaved(fns: dict[str, Callable[[], object]], device, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each function, the functions alternating within every repeat."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _pretrained_like(seed: int = 0):
+    """timm's dm_nfnet_f0 with weights moved off their init (skip gains on, gains and biases perturbed)."""
+    import timm
+
+    torch.manual_seed(seed)
+    theirs = timm.create_model("dm_nfnet_f0")
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if n.endswith("skipinit_gain"):
+                p.uniform_(0.5, 1.5)
+            elif n.endswith(".gain"):
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+            elif n.endswith(".bias"):
+                p.normal_(0, 0.1)
+    return theirs
+
+
+def _deepmind_reference(theirs) -> torch.nn.Module:
+    """An independent float64 model with DeepMind's numerics: timm's network, DeepMind's forms."""
+    from timm.models.nfnet import GammaAct
+
+    ref = copy.deepcopy(theirs).double().eval()
+    for m in ref.modules():
+        if hasattr(m, "scale") and hasattr(m, "eps"):
+            m.eps = 1e-30
+        if isinstance(m, GammaAct):
+            m.act_fn = lambda t, inplace=False: F.gelu(t, approximate="tanh")
+    return ref
+
+
+def bench_inference(theirs, ours, device, batch: int, size: int, repeats: int, compile_: bool) -> list[dict]:
+    x = torch.randn(batch, 3, size, size, device=device)
+    with torch.no_grad():
+        ref = _deepmind_reference(theirs).to(device)(x.double()).float()
+    rows = []
+    ours, theirs = ours.eval(), theirs.eval()
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        ours.to(memory_format=fmt)
+        theirs.to(memory_format=fmt)
+        xf = x.contiguous(memory_format=fmt)
+        lowp = torch.bfloat16
+        cases = [("eager fp32", None, False), (f"eager {str(lowp)[6:]} autocast", lowp, False)]
+        if compile_ and fmt == torch.channels_last:
+            cases.append(("torch.compile fp32", None, True))
+        for name, dtype, comp in cases:
+            models = {"ours": ours, "timm": theirs}
+            if comp:
+                torch._dynamo.reset()
+                models = {k: torch.compile(m) for k, m in models.items()}
+
+            def run(m, dtype=dtype):
+                with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32,
+                                                            enabled=dtype is not None):
+                    return m(xf)
+
+            t0 = time.perf_counter()
+            outs = {k: run(m).float() for k, m in models.items()}  # also compiles
+            compile_s = time.perf_counter() - t0
+            t = _interleaved({k: (lambda m=m: run(m)) for k, m in models.items()}, device, repeats)
+            rows.append(dict(
+                case=f"inference {name}, {'channels_last' if fmt == torch.channels_last else 'NCHW'}",
+                batch=batch, size=size, ours_s=t["ours"], timm_s=t["timm"], ratio=t["timm"] / t["ours"],
+                ours_img_s=batch / t["ours"], timm_img_s=batch / t["timm"],
+                ours_dev=(outs["ours"] - ref).abs().max().item(), timm_dev=(outs["timm"] - ref).abs().max().item(),
+                **({"first_call_s": compile_s} if comp else {})))
+            print(_fmt_row(rows[-1]), flush=True)
+    ours.to(memory_format=torch.contiguous_format)
+    theirs.to(memory_format=torch.contiguous_format)
+    return rows
+
+
+def _step_fn(model, which: str, device, batch: int, size: int, fmt) -> Callable[[], None]:
+    """One training step as each project does it: ours with our AGC, timm's as its train.py does."""
+    from timm.models import model_parameters
+    from timm.utils import dispatch_clip_grad
+
+    from nfnet_zoo import adaptive_clip_grad_, clipped_parameters, weight_decay_groups
+
+    torch.manual_seed(1)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    model = model.train().to(memory_format=fmt)
+    opt = torch.optim.SGD(weight_decay_groups(model, 2e-5), lr=0.01, momentum=0.9, nesterov=True)
+    if which == "ours":
+        clipped = clipped_parameters(model)
+        clip = lambda: adaptive_clip_grad_(clipped, 0.01)  # noqa: E731
+    else:
+        clipped = list(model_parameters(model, exclude_head=True))
+        clip = lambda: dispatch_clip_grad(clipped, 0.01, mode="agc")  # noqa: E731
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        clip()
+        opt.step()
+
+    return step
+
+
+def bench_train(theirs, ours, device, batch: int, size: int, repeats: int) -> list[dict]:
+    rows = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        a, b = copy.deepcopy(theirs), copy.deepcopy(ours)
+        steps = {"ours": _step_fn(b, "ours", device, batch, size, fmt),
+                 "timm": _step_fn(a, "timm", device, batch, size, fmt)}
+        t = _interleaved(steps, device, repeats, warmup=1)
+        rows.append(dict(case=f"training step (fwd, bwd, AGC, SGD), {'channels_last' if fmt == torch.channels_last else 'NCHW'}",
+                         batch=batch, size=size, ours_s=t["ours"], timm_s=t["timm"], ratio=t["timm"] / t["ours"],
+                         ours_img_s=batch / t["ours"], timm_img_s=batch / t["timm"]))
+        print(_fmt_row(rows[-1]), flush=True)
+        del a, b
+    return rows
+
+
+_MEMORY_CHILD = """
+import json, resource, sys, torch, timm, nfnet_zoo
+sys.path.insert(0, {here!r})
+from bench import _step_fn
+dev = torch.device({device!r})
+torch.manual_seed(0)
+model = timm.create_model({arch!r}).to(dev)
+with torch.no_grad():
+    for n, p in model.named_parameters():
+        if n.endswith("skipinit_gain"):
+            p.fill_(1.0)
+step = _step_fn(model, {which!r}, dev, {batch}, {size}, torch.contiguous_format)
+if dev.type == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+for _ in range(3):
+    step()
+peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps(dict(peak_bytes=peak)))
+"""
+
+
+def bench_memory(device, batch: int, size: int) -> dict:
+    """Peak memory of training steps, each model in a fresh process (RSS on the CPU, allocator on a GPU)."""
+    peaks = {}
+    for which in ("ours", "timm"):
+        arch = "nfnet_f0" if which == "ours" else "dm_nfnet_f0"
+        code = _MEMORY_CHILD.format(here=str(HERE), which=which, arch=arch, device=str(device), batch=batch, size=size)
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(r.stderr[-2000:])
+        peaks[which] = json.loads(r.stdout.strip().splitlines()[-1])["peak_bytes"]
+    row = dict(case=f"peak memory of a training step ({'max allocated' if device.type == 'cuda' else 'peak RSS of a fresh process'})",
+               batch=batch, size=size, ours_mb=peaks["ours"] / 2**20, timm_mb=peaks["timm"] / 2**20,
+               ratio=peaks["ours"] / peaks["timm"])
+    print(f"{row['case']}: ours {row['ours_mb']:.0f} MiB, timm {row['timm_mb']:.0f} MiB, ours/timm {row['ratio']:.2f}")
+    return row
+
+
+def _fmt_row(r: dict) -> str:
+    dev = f"  max |logit - DeepMind| ours {r['ours_dev']:.1e}, timm {r['timm_dev']:.1e}" if "ours_dev" in r else ""
+    return (f"{r['case']}: ours {r['ours_s'] * 1e3:.0f} ms, timm {r['timm_s'] * 1e3:.0f} ms, "
+            f"timm/ours {r['ratio']:.2f}x{dev}")
+
+
+def _machine(device) -> str:
+    import timm
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "none"
+    return (f"CPU {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; GPU {gpu}; "
+            f"Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}")
+
+
+def write_markdown(path: Path, machine: str, command: str, rows: list[dict], agc: dict | None,
+                   mem: dict | None, e2e: str | None) -> None:
+    lines = ["# Benchmarks", "", f"Machine: {machine}", "", f"Command: `{command}`", "",
+             "Ratios are timm / ours for time (above 1: ours is faster). Each figure is the median of "
+             "repeated runs after warm-up, the two models alternating. Both models hold the same "
+             "weights (timm's `dm_nfnet_f0` layout, pretrained-like values) and use the same memory "
+             "format. Deviation: max |logit - reference| where the reference is a float64 model with "
+             "DeepMind's numerics.", "",
+             "| case | batch x px | ours ms | timm ms | timm / ours | ours dev. | timm dev. |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        dev = (f"{r['ours_dev']:.1e} | {r['timm_dev']:.1e}" if "ours_dev" in r else "- | -")
+        lines.append(f"| {r['case']} | {r['batch']} x {r['size']} | {r['ours_s'] * 1e3:.0f} | "
+                     f"{r['timm_s'] * 1e3:.0f} | {r['ratio']:.2f}x | {dev} |")
+    if agc:
+        lines += ["", "## AGC alone (F0 gradients, batch 8, 192 px)", "",
+                  f"ours {agc['ours_ms']:.1f} ms, timm's `adaptive_clip_grad` {agc['timm_ms']:.1f} ms: "
+                  f"**{agc['speedup_vs_timm']:.2f}x faster**; {agc['ours_pct_of_step']:.2f}% of a "
+                  f"{agc['train_step_ms']:.0f} ms training step (timm's {agc['timm_pct_of_step']:.2f}%). "
+                  f"Reading every parameter and gradient once: {agc['read_params_and_grads_ms']:.1f} ms; "
+                  f"ours with every unit clipped: {agc['ours_every_unit_clipped_ms']:.1f} ms."]
+    if mem:
+        lines += ["", "## Peak memory of a training step", "",
+                  f"{mem['case']}, batch {mem['batch']} x {mem['size']} px: ours {mem['ours_mb']:.0f} MiB, "
+                  f"timm {mem['timm_mb']:.0f} MiB, ours / timm {mem['ratio']:.2f}."]
+    if e2e:
+        lines += ["", "## End to end: `nfnet-zoo finetune` vs a timm train.py-style loop", "", "```", e2e.strip(), "```"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer repeats")
+    p.add_argument("--skip", default="", help="comma-separated: inference,compile,train,agc,memory,e2e")
+    p.add_argument("--out", default=str(HERE.parent / "BENCHMARKS.md"))
+    args = p.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    import timm
+
+    import nfnet_zoo  # noqa: F401
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    machine = _machine(device)
+    print(machine, flush=True)
+    repeats = 3 if args.quick else 7
+    theirs = _pretrained_like().to(device)
+    ours = timm.create_model("nfnet_f0").to(device)
+    ours.load_state_dict(theirs.state_dict())
+    gpu = device.type == "cuda"
+    rows = []
+    if "inference" not in skip:
+        rows += bench_inference(theirs, ours, device, 32 if gpu else 8, 256, repeats, "compile" not in skip)
+    if "train" not in skip:
+        rows += bench_train(theirs, ours, device, 32 if gpu else 8, 192, max(3, repeats // 2))
+    agc = None
+    if "agc" not in skip:
+        from bench_agc import run_benchmark
+
+        agc = run_benchmark(repeats=9 if args.quick else 15, step_repeats=3)
+        print(f"AGC alone: ours {agc['ours_ms']:.1f} ms, timm {agc['timm_ms']:.1f} ms, "
+              f"{agc['speedup_vs_timm']:.2f}x, {agc['ours_pct_of_step']:.2f}% of a step", flush=True)
+    mem = None if "memory" in skip else bench_memory(device, 8, 192)
+    e2e = None
+    if "e2e" not in skip:
+        r = subprocess.run([sys.executable, str(HERE / "bench_finetune.py"), "--repeats", "2" if args.quick else "3"],
+                           capture_output=True, text=True)
+        e2e = r.stdout[r.stdout.find("\nnfnet_zoo_tiny"):] if r.returncode == 0 else f"failed: {r.stderr[-500:]}"
+        print(e2e, flush=True)
+    command = "python benchmarks/bench.py" + (" --quick" if args.quick else "") + (f" --skip {args.skip}" if skip else "")
+    write_markdown(Path(args.out), machine, command, rows, agc, mem, e2e)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
