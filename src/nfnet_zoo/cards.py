@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ._files import write_text_atomic
 from .errors import NFNetZooError
 from .variants import DM_ACCURACY, ORIGIN, PAPER_NAME, RANDAUG_LEVEL, VARIANTS, list_pretrained_names
 
@@ -113,22 +114,6 @@ def _citation() -> str:
     return f"## Citation\n\n```bibtex\n{CITATION}\n```"
 
 
-def _write_atomic(path: Path, text: str) -> bool:
-    """Write `text` to `path` atomically; False (and no write) when the file already holds it."""
-    if path.is_file() and path.read_bytes() == text.encode():
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # beside the target: os.replace stays atomic
-    try:
-        tmp.write_text(text, encoding="utf-8", newline="")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return True
-
-
-# --- fine-tuning runs ----------------------------------------------------------------------
 def _read_json(path: Path, required: bool = False) -> Any:
     if not path.is_file():
         if required:
@@ -254,7 +239,7 @@ def build_model_card(run_dir: Union[str, os.PathLike], repo_id: Optional[str] = 
 def write_model_card(run_dir: Union[str, os.PathLike], repo_id: Optional[str] = None) -> Path:
     """Write RUN/README.md (atomically) from the run's files; returns its path."""
     path = Path(run_dir) / "README.md"
-    _write_atomic(path, str(build_model_card(run_dir, repo_id)))
+    write_text_atomic(path, str(build_model_card(run_dir, repo_id)))
     return path
 
 
@@ -337,7 +322,7 @@ def build_zoo_card(tag: str, repo_id: Optional[str] = None) -> ModelCard:
         f"## Results\n\nImageNet-1k validation accuracy reported by DeepMind for these weights: **top-1 "
         f"{top1}%**, top-5 {top5}% (at {_size(cfg.test_size)}). nfnet-zoo reproduces DeepMind's forward pass; it "
         "did not re-run the ImageNet evaluation.",
-        f"## Training (by DeepMind)\n\n" + _table([
+        "## Training (by DeepMind)\n\n" + _table([
             ("Resolution", f"{cfg.train_size} px"),
             ("Augmentation", f"RandAugment level `{RANDAUG_LEVEL[name]}` (DeepMind's `nfnet_params`)"),
             ("Regularization", f"dropout {cfg.drop_rate}, stochastic depth {cfg.stochdepth_rate}"),
@@ -380,7 +365,7 @@ def write_zoo_cards(out_dir: Union[str, os.PathLike] = ".", namespace: Optional[
     for tag in zoo_tags():
         for path, text in ((out / "model_cards" / tag / "README.md", str(build_zoo_card(tag, f"{namespace}/{tag}"))),
                            (out / "hub_configs" / tag / "config.json", build_hub_config(tag))):
-            if _write_atomic(path, text):
+            if write_text_atomic(path, text):
                 changed.append(path)
     return changed
 

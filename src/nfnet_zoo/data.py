@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
+from ._files import write_json_atomic
 from .errors import NFNetZooError
 
 # What PIL reads and timm's folder reader would list, plus the common extras users have.
@@ -53,7 +54,7 @@ class ImageData:
         return Path(self.root).name
 
     def save(self, path: Path) -> None:
-        _write_json_atomic(path, asdict(self))
+        write_json_atomic(path, asdict(self), indent=1)
 
     @classmethod
     def load(cls, path: Path) -> "ImageData":
@@ -421,13 +422,6 @@ def ignore_sigint(worker_id: int) -> None:
     """DataLoader worker_init_fn: Ctrl-C is for the main process, which saves state and stops them."""
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 __all__ = ["ImageData", "load_image_data", "load_eval_samples", "to_rgb", "ImageDataset", "EpochSampler",

@@ -35,11 +35,13 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ._files import write_json_atomic
 from .data import ImageData, load_image_data
 from .errors import NFNetZooError
 from .evaluate import evaluate, predict, topk_correct
 from .recipe import (MIXED_PRECISION, BAD_IMAGES, RESUMABLE_OVERRIDES, FinetuneConfig, build_loaders, build_losses,
-                     build_model, build_optimizer, build_scheduler, deepmind_crop_pct, image_sizes)
+                     build_model, build_optimizer, build_scheduler, image_sizes)
+from .variants import deepmind_crop_pct
 
 METRIC_KEYS = ("epoch", "train_loss", "val_loss", "top1", "top5", "lr", "images_per_sec", "clipped_fraction")
 
@@ -170,13 +172,6 @@ def _validate(cfg: FinetuneConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise NFNetZooError(msg)
-
-
-def _write_json(path: Path, obj: Any, lines: bool = False) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    text = "".join(json.dumps(o) + "\n" for o in obj) if lines else json.dumps(obj, indent=2) + "\n"
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _save_model_folder(model: nn.Module, dest: Path, label_names: list[str], model_args: dict,
@@ -357,7 +352,7 @@ def finetune(config: Optional[FinetuneConfig] = None, *, resume: Optional[str] =
         accelerator.load_state(str(_state_dir(run)))
         accelerator.print(f"resuming {run} at epoch {progress.epoch + 1}, step {progress.step}")
     elif main:
-        _write_json(run / "args.json", cfg.to_json())
+        write_json_atomic(run / "args.json", cfg.to_json())
     if cfg.report_to:
         accelerator.init_trackers("nfnet-zoo", config={k: v for k, v in cfg.to_json().items()
                                                        if isinstance(v, (int, float, str, bool))})
@@ -466,7 +461,7 @@ def _end_of_epoch(accelerator, cfg: FinetuneConfig, run: Path, progress: _Progre
         _save_model_folder(export, run / "last", classes, model_args, data_config)
         if improved:
             _save_model_folder(export, run, classes, model_args, data_config)
-        _write_json(run / "metrics.jsonl", progress.history, lines=True)
+        write_json_atomic(run / "metrics.jsonl", progress.history, lines=True)
     if cfg.report_to:
         accelerator.log({k: v for k, v in row.items() if v is not None and k != "epoch"}, step=progress.epoch + 1)
     accelerator.print(_epoch_line(row, cfg.epochs))
@@ -528,7 +523,7 @@ def _finish(cfg: FinetuneConfig, run: Path, data: ImageData, progress: _Progress
                "val_loss": best.get("val_loss"), "num_train": len(data.train), "num_val": len(data.val),
                "num_classes": len(data.classes), "label_names": data.classes, "model": cfg.model,
                "base_model": cfg.base_model, "img_size": img_size, "train_time_s": round(progress.train_time, 1)}
-    _write_json(run / "summary.json", summary)
+    write_json_atomic(run / "summary.json", summary)
     try:
         from .hub import write_model_card
     except ImportError:
