@@ -25,6 +25,7 @@ from torch import nn
 from .data import EpochSampler, ImageData, ImageDataset, ignore_sigint
 from .errors import NFNetZooError
 from .evaluate import check_model_name, create_pretrained, has_pretrained_weights, read_checkpoint
+from .variants import deepmind_crop_pct
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 BAD_IMAGES = ("skip", "error")
@@ -112,11 +113,6 @@ def eval_size_for(train_size: int, variant_train: int, variant_test: int) -> int
     if train_size == variant_train:
         return variant_test
     return int(round(train_size * variant_test / variant_train))
-
-
-def deepmind_crop_pct(size: int) -> float:
-    """DeepMind's eval crop: squash-resize to size + 32, centre crop size."""
-    return size / (size + 32)
 
 
 # --- the pieces ---------------------------------------------------------------------------------
@@ -264,5 +260,5 @@ def build_scheduler(cfg: FinetuneConfig, optimizer: torch.optim.Optimizer, updat
 
 
 __all__ = ["FinetuneConfig", "RESUMABLE_OVERRIDES", "MIXED_PRECISION", "BAD_IMAGES", "default",
-           "eval_size_for", "deepmind_crop_pct", "build_model", "load_checkpoint", "build_loaders", "image_sizes",
+           "eval_size_for", "build_model", "load_checkpoint", "build_loaders", "image_sizes",
            "build_losses", "build_optimizer", "build_scheduler"]

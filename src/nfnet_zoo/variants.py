@@ -51,13 +51,17 @@ VARIANTS["nfnet_zoo_tiny"] = NFNetCfg(depths=(1, 1, 2, 1), widths=(32, 64, 128, 
                                       drop_rate=0.1, stochdepth_rate=0.05, train_size=64, test_size=64)
 
 
+def deepmind_crop_pct(size: int) -> float:
+    """DeepMind's evaluation crop: squash-resize to size + 32 (bicubic), centre-crop size."""
+    return size / (size + 32)
+
+
 def _cfg(name: str, **kwargs: Any) -> dict[str, Any]:
     v = VARIANTS[name]
     return {
         "num_classes": 1000, "input_size": (3, v.train_size, v.train_size),
         "test_input_size": (3, v.test_size, v.test_size), "pool_size": (v.train_size // 32,) * 2,
-        # DeepMind evaluates by squash-resizing to S + 32 (bicubic) and centre-cropping S.
-        "crop_pct": v.test_size / (v.test_size + 32), "test_crop_pct": v.test_size / (v.test_size + 32),
+        "crop_pct": deepmind_crop_pct(v.test_size), "test_crop_pct": deepmind_crop_pct(v.test_size),
         "crop_mode": "squash", "interpolation": "bicubic",
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "stem.conv1", "classifier": "head.fc", "paper_ids": PAPER, "paper_name": PAPER_NAME,
@@ -126,4 +130,4 @@ def _register_all() -> None:
 
 _register_all()
 
-__all__ = ["VARIANTS", "DM_ACCURACY", "RANDAUG_LEVEL", "list_pretrained_names", "default_cfgs"]
+__all__ = ["VARIANTS", "DM_ACCURACY", "RANDAUG_LEVEL", "list_pretrained_names", "default_cfgs", "deepmind_crop_pct"]
