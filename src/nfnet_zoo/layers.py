@@ -31,25 +31,6 @@ NONLINEARITY_GAMMA = {
     "tanh": 1.5939117670059204,
 }
 
-# JAX's defaults: jax.nn.gelu is the tanh approximation; leaky_relu slope 0.01.
-_NONLINEARITY_FN = {
-    "identity": lambda x: x,
-    "celu": F.celu,
-    "elu": F.elu,
-    "gelu": lambda x: gelu_tanh(x),
-    "leaky_relu": lambda x: F.leaky_relu(x, 0.01),
-    "log_sigmoid": F.logsigmoid,
-    "relu": F.relu,
-    "relu6": F.relu6,
-    "selu": F.selu,
-    "sigmoid": torch.sigmoid,
-    "silu": F.silu,
-    "soft_sign": F.softsign,
-    "softplus": F.softplus,
-    "tanh": torch.tanh,
-}
-
-
 # tanh-GELU through the identity 0.5 * (1 + tanh(z)) = sigmoid(2z): x * sigmoid(K * (x + C x^3)).
 # On CPUs aten's tanh (and so gelu(approximate="tanh")) is several times slower than sigmoid;
 # four passes (an addcmul, then in place) beat it 2x and agree with it to float rounding (5e-7).
@@ -85,6 +66,25 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         return _GeluTanh.apply(x)
     return _gelu_tanh_no_grad(x)
+
+
+# JAX's defaults: jax.nn.gelu is the tanh approximation; leaky_relu slope 0.01.
+_NONLINEARITY_FN = {
+    "identity": lambda x: x,
+    "celu": F.celu,
+    "elu": F.elu,
+    "gelu": gelu_tanh,
+    "leaky_relu": lambda x: F.leaky_relu(x, 0.01),
+    "log_sigmoid": F.logsigmoid,
+    "relu": F.relu,
+    "relu6": F.relu6,
+    "selu": F.selu,
+    "sigmoid": torch.sigmoid,
+    "silu": F.silu,
+    "soft_sign": F.softsign,
+    "softplus": F.softplus,
+    "tanh": torch.tanh,
+}
 
 
 class GammaAct(nn.Module):
