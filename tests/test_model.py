@@ -214,3 +214,23 @@ def test_fast_gelu_is_jax_gelu():
                                torch.autograd.grad(F.gelu(x, approximate="tanh"), x, dy)[0])
     with torch.no_grad():
         torch.testing.assert_close(gelu_tanh(x.float()), F.gelu(x.float(), approximate="tanh"), rtol=0, atol=1e-6)
+
+
+def test_inference_fast_paths_compute_what_training_mode_does(model):
+    # no_grad takes the in-place residual, the padded activation and the weight cache; grad mode not.
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fast = model(x)
+    with torch.enable_grad():
+        plain = model(x)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+    # A hook that keeps conv3's output by reference must not see it overwritten by the residual sum.
+    block, kept = model.stages[0][0], {}
+    handle = block.conv3.register_forward_hook(lambda m, i, o: kept.setdefault("no_grad", o))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    handle = block.conv3.register_forward_hook(lambda m, i, o: kept.setdefault("grad", o.detach().clone()))
+    model(x)
+    handle.remove()
+    torch.testing.assert_close(kept["no_grad"], kept["grad"], rtol=1e-5, atol=1e-6)

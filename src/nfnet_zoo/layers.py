@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,28 @@ def _gelu_tanh_no_grad(x: torch.Tensor) -> torch.Tensor:
     return t.mul_(x).sigmoid_().mul_(x)
 
 
+def _gelu_tanh_padded(x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor:
+    """F.pad(gelu_tanh(x), pad) for float32, computed inside the padded buffer.
+
+    One fresh buffer instead of two, and no fill or copy pass: a fresh tensor above malloc's 32 MB
+    mmap threshold (F0's early stages at batch 8, 256 px, float32) costs ~10 ms of page faults.
+    """
+    left, right, top, bottom = pad
+    n, c, h, w = x.shape
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+        else torch.contiguous_format
+    buf = torch.empty((n, c, h + top + bottom, w + left + right), dtype=x.dtype, device=x.device,
+                      memory_format=fmt)
+    buf[:, :, :top].zero_()
+    buf[:, :, top + h:].zero_()
+    buf[:, :, top:top + h, :left].zero_()
+    buf[:, :, top:top + h, left + w:].zero_()
+    inner = buf[:, :, top:top + h, left:left + w]
+    torch.addcmul(x.new_full((), _GELU_K), x, x, value=_GELU_K * _GELU_C, out=inner)
+    inner.mul_(x).sigmoid_().mul_(x)
+    return buf
+
+
 class _GeluTanh(torch.autograd.Function):
     """tanh-GELU: the sigmoid form forward, aten's backward; saves only the input, as aten's does."""
 
@@ -57,12 +80,36 @@ class _GeluTanh(torch.autograd.Function):
         return torch.ops.aten.gelu_backward(grad, x, approximate="tanh")  # aten's backward is fast
 
 
+class _GeluTanhPadded(torch.autograd.Function):
+    """F.pad(tanh-GELU(x), pad) written into one buffer (see `_gelu_tanh_padded`); aten's backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.pad = pad
+        return _gelu_tanh_padded(x, pad)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        left, _, top, _ = ctx.pad
+        inner = grad[:, :, top:top + x.shape[2], left:left + x.shape[3]]
+        return torch.ops.aten.gelu_backward(inner, x, approximate="tanh"), None
+
+
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """JAX's default GELU (the tanh approximation), fast on CPUs."""
+    """JAX's default GELU (the tanh approximation), fast on CPUs.
+
+    bfloat16/float16 on CPUs use aten's erf GELU, 3.5x faster: on those dtypes the two forms agree
+    to rounding (erf gives the correctly rounded tanh-GELU for 97.6% of bfloat16 inputs, the
+    four-pass sigmoid form for 96.7%), and F0's logits are as close to DeepMind's float64 ones.
+    """
     if torch.compiler.is_compiling():  # Inductor fuses this into one kernel, with exp instead of tanh
         return x * torch.sigmoid(x * (_GELU_K + _GELU_K * _GELU_C * x * x))
     if x.device.type != "cpu":
         return F.gelu(x, approximate="tanh")  # GPUs have a fast kernel for it
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return F.gelu(x)
     if torch.is_grad_enabled() and x.requires_grad:
         return _GeluTanh.apply(x)
     return _gelu_tanh_no_grad(x)
@@ -103,8 +150,16 @@ class GammaAct(nn.Module):
         self.gamma = NONLINEARITY_GAMMA[activation]
         self.folded = folded
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x) if self.folded else self.fn(x) * self.gamma
+    def forward(self, x: torch.Tensor, pad: Optional[tuple[int, int, int, int]] = None) -> torch.Tensor:
+        """`f(x) * gamma`; with `pad` (F.pad's order) the result comes zero-padded for the next conv."""
+        if pad is None:
+            return self.fn(x) if self.folded else self.fn(x) * self.gamma
+        if (self.fn is gelu_tanh and self.folded and x.device.type == "cpu" and x.dtype == torch.float32
+                and not torch.compiler.is_compiling()):
+            if torch.is_grad_enabled() and x.requires_grad:
+                return _GeluTanhPadded.apply(x, pad)
+            return _gelu_tanh_padded(x, pad)
+        return F.pad(self(x), pad)
 
     def extra_repr(self) -> str:
         return f"{self.activation}, gamma={self.gamma}" + (" (folded into the next conv)" if self.folded else "")
@@ -117,30 +172,61 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
+# Attribute under which the standardisation leaves (version, mean, var * fan_in) of each unit on its
+# weight; `adaptive_clip_grad_` turns them into the weight's unit norms instead of reading it again.
+WS_STATS = "_nfnet_zoo_ws_stats"
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _units(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A weight-shaped tensor as (units, fan_in) rows in its own memory order: a view, never a copy."""
+    return (t.permute(0, 2, 3, 1) if channels_last else t).reshape(t.shape[0], -1)
+
+
+def _as_weight(rows: torch.Tensor, like: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """Inverse of `_units`: the result has `like`'s shape and memory format."""
+    if channels_last:
+        o, i, kh, kw = like.shape
+        return rows.view(o, kh, kw, i).permute(0, 3, 1, 2)
+    return rows.view_as(like)
+
+
 class _WeightStandardization(torch.autograd.Function):
     """W_hat = (W - mean) * rsqrt(max(var * fan_in, eps)) * gain * input_scale, per output unit.
 
     Written out because autograd through var_mean and four elementwise ops costs a training step
-    many passes over all weights; this takes four fast forward and four backward passes.
+    many passes over all weights; this takes four fast forward and four backward passes. Statistics
+    are order-free within a unit, so a channels_last weight is worked on in its own layout: its
+    standardised weight and gradient stay channels_last, with no conversion in the conv or autograd.
     """
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, gain: torch.Tensor, input_scale: float, eps: float) -> torch.Tensor:
-        w = weight.reshape(weight.shape[0], -1)
+        channels_last = _channels_last(weight)
+        w = _units(weight, channels_last)
         # Two-pass variance from fast kernels (aten's var_mean is ~10x slower on CPUs).
         mean = w.mean(1, keepdim=True)
         centered = w - mean
         var_n = torch.linalg.vecdot(centered, centered).unsqueeze(1)  # var * fan_in
+        if not torch.compiler.is_compiling():
+            # AGC needs ||W_i||^2 = var_n + fan_in * mean^2: this pass has already read the weight.
+            setattr(weight, WS_STATS, (weight._version, mean, var_n))
         rstd = torch.rsqrt(torch.clamp(var_n, min=eps))
         g = gain.reshape(-1, 1) * input_scale
         ctx.save_for_backward(weight, mean, rstd, g, var_n >= eps)
-        ctx.input_scale, ctx.gain_shape = input_scale, gain.shape
-        return centered.mul_(rstd * g).view_as(weight)
+        ctx.input_scale, ctx.gain_shape, ctx.channels_last = input_scale, gain.shape, channels_last
+        return _as_weight(centered.mul_(rstd * g), weight, channels_last)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         weight, mean, rstd, g, unclamped = ctx.saved_tensors
-        w, dy = weight.reshape(weight.shape[0], -1), grad.reshape(weight.shape[0], -1)
+        channels_last = ctx.channels_last
+        if _channels_last(grad) != channels_last:  # rows of both must list a unit in the same order
+            grad = grad.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        w, dy = _units(weight, channels_last), _units(grad, channels_last)
         n = w.shape[1]
         sum_dy = dy.sum(1, keepdim=True)
         sum_dy_xc = torch.linalg.vecdot(dy, w).unsqueeze(1) - mean * sum_dy  # sum dy * (w - mean)
@@ -149,8 +235,8 @@ class _WeightStandardization(torch.autograd.Function):
         a = g * rstd
         b = -(a * rstd.square() * sum_dy_xc) * unclamped
         c = -a * sum_dy / n - b * mean
-        d_weight = torch.addcmul(c, w, b).addcmul_(dy, a).view_as(weight)
-        return d_weight, d_gain, None, None
+        d_weight = torch.addcmul(c, w, b).addcmul_(dy, a)
+        return _as_weight(d_weight, weight, channels_last), d_gain, None, None
 
 
 class WSConv2d(nn.Conv2d):
@@ -202,19 +288,79 @@ class WSConv2d(nn.Conv2d):
             self._cache = (key, self.standardized_weight().to(dtype))
         return self._cache[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self._weight(x)
+    def asymmetric_padding(self, x: torch.Tensor) -> Optional[tuple[int, int, int, int]]:
+        """SAME padding in F.pad's order when it is uneven (a strided conv, some input sizes), else None."""
         if self.stride[0] == 1:
-            return F.conv2d(x, weight, self.bias, 1, self.padding, 1, self.groups)
+            return None
         ph = same_padding(x.shape[-2], self.kernel_size[0], self.stride[0])
         pw = same_padding(x.shape[-1], self.kernel_size[1], self.stride[1])
-        if ph[0] == ph[1] and pw[0] == pw[1]:
-            return F.conv2d(x, weight, self.bias, self.stride, (ph[0], pw[0]), 1, self.groups)
-        x = F.pad(x, (pw[0], pw[1], ph[0], ph[1]))
-        return F.conv2d(x, weight, self.bias, self.stride, 0, 1, self.groups)
+        return None if ph[0] == ph[1] and pw[0] == pw[1] else (pw[0], pw[1], ph[0], ph[1])
+
+    def forward(self, x: torch.Tensor, padded: bool = False) -> torch.Tensor:
+        """The convolution; `padded=True`: `x` already carries its SAME padding (see `activate_and_conv`)."""
+        weight = self._weight(x)
+        if padded:
+            return F.conv2d(x, weight, self.bias, self.stride, 0, 1, self.groups)
+        if self.stride[0] == 1:
+            return F.conv2d(x, weight, self.bias, 1, self.padding, 1, self.groups)
+        pad = self.asymmetric_padding(x)
+        if pad is None:  # even padding: the conv pads itself
+            ph = same_padding(x.shape[-2], self.kernel_size[0], self.stride[0])[0]
+            pw = same_padding(x.shape[-1], self.kernel_size[1], self.stride[1])[0]
+            return F.conv2d(x, weight, self.bias, self.stride, (ph, pw), 1, self.groups)
+        return F.conv2d(F.pad(x, pad), weight, self.bias, self.stride, 0, 1, self.groups)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", padding=SAME, standardized"
+
+
+def activate_and_conv(act: GammaAct, conv: WSConv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(act(x)); where the conv's SAME padding is uneven, the activation writes the padded input."""
+    pad = conv.asymmetric_padding(x)
+    return conv(act(x)) if pad is None else conv(act(x, pad=pad), padded=True)
+
+
+def spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over height and width, as (N, C).
+
+    bfloat16/float16 on CPUs go through a matmul with ones (fp32 accumulation): aten's reduction
+    first copies the whole tensor to float32, up to 20x slower.
+    """
+    if x.dtype not in (torch.bfloat16, torch.float16) or x.device.type != "cpu" or torch.compiler.is_compiling():
+        return x.mean((2, 3))
+    n, c, h, w = x.shape
+    ones = x.new_ones(h * w)
+    if x.is_contiguous():
+        total = torch.matmul(x.view(n, c, h * w), ones)
+    elif x.is_contiguous(memory_format=torch.channels_last):
+        total = torch.matmul(ones, x.permute(0, 2, 3, 1).reshape(n, h * w, c))
+    else:
+        return x.mean((2, 3))
+    return total * (1.0 / (h * w))
+
+
+class _AvgPool2x2(torch.autograd.Function):
+    """2x2 average pool, stride 2, of an even-sized NCHW tensor: aten's NCHW kernel is 3-4x slower."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        q = x.view(n, c, h // 2, 2, w // 2, 2)
+        rows = q[:, :, :, 0] + q[:, :, :, 1]
+        return (rows[..., 0] + rows[..., 1]).mul_(0.25)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = grad.shape
+        return (grad * 0.25)[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
+
+
+def avg_pool_same(x: torch.Tensor) -> torch.Tensor:
+    """2x2 average pool, stride 2, SAME: windows at an odd edge average only the real pixels."""
+    if (x.device.type == "cpu" and x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0 and x.is_contiguous()
+            and not torch.compiler.is_compiling()):
+        return _AvgPool2x2.apply(x)
+    return F.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False)
 
 
 class SqueezeExcite(nn.Module):
@@ -222,13 +368,13 @@ class SqueezeExcite(nn.Module):
 
     def __init__(self, channels: int, hidden: int):
         super().__init__()
-        # 1x1 convs rather than Linear: timm's key names and (out, in, 1, 1) shapes.
+        # 1x1 convs hold the weights (timm's key names and (out, in, 1, 1) shapes); they run as linears
         self.fc1 = nn.Conv2d(channels, hidden, 1)
         self.fc2 = nn.Conv2d(hidden, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.mean((2, 3), keepdim=True)
-        return 2.0 * torch.sigmoid(self.fc2(F.relu(self.fc1(h))))
+        h = F.relu(F.linear(spatial_mean(x), self.fc1.weight.flatten(1), self.fc1.bias))
+        return (2.0 * torch.sigmoid(F.linear(h, self.fc2.weight.flatten(1), self.fc2.bias)))[:, :, None, None]
 
 
 class StochDepth(nn.Module):
@@ -261,4 +407,5 @@ def bottleneck_width(out_ch: int, in_ch: int, expansion: float, group_width: int
 
 
 __all__ = ["GammaAct", "gelu_tanh", "WSConv2d", "SqueezeExcite", "StochDepth", "same_padding",
-           "NONLINEARITY_GAMMA", "hidden_width", "bottleneck_width"]
+           "activate_and_conv", "spatial_mean", "avg_pool_same", "NONLINEARITY_GAMMA", "hidden_width",
+           "bottleneck_width"]

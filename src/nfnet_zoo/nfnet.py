@@ -15,8 +15,8 @@ from timm.layers import ClassifierHead
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
-from .layers import (NONLINEARITY_GAMMA, GammaAct, SqueezeExcite, StochDepth, WSConv2d, bottleneck_width,
-                     hidden_width)
+from .layers import (NONLINEARITY_GAMMA, GammaAct, SqueezeExcite, StochDepth, WSConv2d, activate_and_conv,
+                     avg_pool_same, bottleneck_width, hidden_width)
 
 
 @dataclass(frozen=True)
@@ -54,12 +54,29 @@ class DownsampleAvg(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, stride: int):
         super().__init__()
-        self.pool = (nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)
-                     if stride > 1 else nn.Identity())
+        if stride not in (1, 2):
+            raise ValueError(f"DownsampleAvg supports strides 1 and 2, got {stride}")
+        self.stride = stride
         self.conv = WSConv2d(in_ch, out_ch, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.pool(x))
+        return self.conv(avg_pool_same(x) if self.stride > 1 else x)
+
+
+class _Stem(nn.Sequential):
+    """conv1, then (activation, conv) pairs: strided convs get their SAME-padded input from the activation."""
+
+    def forward(self, x: torch.Tensor, taps: Optional[list] = None) -> torch.Tensor:
+        x = self[0](x)
+        for i in range(1, len(self), 2):
+            act, conv = self[i], self[i + 1]
+            if taps is not None and i + 2 == len(self):  # the activated input of the last conv, gamma applied
+                x = act(x)
+                taps.append(x * act.gamma)
+                x = conv(x)
+            else:
+                x = activate_and_conv(act, conv, x)
+        return x
 
 
 class NFBlock(nn.Module):
@@ -101,14 +118,17 @@ class NFBlock(nn.Module):
         out = self.act1(x)  # times gamma * beta, applied by conv1 and the shortcut conv
         shortcut = self.downsample(out) if self.downsample is not None else x
         out = self.conv1(out)
-        out = self.conv2(self.act2(out))
+        out = activate_and_conv(self.act2, self.conv2, out)
         if self.conv2b is not None:
             out = self.conv2b(self.act2b(out))
         out = self.conv3(self.act3(out))
         # SE gate, stochastic depth (per sample), skip gain and alpha are all per (sample, channel):
         # combine them on the small gate, then one fused multiply-add on the full tensor.
         gate = self.drop_path(self.attn_last(out)) * (self.skipinit_gain * self.alpha)
-        return torch.addcmul(shortcut, out, gate)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or self.conv3._forward_hooks:
+            return torch.addcmul(shortcut, out, gate)
+        # Inference: reuse conv3's fresh output (no one else holds it) rather than allocate a new one.
+        return torch.addcmul(shortcut, out, gate, out=out)
 
 
 class NFNet(nn.Module):
@@ -136,7 +156,7 @@ class NFNet(nn.Module):
             conv.input_scale = NONLINEARITY_GAMMA[cfg.activation] if i else 1.0
             stem.append((f"conv{i + 1}", conv))
             ch = w
-        self.stem = nn.Sequential(OrderedDict(stem))
+        self.stem = _Stem(OrderedDict(stem))
         self.feature_info = [dict(num_chs=stem_widths[-2], reduction=2, module=f"stem.act{len(stem_widths)}")]
 
         # beta = 1 / expected_std; the expected variance resets after each stage's first block.
@@ -200,14 +220,6 @@ class NFNet(nn.Module):
             nn.init.normal_(self.head.fc.weight, std=0.01)
             nn.init.zeros_(self.head.fc.bias)
 
-    def _run_stem(self, x: torch.Tensor, taps: Optional[list] = None) -> torch.Tensor:
-        last = len(self.stem) - 1
-        for i, layer in enumerate(self.stem):
-            if taps is not None and i == last:
-                taps.append(x * self.stem[i - 1].gamma)  # activated output at stride 2 (gamma is folded)
-            x = layer(x)
-        return x
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
@@ -236,7 +248,7 @@ class NFNet(nn.Module):
             raise ValueError("NFNet intermediates are NCHW only")
         take, max_index = feature_take_indices(len(self.feature_info), indices)
         taps: list[torch.Tensor] = []
-        x = self._run_stem(x, taps)
+        x = self.stem(x, taps)
         intermediates = [taps[0]] if 0 in take else []
         n_stages = len(self.cfg.depths)  # not len(self.stages): pruning shortens it
         for s, stage in enumerate(self.stages):
