@@ -18,6 +18,7 @@ from timm.utils.agc import adaptive_clip_grad as timm_adaptive_clip_grad
 from nfnet_zoo import (NFNetZooError, adaptive_clip_grad_, assert_agc_supported, clipped_parameters,
                        prepare_for_fsdp2, unscale_and_clip_, weight_decay_groups)
 from nfnet_zoo.convert import convert_haiku_checkpoint, load_haiku_checkpoint, timm_keys, to_torch_layout
+from nfnet_zoo.layers import WS_STATS, WSConv2d
 
 DATA = Path(__file__).parent / "data" / "deepmind"
 
@@ -349,3 +350,45 @@ def test_prepare_for_fsdp2_keeps_timm_state_dict():
     assert (a.units, a.clipped.item()) == (b.units, b.clipped.item())
     for (n, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad.reshape(q.shape), q.grad, rtol=1e-6, atol=0, msg=n)
+
+
+# --- weight norms left by the forward pass --------------------------------------------------
+def _clip_twice(model, clipping, after_forward=lambda: None):
+    """AGC as a training step runs it, then again on the same gradients with the weights read."""
+    x, y = _batch()
+    F.cross_entropy(model(x), y).backward()
+    after_forward()
+    params = clipped_parameters(model)
+    left = sum(WS_STATS in p.__dict__ for p in params)
+    grads = [p.grad.clone() for p in params]
+    first = adaptive_clip_grad_(params, clipping)
+    assert not any(WS_STATS in p.__dict__ for p in params)  # each is used once
+    fast = [p.grad.clone() for p in params]
+    for p, g in zip(params, grads):
+        p.grad.copy_(g)
+    second = adaptive_clip_grad_(params, clipping)
+    return left, first, second, fast, [p.grad for p in params]
+
+
+def test_weight_norms_left_by_the_forward_pass_equal_the_read_ones():
+    model = _tiny()
+    n_convs = sum(isinstance(m, WSConv2d) for m in model.modules())
+    left, first, second, fast, read = _clip_twice(model, 0.05)
+    assert left == n_convs
+    assert 0 < first.clipped.item() == second.clipped.item() < first.units  # the test can tell
+    for a, b in zip(fast, read):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+def test_weight_changed_after_the_forward_pass_is_read_again():
+    model = _tiny()
+    conv = model.stages[1][0].conv2
+
+    def update():
+        with torch.no_grad():
+            conv.weight.mul_(3.0)  # an in-place update between forward and clipping
+    # Nearly every unit clips, so each clipped gradient is proportional to its weight norm.
+    _, first, second, fast, read = _clip_twice(model, 1e-5, update)
+    assert first.clipped.item() > first.units // 2
+    for a, b in zip(fast, read):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .errors import NFNetZooError
+from .layers import WS_STATS
 
 _GRAD_NORM_FLOOR = 1e-6  # DeepMind's max(||G||, 1e-6): a division guard, inert unless clipping * eps < 1e-6
 
@@ -84,9 +85,33 @@ class _Group:
         self.unit_p: list[torch.Tensor] = []    # tensors normed per slice of dim 0
         self.unit_g: list[torch.Tensor] = []
         self.units: list[int] = []              # slices of dim 0 held here (a shard's share under FSDP2)
+        self.ws_g: list[torch.Tensor] = []      # gradients of weights whose unit norms the forward left
+        self.ws_mean: list[torch.Tensor] = []   # (see _ws_stats)
+        self.ws_var: list[torch.Tensor] = []
+        self.ws_fan_in: list[int] = []
+        self.ws_units: list[int] = []
         self.whole_p: list[torch.Tensor] = []   # tensors normed as a whole
         self.whole_g: list[torch.Tensor] = []
         self.sharded: dict[tuple, list[int]] = {}  # (mesh, mesh dims) -> indices into whole_*
+
+    def gradients_and_units(self) -> tuple[list[torch.Tensor], list[int]]:
+        """Every gradient, with its count of units, in the order of the norms `_clip_group` builds."""
+        return (self.ws_g + self.unit_g + self.whole_g,
+                self.ws_units + self.units + [1] * len(self.whole_g))
+
+
+def _ws_stats(p: torch.Tensor, norm_dtype: torch.dtype) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(mean, var * fan_in) of each unit, left on `p` by the weight standardisation of the forward pass.
+
+    Taken once (a second call reads the weight) and only while the weight is unchanged since.
+    """
+    stats = p.__dict__.pop(WS_STATS, None)
+    if stats is None:
+        return None
+    version, mean, var_n = stats
+    if version != p._version or var_n.dtype != norm_dtype or var_n.device != p.device or var_n.numel() != p.shape[0]:
+        return None
+    return mean, var_n
 
 
 def _plan(params: list[torch.Tensor]) -> dict[tuple, _Group]:
@@ -102,6 +127,14 @@ def _plan(params: list[torch.Tensor]) -> dict[tuple, _Group]:
         if group is None:
             group = groups[(g_local.device, norm_dtype)] = _Group()
         if _is_unitwise(p.shape):  # the global shape: a shard holds whole units
+            stats = None if reduce or p_local is not p else _ws_stats(p, norm_dtype)
+            if stats is not None:
+                group.ws_g.append(g_local)
+                group.ws_mean.append(stats[0])
+                group.ws_var.append(stats[1])
+                group.ws_fan_in.append(p[0].numel())
+                group.ws_units.append(p.shape[0])
+                continue
             group.unit_p.append(p_local)
             group.unit_g.append(g_local)
             group.units.append(g_local.shape[0])
@@ -135,7 +168,14 @@ def _reduce_sharded_norms(group: _Group, p_norms: torch.Tensor, g_norms: torch.T
 
 
 def _clip_group(group: _Group, dtype: torch.dtype, clipping: float, eps: float) -> torch.Tensor:
-    parts_p, parts_g = _unit_norms(group.unit_p, dtype), _unit_norms(group.unit_g, dtype)
+    parts_p, parts_g = [], []
+    if group.ws_g:  # ||W_i||^2 = var_n + fan_in * mean^2, for all such weights at once
+        mean, var_n = torch.cat(group.ws_mean).view(-1), torch.cat(group.ws_var).view(-1)
+        fan_in = torch.tensor(group.ws_fan_in, dtype=dtype).repeat_interleave(torch.tensor(group.ws_units))
+        parts_p.append(torch.addcmul(var_n, mean, mean * fan_in.to(mean.device)).sqrt_())
+        parts_g += _unit_norms(group.ws_g, dtype)
+    parts_p += _unit_norms(group.unit_p, dtype)
+    parts_g += _unit_norms(group.unit_g, dtype)
     if group.whole_p:
         wp = torch.stack(torch._foreach_norm(group.whole_p, 2, dtype=dtype))
         wg = torch.stack(torch._foreach_norm(group.whole_g, 2, dtype=dtype))
@@ -148,8 +188,8 @@ def _clip_group(group: _Group, dtype: torch.dtype, clipping: float, eps: float) 
     trigger = g_norm > max_norm
     scale = torch.where(trigger, max_norm / g_norm.clamp_min(_GRAD_NORM_FLOOR), 1.0)
 
-    sizes = group.units + [1] * len(group.whole_g)
-    grads, scales = group.unit_g + group.whole_g, scale.split(sizes)
+    grads, sizes = group.gradients_and_units()
+    scales = scale.split(sizes)
     if trigger.device.type == "cpu":
         # Reading the trigger costs nothing on the CPU: rewrite only tensors with a clipped unit.
         tensor_of_unit = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
@@ -185,7 +225,7 @@ def adaptive_clip_grad_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]],
     clipped, units = [], 0
     for (_, dtype), group in _plan(params).items():
         clipped.append(_clip_group(group, dtype, clipping, eps))
-        units += sum(group.units) + len(group.whole_g)
+        units += sum(group.gradients_and_units()[1])
     total = clipped[0]
     for count in clipped[1:]:  # groups on other devices
         total = total + count.to(total.device)
