@@ -131,13 +131,17 @@ def test_partition_matches_deepmind(deepmind, converted_dir):
         assert decay == decay_clipped | decay_not_clipped
 
 
-@pytest.mark.parametrize("shape", [(16, 8, 3, 3), (16, 1, 3, 3), (32, 16, 1, 1), (10, 64), (7, 3, 5)])
-def test_matches_timm_on_weights(shape):
+@pytest.mark.parametrize("top", [2.0, 1.1])  # about half the units clipped; a few (rows rewritten alone)
+@pytest.mark.parametrize("shape", [(16, 8, 3, 3), (16, 1, 3, 3), (32, 16, 1, 1), (10, 64), (7, 3, 5), "cl"])
+def test_matches_timm_on_weights(shape, top):
     # Where both define the unit (one per slice of dim 0), DeepMind's AGC and timm's coincide.
     torch.manual_seed(0)
-    ratio = torch.linspace(0.2, 2.0, shape[0])[torch.randperm(shape[0])]  # ||g|| / (0.01 ||w||), roughly
-    w = torch.randn(shape)
-    g = torch.randn(shape) * 0.01 * ratio.view(-1, *(1,) * (len(shape) - 1))
+    fmt = torch.channels_last if shape == "cl" else torch.contiguous_format
+    shape = (32, 8, 3, 3) if shape == "cl" else shape
+    ratio = torch.linspace(0.2, top, shape[0])[torch.randperm(shape[0])]  # ||g|| / (0.01 ||w||), roughly
+    w = torch.randn(shape).contiguous(memory_format=fmt) if len(shape) == 4 else torch.randn(shape)
+    g = (torch.randn(shape) * 0.01 * ratio.view(-1, *(1,) * (len(shape) - 1)))
+    g = g.contiguous(memory_format=fmt) if len(shape) == 4 else g
     w[0] = 0  # a zero unit: eps floors its norm
     ours, theirs = w.clone(), w.clone()
     ours.grad, theirs.grad = g.clone(), g.clone()

@@ -28,7 +28,6 @@ from __future__ import annotations
 import fnmatch
 import sys
 from dataclasses import dataclass
-from itertools import compress
 from typing import Any, Iterable, Optional, Union
 
 import torch
@@ -191,12 +190,19 @@ def _clip_group(group: _Group, dtype: torch.dtype, clipping: float, eps: float) 
     grads, sizes = group.gradients_and_units()
     scales = scale.split(sizes)
     if trigger.device.type == "cpu":
-        # Reading the trigger costs nothing on the CPU: rewrite only tensors with a clipped unit.
-        tensor_of_unit = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-        hit = torch.zeros(len(sizes), dtype=torch.bool)
-        hit[tensor_of_unit[trigger]] = True
-        hit_list = hit.tolist()
-        grads, scales = list(compress(grads, hit_list)), list(compress(scales, hit_list))
+        # Reading the trigger costs nothing on the CPU: rewrite only tensors with a clipped unit, and
+        # of a weight with few clipped units only those rows (clipping is usually rare).
+        ends = torch.tensor(sizes).cumsum(0)
+        running = torch.cat([trigger.new_zeros(1, dtype=torch.long), trigger.cumsum(0)])
+        counts = (running[ends] - running[ends - torch.tensor(sizes)]).tolist()
+        whole = []
+        for g, s, t, k in zip(grads, scales, trigger.split(sizes), counts):
+            if k and 4 * k < t.numel():
+                rows = t.nonzero().squeeze(1)
+                g.index_copy_(0, rows, g.index_select(0, rows) * s[rows].view(-1, *(1,) * (g.ndim - 1)))
+            elif k:
+                whole.append((g, s))
+        grads, scales = [g for g, _ in whole], [s for _, s in whole]
     if grads:
         torch._foreach_mul_(grads, [s.view(-1, *(1,) * (g.ndim - 1)) if g.ndim else s.view(())
                                     for s, g in zip(scales, grads)])
