@@ -97,3 +97,18 @@ def test_channels_last_weight_standardisation_keeps_its_layout(grad_fmt):
     d_ours, d_ref = torch.autograd.grad(ours, (w, g), dy), torch.autograd.grad(ref, (w, g), dy)
     torch.testing.assert_close(d_ours, d_ref)
     assert d_ours[0].is_contiguous(memory_format=CL)  # the parameter's layout: autograd keeps it as is
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL])
+def test_standardisation_gradient_with_some_units_clamped(fmt):
+    # Units whose var * fan_in falls under eps have a constant scale: their gradient has no variance
+    # term, which the batch-norm backward would otherwise subtract.
+    torch.manual_seed(0)
+    w = torch.randn(8, 4, 3, 3, dtype=torch.float64)
+    w[::2] *= 1e-4  # var * fan_in ~ 4e-7 < eps for every other unit
+    w = w.contiguous(memory_format=fmt).requires_grad_()
+    g = (1 + 0.2 * torch.randn(8, 1, 1, 1, dtype=torch.float64)).requires_grad_()
+    ours = _WeightStandardization.apply(w, g, 0.8, 1e-4)
+    ref = _reference_standardization(w, g, 0.8, 1e-4)
+    dy = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(ours, (w, g), dy), torch.autograd.grad(ref, (w, g), dy))

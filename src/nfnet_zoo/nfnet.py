@@ -63,6 +63,22 @@ class DownsampleAvg(nn.Module):
         return self.conv(avg_pool_same(x) if self.stride > 1 else x)
 
 
+class _Residual(torch.autograd.Function):
+    """shortcut + out * gate, gate (N, C, 1, 1): addcmul's own backward spends a full pass on out * 1."""
+
+    @staticmethod
+    def forward(ctx, shortcut: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(out, gate)
+        return torch.addcmul(shortcut, out, gate)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out, gate = ctx.saved_tensors
+        d_out = grad * gate if ctx.needs_input_grad[1] else None
+        d_gate = (grad * out).sum((2, 3), keepdim=True) if ctx.needs_input_grad[2] else None
+        return grad, d_out, d_gate
+
+
 class _Stem(nn.Sequential):
     """conv1, then (activation, conv) pairs: strided convs get their SAME-padded input from the activation."""
 
@@ -125,7 +141,11 @@ class NFBlock(nn.Module):
         # SE gate, stochastic depth (per sample), skip gain and alpha are all per (sample, channel):
         # combine them on the small gate, then one fused multiply-add on the full tensor.
         gate = self.drop_path(self.attn_last(out)) * (self.skipinit_gain * self.alpha)
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or self.conv3._forward_hooks:
+        if torch.compiler.is_compiling():
+            return torch.addcmul(shortcut, out, gate)
+        if torch.is_grad_enabled():
+            return _Residual.apply(shortcut, out, gate)
+        if self.conv3._forward_hooks:
             return torch.addcmul(shortcut, out, gate)
         # Inference: reuse conv3's fresh output (no one else holds it) rather than allocate a new one.
         return torch.addcmul(shortcut, out, gate, out=out)
