@@ -35,8 +35,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _interleaved(fns: dict[str, Callable[[], object]], device, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each function, the functions alternating within every repeat."""
+def _interleaved(fns: dict[str, Callable[[], object]], device, repeats: int, warmup: int = 2) -> dict:
+    """Median seconds of each function, the functions alternating within every repeat.
+
+    Also "spread": the lowest and highest timm / ours ratio of a single repeat (the two runs of one
+    repeat are back to back, so they share the machine's state), which shows how noisy the case is.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -48,7 +52,11 @@ def _interleaved(fns: dict[str, Callable[[], object]], device, repeats: int, war
             fn()
             _sync(device)
             times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    result: dict = {k: statistics.median(v) for k, v in times.items()}
+    if "ours" in times and "timm" in times:
+        ratios = [b / a for a, b in zip(times["ours"], times["timm"])]
+        result["spread"] = (min(ratios), max(ratios))
+    return result
 
 
 def _pretrained_like(seed: int = 0):
@@ -97,6 +105,8 @@ def bench_inference(theirs, ours, device, batch: int, size: int, repeats: int, c
             cases.append(("torch.compile fp32", None, {}))
             # Inductor's freezing (what optimize_for_inference(compile=True) uses) for both
             cases.append(("torch.compile fp32 + Inductor freezing", None, {"freezing": True}))
+            if device.type == "cuda":  # what a GPU user runs: bf16, channels_last, compiled
+                cases.append((f"torch.compile {str(lowp)[6:]} autocast", lowp, {}))
         for name, dtype, comp in cases:
             models = {"ours": ours, "timm": theirs}
             if comp is not False:
@@ -115,7 +125,7 @@ def bench_inference(theirs, ours, device, batch: int, size: int, repeats: int, c
             rows.append(dict(
                 case=f"inference {name}, {'channels_last' if fmt == torch.channels_last else 'NCHW'}",
                 batch=batch, size=size, ours_s=t["ours"], timm_s=t["timm"], ratio=t["timm"] / t["ours"],
-                ours_img_s=batch / t["ours"], timm_img_s=batch / t["timm"],
+                spread=t["spread"], ours_img_s=batch / t["ours"], timm_img_s=batch / t["timm"],
                 ours_dev=(outs["ours"] - ref).abs().max().item(), timm_dev=(outs["timm"] - ref).abs().max().item(),
                 **({"first_call_s": compile_s} if comp is not False else {})))
             print(_fmt_row(rows[-1]), flush=True)
@@ -161,6 +171,7 @@ def bench_train(theirs, ours, device, batch: int, size: int, repeats: int) -> li
         t = _interleaved(steps, device, repeats, warmup=1)
         rows.append(dict(case=f"training step (fwd, bwd, AGC, SGD), {'channels_last' if fmt == torch.channels_last else 'NCHW'}",
                          batch=batch, size=size, ours_s=t["ours"], timm_s=t["timm"], ratio=t["timm"] / t["ours"],
+                         spread=t["spread"],
                          ours_img_s=batch / t["ours"], timm_img_s=batch / t["timm"]))
         print(_fmt_row(rows[-1]), flush=True)
         del a, b
@@ -214,7 +225,7 @@ def bench_memory(device, batch: int, size: int) -> dict:
 def _fmt_row(r: dict) -> str:
     dev = f"  max |logit - DeepMind| ours {r['ours_dev']:.1e}, timm {r['timm_dev']:.1e}" if "ours_dev" in r else ""
     return (f"{r['case']}: ours {r['ours_s'] * 1e3:.0f} ms, timm {r['timm_s'] * 1e3:.0f} ms, "
-            f"timm/ours {r['ratio']:.2f}x{dev}")
+            f"timm/ours {r['ratio']:.2f}x (repeats {r['spread'][0]:.2f}-{r['spread'][1]:.2f}){dev}")
 
 
 def _machine(device) -> str:
@@ -233,20 +244,40 @@ def _machine(device) -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}")
 
 
+_GPU_HEADING = "## GPU run"
+
+
+def _merge(path: Path, lines: list[str], gpu: bool) -> str:
+    """A CPU run rewrites the file but keeps its GPU section; a GPU run replaces only that section."""
+    old = path.read_text() if path.exists() else ""
+    start = old.find("\n" + _GPU_HEADING)
+    kept_gpu = old[start + 1:] if start >= 0 else ""
+    if not gpu:
+        kept_gpu = kept_gpu or (f"{_GPU_HEADING}\n\nNot measured yet. On a machine with a CUDA GPU, "
+                                "`python benchmarks/bench.py --skip e2e` fills this section (batch 32; fp32, "
+                                "bf16 autocast, channels_last, torch.compile) and leaves the CPU tables as "
+                                "they are.\n")
+        return "\n".join(["# Benchmarks", ""] + lines) + "\n\n" + kept_gpu
+    cpu_part = (old[:start + 1] if start >= 0 else old) or "# Benchmarks\n"
+    section = [_GPU_HEADING, ""] + [("#" + line if line.startswith("## ") else line) for line in lines]
+    return cpu_part.rstrip("\n") + "\n\n" + "\n".join(section) + "\n"
+
+
 def write_markdown(path: Path, machine: str, command: str, rows: list[dict], agc: dict | None,
-                   mem: dict | None, e2e: str | None) -> None:
-    lines = ["# Benchmarks", "", f"Machine: {machine}", "", f"Command: `{command}`", "",
+                   mem: dict | None, e2e: str | None, gpu: bool = False) -> None:
+    lines = [f"Machine: {machine}", "", f"Command: `{command}`", "",
              "Ratios are timm / ours for time (above 1: ours is faster). Each figure is the median of "
-             "repeated runs after warm-up, the two models alternating. Both models hold the same "
+             "repeated runs after warm-up, the two models alternating; \"single repeats\" gives the lowest and "
+             "highest ratio of one back-to-back pair, a measure of the machine's noise. Both models hold the same "
              "weights (timm's `dm_nfnet_f0` layout, pretrained-like values) and use the same memory "
              "format. Deviation: max |logit - reference| where the reference is a float64 model with "
              "DeepMind's numerics.", "",
-             "| case | batch x px | ours ms | timm ms | timm / ours | ours dev. | timm dev. |",
-             "|---|---|---|---|---|---|---|"]
+             "| case | batch x px | ours ms | timm ms | timm / ours | single repeats | ours dev. | timm dev. |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         dev = (f"{r['ours_dev']:.1e} | {r['timm_dev']:.1e}" if "ours_dev" in r else "- | -")
         lines.append(f"| {r['case']} | {r['batch']} x {r['size']} | {r['ours_s'] * 1e3:.0f} | "
-                     f"{r['timm_s'] * 1e3:.0f} | {r['ratio']:.2f}x | {dev} |")
+                     f"{r['timm_s'] * 1e3:.0f} | {r['ratio']:.2f}x | {r['spread'][0]:.2f}-{r['spread'][1]:.2f} | {dev} |")
     if agc:
         lines += ["", "## AGC alone (F0 gradients, batch 8, 192 px)", "",
                   f"ours {agc['ours_ms']:.1f} ms, timm's `adaptive_clip_grad` {agc['timm_ms']:.1f} ms: "
@@ -264,7 +295,7 @@ def write_markdown(path: Path, machine: str, command: str, rows: list[dict], agc
                   f"timm {mem['timm_mb']:.0f} MiB, ours / timm {mem['ratio']:.2f}."]
     if e2e:
         lines += ["", "## End to end: `nfnet-zoo finetune` vs a timm train.py-style loop", "", "```", e2e.strip(), "```"]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(_merge(path, lines, gpu))
 
 
 def main() -> None:
@@ -290,7 +321,7 @@ def main() -> None:
     if "inference" not in skip:
         rows += bench_inference(theirs, ours, device, 32 if gpu else 8, 256, repeats, "compile" not in skip)
     if "train" not in skip:
-        rows += bench_train(theirs, ours, device, 32 if gpu else 8, 192, repeats)  # the noisiest case
+        rows += bench_train(theirs, ours, device, 32 if gpu else 8, 192, repeats + 2)  # the noisiest case
     agc = None
     if "agc" not in skip:
         from bench_agc import run_benchmark
@@ -306,7 +337,7 @@ def main() -> None:
         e2e = r.stdout[r.stdout.find("\nnfnet_zoo_tiny"):] if r.returncode == 0 else f"failed: {r.stderr[-500:]}"
         print(e2e, flush=True)
     command = "python benchmarks/bench.py" + (" --quick" if args.quick else "") + (f" --skip {args.skip}" if skip else "")
-    write_markdown(Path(args.out), machine, command, rows, agc, mem, e2e)
+    write_markdown(Path(args.out), machine, command, rows, agc, mem, e2e, gpu=gpu)
     print(f"wrote {args.out}")
 
 

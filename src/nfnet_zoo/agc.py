@@ -22,6 +22,9 @@ Clip the gradient the optimizer will use: after fp16 unscaling, once per optimiz
 accumulated gradient, after DDP's all-reduce; in an Accelerate loop `unscale_and_clip_` does that.
 Under FSDP2 (`fully_shard`) the clipping works on the local shards (call `prepare_for_fsdp2` first);
 FSDP1 and DeepSpeed flatten parameters and are refused by `assert_agc_supported`.
+
+A `WSConv2d` weight's unit norms need not be read again: the weight standardisation of the forward
+pass leaves each unit's mean and variance on the weight, and ||W_i||^2 = var_i * n + n * mean_i^2.
 """
 from __future__ import annotations
 
@@ -219,6 +222,8 @@ def adaptive_clip_grad_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]],
     zero-initialised parameters can move. Norms are taken in float32 (float64 for float64 tensors)
     whatever the gradient dtype. Works on plain tensors (single device, DDP after backward) and on
     FSDP2 DTensors sharded on dim 0. Returns `AGCStats` without synchronising the device.
+    Weights of nfnet-zoo convs get their norms from their last forward pass (used once, and only if
+    the weight is unchanged since); everything else is read.
     """
     if not (clipping > 0 and eps > 0):
         raise NFNetZooError(f"AGC needs clipping > 0 and eps > 0, got clipping={clipping}, eps={eps}; "
