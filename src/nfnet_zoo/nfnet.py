@@ -143,11 +143,11 @@ class NFBlock(nn.Module):
         gate = self.drop_path(self.attn_last(out)) * (self.skipinit_gain * self.alpha)
         if torch.compiler.is_compiling():
             return torch.addcmul(shortcut, out, gate)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and (out.requires_grad or gate.requires_grad or shortcut.requires_grad):
             return _Residual.apply(shortcut, out, gate)
         if self.conv3._forward_hooks:
             return torch.addcmul(shortcut, out, gate)
-        # Inference: reuse conv3's fresh output (no one else holds it) rather than allocate a new one.
+        # No autograd: reuse conv3's fresh output (no one else holds it) rather than allocate a new one.
         return torch.addcmul(shortcut, out, gate, out=out)
 
 
