@@ -44,11 +44,16 @@ def _gelu_tanh_no_grad(x: torch.Tensor) -> torch.Tensor:
     return t.mul_(x).sigmoid_().mul_(x)
 
 
-def _gelu_tanh_padded(x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor:
-    """F.pad(gelu_tanh(x), pad) for float32, computed inside the padded buffer.
+# glibc's largest mmap threshold: a fresh buffer above it is page-faulted in anew each time (~10 ms
+# for F0's 34 MB activations at batch 8, 256 px, float32), so there one buffer fewer is worth most.
+_MMAP_THRESHOLD = 32 << 20
 
-    One fresh buffer instead of two, and no fill or copy pass: a fresh tensor above malloc's 32 MB
-    mmap threshold (F0's early stages at batch 8, 256 px, float32) costs ~10 ms of page faults.
+
+def _gelu_tanh_padded(x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor:
+    """F.pad(gelu_tanh(x), pad) for float32, computed into the padded buffer: no fill, no copy.
+
+    Strided elementwise kernels are slow on narrow rows, so only the last pass writes into the
+    buffer, unless x is large enough that the temporary itself costs more (page faults).
     """
     left, right, top, bottom = pad
     n, c, h, w = x.shape
@@ -61,8 +66,11 @@ def _gelu_tanh_padded(x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.
     buf[:, :, top:top + h, :left].zero_()
     buf[:, :, top:top + h, left + w:].zero_()
     inner = buf[:, :, top:top + h, left:left + w]
-    torch.addcmul(x.new_full((), _GELU_K), x, x, value=_GELU_K * _GELU_C, out=inner)
-    inner.mul_(x).sigmoid_().mul_(x)
+    if x.numel() * x.element_size() >= _MMAP_THRESHOLD:
+        t = torch.addcmul(x.new_full((), _GELU_K), x, x, value=_GELU_K * _GELU_C, out=inner)
+    else:
+        t = torch.addcmul(x.new_full((), _GELU_K), x, x, value=_GELU_K * _GELU_C)
+    torch.mul(t.mul_(x).sigmoid_(), x, out=inner)
     return buf
 
 
@@ -93,7 +101,9 @@ class _GeluTanhPadded(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (x,) = ctx.saved_tensors
         left, _, top, _ = ctx.pad
-        inner = grad[:, :, top:top + x.shape[2], left:left + x.shape[3]]
+        # A contiguous copy first: aten's gelu_backward on the strided view is 5-10x slower.
+        inner = grad[:, :, top:top + x.shape[2], left:left + x.shape[3]].contiguous(
+            memory_format=torch.channels_last if _channels_last(x) else torch.contiguous_format)
         return torch.ops.aten.gelu_backward(inner, x, approximate="tanh"), None
 
 
