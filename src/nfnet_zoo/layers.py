@@ -57,10 +57,8 @@ def _gelu_tanh_padded(x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.
     """
     left, right, top, bottom = pad
     n, c, h, w = x.shape
-    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-        else torch.contiguous_format
     buf = torch.empty((n, c, h + top + bottom, w + left + right), dtype=x.dtype, device=x.device,
-                      memory_format=fmt)
+                      memory_format=torch.channels_last if _channels_last(x) else torch.contiguous_format)
     buf[:, :, :top].zero_()
     buf[:, :, top + h:].zero_()
     buf[:, :, top:top + h, :left].zero_()
