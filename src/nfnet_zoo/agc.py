@@ -134,7 +134,7 @@ def _plan(params: list[torch.Tensor]) -> dict[tuple, _Group]:
                 group.ws_g.append(g_local)
                 group.ws_mean.append(stats[0])
                 group.ws_var.append(stats[1])
-                group.ws_fan_in.append(p[0].numel())
+                group.ws_fan_in.append(p.numel() // p.shape[0])
                 group.ws_units.append(p.shape[0])
                 continue
             group.unit_p.append(p_local)
