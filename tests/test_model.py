@@ -180,42 +180,6 @@ def test_optimize_for_inference_computes_the_same(model):
     assert low.dtype == torch.float32 and (low - y).abs().max() < 0.05 * y.abs().max()
 
 
-def _reference_standardization(w, g, input_scale, eps):
-    # DeepMind's WSConv2D.standardize_weight, written with autograd-visible ops
-    var = torch.var(w, dim=(1, 2, 3), keepdim=True, correction=0)
-    mean = torch.mean(w, dim=(1, 2, 3), keepdim=True)
-    scale = torch.rsqrt(torch.clamp(var * w[0].numel(), min=eps)) * g * input_scale
-    return w * scale - mean * scale
-
-
-@pytest.mark.parametrize("magnitude", [1.0, 1e-4])  # 1e-4: var * fan_in under eps, the clamped branch
-def test_weight_standardization_gradients(magnitude):
-    from nfnet_zoo.layers import _WeightStandardization
-
-    torch.manual_seed(0)
-    w = (torch.randn(6, 4, 3, 3, dtype=torch.float64) * magnitude).requires_grad_()
-    g = (1 + 0.2 * torch.randn(6, 1, 1, 1, dtype=torch.float64)).requires_grad_()
-    ours = _WeightStandardization.apply(w, g, 1.7, 1e-4)
-    ref = _reference_standardization(w, g, 1.7, 1e-4)
-    torch.testing.assert_close(ours, ref)
-    dy = torch.randn_like(ref)
-    torch.testing.assert_close(torch.autograd.grad(ours, (w, g), dy), torch.autograd.grad(ref, (w, g), dy))
-
-
-def test_fast_gelu_is_jax_gelu():
-    import torch.nn.functional as F
-
-    from nfnet_zoo.layers import gelu_tanh
-
-    x = (torch.randn(4096, dtype=torch.float64) * 4).requires_grad_()
-    torch.testing.assert_close(gelu_tanh(x), F.gelu(x, approximate="tanh"))
-    dy = torch.randn_like(x)
-    torch.testing.assert_close(torch.autograd.grad(gelu_tanh(x), x, dy)[0],
-                               torch.autograd.grad(F.gelu(x, approximate="tanh"), x, dy)[0])
-    with torch.no_grad():
-        torch.testing.assert_close(gelu_tanh(x.float()), F.gelu(x.float(), approximate="tanh"), rtol=0, atol=1e-6)
-
-
 def test_inference_fast_paths_compute_what_training_mode_does(model):
     # no_grad takes the in-place residual, the padded activation and the weight cache; grad mode not.
     x = torch.randn(2, 3, 64, 64)
