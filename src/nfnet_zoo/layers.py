@@ -39,9 +39,14 @@ _GELU_K = 2.0 * math.sqrt(2.0 / math.pi)
 _GELU_C = 0.044715
 
 
+def _gelu_gate(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """sigmoid(K x (1 + C x^2)), so that tanh-GELU(x) = x * gate; in `out` if given."""
+    t = torch.addcmul(x.new_full((), _GELU_K), x, x, value=_GELU_K * _GELU_C, out=out)  # K + K C x^2
+    return t.mul_(x).sigmoid_()
+
+
 def _gelu_tanh_no_grad(x: torch.Tensor) -> torch.Tensor:
-    t = torch.addcmul(x.new_full((), _GELU_K), x, x, value=_GELU_K * _GELU_C)  # K + K C x^2
-    return t.mul_(x).sigmoid_().mul_(x)
+    return _gelu_gate(x).mul_(x)
 
 
 # glibc's largest mmap threshold: a fresh buffer above it is page-faulted in anew each time (~10 ms
@@ -58,17 +63,14 @@ def _gelu_tanh_padded(x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.
     left, right, top, bottom = pad
     n, c, h, w = x.shape
     buf = torch.empty((n, c, h + top + bottom, w + left + right), dtype=x.dtype, device=x.device,
-                      memory_format=torch.channels_last if _channels_last(x) else torch.contiguous_format)
+                      memory_format=_memory_format(_channels_last(x)))
     buf[:, :, :top].zero_()
     buf[:, :, top + h:].zero_()
     buf[:, :, top:top + h, :left].zero_()
     buf[:, :, top:top + h, left + w:].zero_()
     inner = buf[:, :, top:top + h, left:left + w]
-    if x.numel() * x.element_size() >= _MMAP_THRESHOLD:
-        t = torch.addcmul(x.new_full((), _GELU_K), x, x, value=_GELU_K * _GELU_C, out=inner)
-    else:
-        t = torch.addcmul(x.new_full((), _GELU_K), x, x, value=_GELU_K * _GELU_C)
-    torch.mul(t.mul_(x).sigmoid_(), x, out=inner)
+    large = x.numel() * x.element_size() >= _MMAP_THRESHOLD
+    torch.mul(_gelu_gate(x, out=inner if large else None), x, out=inner)
     return buf
 
 
@@ -101,7 +103,7 @@ class _GeluTanhPadded(torch.autograd.Function):
         left, _, top, _ = ctx.pad
         # A contiguous copy first: aten's gelu_backward on the strided view is 5-10x slower.
         inner = grad[:, :, top:top + x.shape[2], left:left + x.shape[3]].contiguous(
-            memory_format=torch.channels_last if _channels_last(x) else torch.contiguous_format)
+            memory_format=_memory_format(_channels_last(x)))
         return torch.ops.aten.gelu_backward(inner, x, approximate="tanh"), None
 
 
@@ -189,6 +191,10 @@ def _channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
+def _memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def _units(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """A weight-shaped tensor as (units, fan_in) rows in its own memory order: a view, never a copy."""
     return (t.permute(0, 2, 3, 1) if channels_last else t).reshape(t.shape[0], -1)
@@ -233,7 +239,7 @@ class _WeightStandardization(torch.autograd.Function):
         weight, mean, rstd, g, unclamped = ctx.saved_tensors
         channels_last = ctx.channels_last
         if _channels_last(grad) != channels_last:  # rows of both must list a unit in the same order
-            grad = grad.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            grad = grad.contiguous(memory_format=_memory_format(channels_last))
         w, dy = _units(weight, channels_last), _units(grad, channels_last)
         n = w.shape[1]
         if w.dtype in (torch.float32, torch.float64):
@@ -319,13 +325,18 @@ class WSConv2d(nn.Conv2d):
             self._cache = (key, self.standardized_weight().to(dtype))
         return self._cache[1]
 
+    def _same_padding(self, x: torch.Tensor) -> tuple[int, int, int, int]:
+        """SAME padding of a strided conv for this input, in F.pad's order (left, right, top, bottom)."""
+        ph = same_padding(x.shape[-2], self.kernel_size[0], self.stride[0])
+        pw = same_padding(x.shape[-1], self.kernel_size[1], self.stride[1])
+        return pw[0], pw[1], ph[0], ph[1]
+
     def asymmetric_padding(self, x: torch.Tensor) -> Optional[tuple[int, int, int, int]]:
         """SAME padding in F.pad's order when it is uneven (a strided conv, some input sizes), else None."""
         if self.stride[0] == 1:
             return None
-        ph = same_padding(x.shape[-2], self.kernel_size[0], self.stride[0])
-        pw = same_padding(x.shape[-1], self.kernel_size[1], self.stride[1])
-        return None if ph[0] == ph[1] and pw[0] == pw[1] else (pw[0], pw[1], ph[0], ph[1])
+        pad = self._same_padding(x)
+        return None if pad[0] == pad[1] and pad[2] == pad[3] else pad
 
     def forward(self, x: torch.Tensor, padded: bool = False) -> torch.Tensor:
         """The convolution; `padded=True`: `x` already carries its SAME padding (see `activate_and_conv`)."""
@@ -334,12 +345,10 @@ class WSConv2d(nn.Conv2d):
             return F.conv2d(x, weight, self.bias, self.stride, 0, 1, self.groups)
         if self.stride[0] == 1:
             return F.conv2d(x, weight, self.bias, 1, self.padding, 1, self.groups)
-        pad = self.asymmetric_padding(x)
-        if pad is None:  # even padding: the conv pads itself
-            ph = same_padding(x.shape[-2], self.kernel_size[0], self.stride[0])[0]
-            pw = same_padding(x.shape[-1], self.kernel_size[1], self.stride[1])[0]
-            return F.conv2d(x, weight, self.bias, self.stride, (ph, pw), 1, self.groups)
-        return F.conv2d(F.pad(x, pad), weight, self.bias, self.stride, 0, 1, self.groups)
+        left, right, top, bottom = self._same_padding(x)
+        if left == right and top == bottom:  # even padding: the conv pads itself
+            return F.conv2d(x, weight, self.bias, self.stride, (top, left), 1, self.groups)
+        return F.conv2d(F.pad(x, (left, right, top, bottom)), weight, self.bias, self.stride, 0, 1, self.groups)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", padding=SAME, standardized"
