@@ -195,9 +195,10 @@ def _clip_group(group: _Group, dtype: torch.dtype, clipping: float, eps: float) 
     if trigger.device.type == "cpu":
         # Reading the trigger costs nothing on the CPU: rewrite only tensors with a clipped unit, and
         # of a weight with few clipped units only those rows (clipping is usually rare).
-        ends = torch.tensor(sizes).cumsum(0)
+        lengths = torch.tensor(sizes)
+        ends = lengths.cumsum(0)
         running = torch.cat([trigger.new_zeros(1, dtype=torch.long), trigger.cumsum(0)])
-        counts = (running[ends] - running[ends - torch.tensor(sizes)]).tolist()
+        counts = (running[ends] - running[ends - lengths]).tolist()
         whole = []
         for g, s, t, k in zip(grads, scales, trigger.split(sizes), counts):
             if k and 4 * k < t.numel():
