@@ -153,6 +153,35 @@ def test_matches_timm_on_weights(shape, top):
     assert stats.clipped.item() == changed.sum().item() and stats.units == shape[0]
 
 
+def test_one_call_over_many_tensors_matches_timm_per_tensor():
+    # Units of all tensors are clipped in one pass; each tensor must get exactly its own scales back,
+    # whether it has no clipped unit, a few (rows rewritten), most, all, or no unit at all.
+    torch.manual_seed(0)
+    weights = [((8, 4, 3, 3), 0.5), ((64, 32), 1.1), ((0, 5), 2.0), ((12, 6, 1, 1), 3.0), ((4, 2, 3, 3), 1.1)]
+    ours, theirs, grads = [], [], []
+    for shape, top in weights:  # ratio ~ ||g_i|| / (0.01 ||w_i||): units above 1 are clipped
+        ratio = torch.linspace(0.2, top, shape[0])[torch.randperm(shape[0])]
+        grads.append(torch.randn(shape) * 0.01 * ratio.view(-1, *(1,) * (len(shape) - 1)))
+    grads.append(torch.randn(32) * 0.1)  # a bias, one unit, clipped
+    for g in grads:
+        a = torch.randn(g.shape)
+        b = a.clone()
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.append(a)
+        theirs.append(b)
+    stats = adaptive_clip_grad_(ours, 0.01, 1e-3)
+    for t in theirs:
+        timm_adaptive_clip_grad([t], 0.01, 1e-3)
+    changed = []
+    for a, b, g in zip(ours, theirs, grads):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
+        diff = a.grad != g
+        changed.append(int(diff.flatten(1).any(1).sum() if g.ndim > 1 else diff.any()))
+    units = [len(g) if g.ndim > 1 else 1 for g in grads]
+    assert changed[0] == 0 and 0 < changed[1] < units[1] / 4 and changed[3] > units[3] / 4
+    assert changed[-1] == 1 and stats.clipped.item() == sum(changed) and stats.units == sum(units)
+
+
 def test_low_precision_gradients_use_float32_norms():
     torch.manual_seed(0)
     w = torch.randn(64, 32, 3, 3)

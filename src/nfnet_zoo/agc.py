@@ -29,12 +29,15 @@ pass leaves each unit's mean and variance on the weight, and ||W_i||^2 = var_i *
 from __future__ import annotations
 
 import fnmatch
+import functools
+import itertools
 import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .errors import NFNetZooError
 from .layers import WS_STATS
@@ -54,6 +57,7 @@ class AGCStats:
         return self.clipped.item() / self.units if self.units else 0.0
 
 
+@functools.lru_cache(maxsize=1024)  # called for every tensor of every step; a model has few shapes
 def _is_unitwise(shape: torch.Size) -> bool:
     # More than one non-unit dimension: one norm per slice of dim 0; else one norm for the tensor.
     return sum(s != 1 for s in shape) > 1
@@ -169,12 +173,16 @@ def _reduce_sharded_norms(group: _Group, p_norms: torch.Tensor, g_norms: torch.T
         p_norms[idx], g_norms[idx] = squares.split(len(index))
 
 
+def _unit_view(scale: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    # One scale per slice of dim 0 (a 0-d gradient has one unit).
+    return scale.view(-1, *(1,) * (g.ndim - 1)) if g.ndim else scale.view(())
+
+
 def _clip_group(group: _Group, dtype: torch.dtype, clipping: float, eps: float) -> torch.Tensor:
     parts_p, parts_g = [], []
-    if group.ws_g:  # ||W_i||^2 = var_n + fan_in * mean^2, for all such weights at once
-        mean, var_n = torch.cat(group.ws_mean).view(-1), torch.cat(group.ws_var).view(-1)
-        fan_in = torch.tensor(group.ws_fan_in, dtype=dtype).repeat_interleave(torch.tensor(group.ws_units))
-        parts_p.append(torch.addcmul(var_n, mean, mean * fan_in.to(mean.device)).sqrt_())
+    if group.ws_g:  # ||W_i||^2 = var_n + fan_in * mean^2
+        squares = torch._foreach_addcmul(group.ws_var, group.ws_mean, group.ws_mean, group.ws_fan_in)
+        parts_p.append(torch.cat(squares).view(-1).sqrt_())
         parts_g += _unit_norms(group.ws_g, dtype)
     parts_p += _unit_norms(group.unit_p, dtype)
     parts_g += _unit_norms(group.unit_g, dtype)
@@ -191,25 +199,25 @@ def _clip_group(group: _Group, dtype: torch.dtype, clipping: float, eps: float) 
     scale = torch.where(trigger, max_norm / g_norm.clamp_min(_GRAD_NORM_FLOOR), 1.0)
 
     grads, sizes = group.gradients_and_units()
-    scales = scale.split(sizes)
-    if trigger.device.type == "cpu":
-        # Reading the trigger costs nothing on the CPU: rewrite only tensors with a clipped unit, and
-        # of a weight with few clipped units only those rows (clipping is usually rare).
-        lengths = torch.tensor(sizes)
-        ends = lengths.cumsum(0)
-        running = torch.cat([trigger.new_zeros(1, dtype=torch.long), trigger.cumsum(0)])
-        counts = (running[ends] - running[ends - lengths]).tolist()
-        whole = []
-        for g, s, t, k in zip(grads, scales, trigger.split(sizes), counts):
-            if k and 4 * k < t.numel():
-                rows = t.nonzero().squeeze(1)
-                g.index_copy_(0, rows, g.index_select(0, rows) * s[rows].view(-1, *(1,) * (g.ndim - 1)))
-            elif k:
-                whole.append((g, s))
-        grads, scales = [g for g, _ in whole], [s for _, s in whole]
-    if grads:
-        torch._foreach_mul_(grads, [s.view(-1, *(1,) * (g.ndim - 1)) if g.ndim else s.view(())
-                                    for s, g in zip(scales, grads)])
+    if trigger.device.type != "cpu":
+        torch._foreach_mul_(grads, [_unit_view(s, g) for s, g in zip(scale.split(sizes), grads)])
+        return trigger.sum()
+    # Reading the trigger costs nothing on the CPU: rewrite only tensors with a clipped unit, and of
+    # a weight with few clipped units only those rows (clipping is usually rare).
+    ends = list(itertools.accumulate(sizes))
+    clipped_before_end = F.pad(trigger.cumsum(0), (1, 0))[torch.tensor(ends)].tolist()
+    whole_g, whole_s, before, start = [], [], 0, 0
+    for g, end, running in zip(grads, ends, clipped_before_end):
+        k, before = running - before, running
+        if k and 4 * k < end - start:
+            rows = trigger[start:end].nonzero().squeeze(1)
+            g.index_copy_(0, rows, g.index_select(0, rows) * _unit_view(scale[start:end][rows], g))
+        elif k:
+            whole_g.append(g)
+            whole_s.append(_unit_view(scale[start:end], g))
+        start = end
+    if whole_g:
+        torch._foreach_mul_(whole_g, whole_s)
     return trigger.sum()
 
 
