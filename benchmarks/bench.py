@@ -23,6 +23,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
+
 import torch
 import torch.nn.functional as F
 
@@ -35,27 +40,39 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _minor_faults() -> int:
+    # Pages the kernel mapped in on first touch: fresh buffers above glibc's 32 MB mmap threshold
+    # cost ~1.5 us per 4 KB page here, and how many depends on the process's allocation history.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
+
+
 def _interleaved(fns: dict[str, Callable[[], object]], device, repeats: int, warmup: int = 2) -> dict:
     """Median seconds of each function, the functions alternating within every repeat.
 
     Also "spread": the lowest and highest timm / ours ratio of a single repeat (the two runs of one
-    repeat are back to back, so they share the machine's state), which shows how noisy the case is.
+    repeat are back to back, so they share the machine's state), which shows how noisy the case is;
+    and "faults": each function's median count of minor page faults per run (CPU, Linux).
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {k: [] for k in fns}
+    faults = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
             _sync(device)
+            f = _minor_faults()
             t = time.perf_counter()
             fn()
             _sync(device)
             times[k].append(time.perf_counter() - t)
+            faults[k].append(_minor_faults() - f)
     result: dict = {k: statistics.median(v) for k, v in times.items()}
     if "ours" in times and "timm" in times:
         ratios = [b / a for a, b in zip(times["ours"], times["timm"])]
         result["spread"] = (min(ratios), max(ratios))
+        if resource and device.type == "cpu":
+            result["faults"] = (statistics.median(faults["ours"]), statistics.median(faults["timm"]))
     return result
 
 
@@ -125,7 +142,7 @@ def bench_inference(theirs, ours, device, batch: int, size: int, repeats: int, c
             rows.append(dict(
                 case=f"inference {name}, {'channels_last' if fmt == torch.channels_last else 'NCHW'}",
                 batch=batch, size=size, ours_s=t["ours"], timm_s=t["timm"], ratio=t["timm"] / t["ours"],
-                spread=t["spread"], ours_img_s=batch / t["ours"], timm_img_s=batch / t["timm"],
+                spread=t["spread"], faults=t.get("faults"), ours_img_s=batch / t["ours"], timm_img_s=batch / t["timm"],
                 ours_dev=(outs["ours"] - ref).abs().max().item(), timm_dev=(outs["timm"] - ref).abs().max().item(),
                 **({"first_call_s": compile_s} if comp is not False else {})))
             print(_fmt_row(rows[-1]), flush=True)
@@ -171,7 +188,7 @@ def bench_train(theirs, ours, device, batch: int, size: int, repeats: int) -> li
         t = _interleaved(steps, device, repeats, warmup=1)
         rows.append(dict(case=f"training step (fwd, bwd, AGC, SGD), {'channels_last' if fmt == torch.channels_last else 'NCHW'}",
                          batch=batch, size=size, ours_s=t["ours"], timm_s=t["timm"], ratio=t["timm"] / t["ours"],
-                         spread=t["spread"],
+                         spread=t["spread"], faults=t.get("faults"),
                          ours_img_s=batch / t["ours"], timm_img_s=batch / t["timm"]))
         print(_fmt_row(rows[-1]), flush=True)
         del a, b
@@ -224,8 +241,9 @@ def bench_memory(device, batch: int, size: int) -> dict:
 
 def _fmt_row(r: dict) -> str:
     dev = f"  max |logit - DeepMind| ours {r['ours_dev']:.1e}, timm {r['timm_dev']:.1e}" if "ours_dev" in r else ""
+    faults = f", page faults ours {r['faults'][0] / 1e3:.0f}k timm {r['faults'][1] / 1e3:.0f}k" if r.get("faults") else ""
     return (f"{r['case']}: ours {r['ours_s'] * 1e3:.0f} ms, timm {r['timm_s'] * 1e3:.0f} ms, "
-            f"timm/ours {r['ratio']:.2f}x (repeats {r['spread'][0]:.2f}-{r['spread'][1]:.2f}){dev}")
+            f"timm/ours {r['ratio']:.2f}x (repeats {r['spread'][0]:.2f}-{r['spread'][1]:.2f}{faults}){dev}")
 
 
 def _machine(device) -> str:
@@ -271,13 +289,18 @@ def write_markdown(path: Path, machine: str, command: str, rows: list[dict], agc
              "highest ratio of one back-to-back pair, a measure of the machine's noise. Both models hold the same "
              "weights (timm's `dm_nfnet_f0` layout, pretrained-like values) and use the same memory "
              "format. Deviation: max |logit - reference| where the reference is a float64 model with "
-             "DeepMind's numerics.", "",
-             "| case | batch x px | ours ms | timm ms | timm / ours | single repeats | ours dev. | timm dev. |",
-             "|---|---|---|---|---|---|---|---|"]
+             "DeepMind's numerics. Page faults: median minor faults per run, thousands, ours / timm; each "
+             "costs about 1.5 us here, and their count changes from process to process with the allocator's "
+             "history, which is most of the spread between runs of the eager fp32 cases.", "",
+             "| case | batch x px | ours ms | timm ms | timm / ours | single repeats | page faults | ours dev. "
+             "| timm dev. |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         dev = (f"{r['ours_dev']:.1e} | {r['timm_dev']:.1e}" if "ours_dev" in r else "- | -")
+        faults = f"{r['faults'][0] / 1e3:.0f}k / {r['faults'][1] / 1e3:.0f}k" if r.get("faults") else "-"
         lines.append(f"| {r['case']} | {r['batch']} x {r['size']} | {r['ours_s'] * 1e3:.0f} | "
-                     f"{r['timm_s'] * 1e3:.0f} | {r['ratio']:.2f}x | {r['spread'][0]:.2f}-{r['spread'][1]:.2f} | {dev} |")
+                     f"{r['timm_s'] * 1e3:.0f} | {r['ratio']:.2f}x | {r['spread'][0]:.2f}-{r['spread'][1]:.2f} | "
+                     f"{faults} | {dev} |")
     if agc:
         lines += ["", "## AGC alone (F0 gradients, batch 8, 192 px)", "",
                   f"ours {agc['ours_ms']:.1f} ms, timm's `adaptive_clip_grad` {agc['timm_ms']:.1f} ms: "
