@@ -204,18 +204,16 @@ def _clip_group(group: _Group, dtype: torch.dtype, clipping: float, eps: float) 
         return trigger.sum()
     # Reading the trigger costs nothing on the CPU: rewrite only tensors with a clipped unit, and of
     # a weight with few clipped units only those rows (clipping is usually rare).
-    ends = list(itertools.accumulate(sizes))
-    clipped_before_end = F.pad(trigger.cumsum(0), (1, 0))[torch.tensor(ends)].tolist()
-    whole_g, whole_s, before, start = [], [], 0, 0
-    for g, end, running in zip(grads, ends, clipped_before_end):
-        k, before = running - before, running
+    bounds = [0, *itertools.accumulate(sizes)]  # tensor i holds units bounds[i]:bounds[i + 1]
+    counts = F.pad(trigger.cumsum(0), (1, 0))[torch.tensor(bounds)].diff().tolist()  # clipped, per tensor
+    whole_g, whole_s = [], []
+    for g, start, end, k in zip(grads, bounds, bounds[1:], counts):
         if k and 4 * k < end - start:
             rows = trigger[start:end].nonzero().squeeze(1)
             g.index_copy_(0, rows, g.index_select(0, rows) * _unit_view(scale[start:end][rows], g))
         elif k:
             whole_g.append(g)
             whole_s.append(_unit_view(scale[start:end], g))
-        start = end
     if whole_g:
         torch._foreach_mul_(whole_g, whole_s)
     return trigger.sum()
