@@ -8,7 +8,7 @@ import argparse
 import contextlib
 import sys
 
-from .errors import NFNetZooError
+from .errors import NFNetZooError, machine_fault
 
 
 # --- convert ---------------------------------------------------------------------------------
@@ -324,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"nfnet-zoo {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a fault of the machine (disk full, read-only, permissions): exit 1
+        print(f"nfnet-zoo {args.command}: error: {machine_fault(e)}", file=sys.stderr)
+        return 1
     return 0
 
 

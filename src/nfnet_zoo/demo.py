@@ -9,13 +9,15 @@ centre-crops 32, i.e. the middle half of the image, which holds the whole digit.
 """
 from __future__ import annotations
 
-import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ._owned import check_manifest, remove_owned, write_manifest
 from .errors import NFNetZooError
 
 DEMO_MODEL = "nfnet_zoo_tiny"
@@ -27,48 +29,88 @@ DEMO_ARGS = dict(epochs=12, batch_size=64, lr=0.2, warmup_epochs=1, weight_decay
 
 
 def build_digits_folder(root: str | Path) -> Path:
-    """Write scikit-learn's digits as ROOT/{train,val}/<digit>/<n>.png (once; reused if complete)."""
+    """Write scikit-learn's digits as ROOT/{train,val}/<digit>/<n>.png (once; reused if complete and unchanged).
+
+    ROOT must be missing, empty, or a digits folder this function wrote (its manifest proves it); anything
+    else is refused, never replaced.
+    """
     try:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError:
         raise NFNetZooError("the demo needs scikit-learn: pip install 'nfnet-zoo[demo]'") from None
     root = Path(root)
-    digits = load_digits()
-    done = root / ".complete"
-    if done.is_file() and json.loads(done.read_text()).get("count") == len(digits.images):
+    if _check_digits_folder(root):
         return root
+    digits = load_digits()
     idx_train, idx_val = train_test_split(np.arange(len(digits.images)), test_size=0.2, random_state=0,
                                           stratify=digits.target)
-    tmp = root.with_name(root.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for split, idx in (("train", idx_train), ("val", idx_val)):
-        for i in idx:
-            canvas = np.zeros((20, 20), dtype=np.uint8)
-            canvas[6:14, 6:14] = np.round(digits.images[i] * (255 / 16)).astype(np.uint8)
-            folder = tmp / split / str(digits.target[i])
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(canvas, "L").resize((80, 80), Image.BICUBIC).save(folder / f"{i:04d}.png")
-    (tmp / ".complete").write_text(json.dumps({"count": len(digits.images)}))
-    shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))  # ours alone: a fresh name
+    try:
+        for split, idx in (("train", idx_train), ("val", idx_val)):
+            for i in idx:
+                canvas = np.zeros((20, 20), dtype=np.uint8)
+                canvas[6:14, 6:14] = np.round(digits.images[i] * (255 / 16)).astype(np.uint8)
+                folder = tmp / split / str(digits.target[i])
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(canvas, "L").resize((80, 80), Image.BICUBIC).save(folder / f"{i:04d}.png")
+        write_manifest(tmp)
+        os.rename(tmp, root)  # replaces only a missing or empty ROOT
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return root
 
 
+def _check_digits_folder(root: Path) -> bool:
+    """True: ROOT is a complete digits folder of ours; False: missing or empty; else refused."""
+    if not root.exists() and not root.is_symlink():
+        return False
+    if root.is_dir() and not root.is_symlink() and not any(root.iterdir()):
+        return False
+    problem = check_manifest(root) if root.is_dir() and not root.is_symlink() else "not a folder"
+    if problem is None:
+        return True
+    raise NFNetZooError(f"{root} exists and is not a digits folder the demo wrote ({problem}); nothing was "
+                        f"changed: move it away, or pass an --output in another folder")
+
+
+def _check_output(output: Path, data: Path) -> None:
+    """OUTPUT must be missing, empty, or an earlier demo run this tool can prove it wrote (its manifest)."""
+    if output.resolve() == data.resolve():
+        raise NFNetZooError(f"--output {output} is where the demo writes its images; pass another --output")
+    if not output.exists() and not output.is_symlink():
+        return
+    if output.is_dir() and not output.is_symlink() and not any(output.iterdir()):
+        return
+    problem = check_manifest(output) if output.is_dir() and not output.is_symlink() else "not a folder"
+    if problem is not None:
+        raise NFNetZooError(f"--output {output} is not empty and is not an earlier demo run this tool can prove "
+                            f"it wrote ({problem}); nothing was changed: pass a new --output, or move it away")
+
+
 def run_demo(output: str | Path = "runs/demo", workers: int = 2) -> Path:
-    """Build the digits folder beside OUTPUT, fine-tune the tiny NFNet on it, evaluate; returns the run."""
+    """Build the digits folder beside OUTPUT, fine-tune the tiny NFNet on it, evaluate; returns the run.
+
+    An earlier demo run in OUTPUT is replaced; any other content of OUTPUT, or a DIGITS folder beside it
+    that the demo did not write, is refused before anything is written.
+    """
     from .evaluate import evaluate, format_evaluation
     from .finetune import finetune
 
     output = Path(output)
-    data = build_digits_folder(output.parent / DATASET)
-    args_file = output / "args.json"
-    if args_file.is_file():
-        earlier = json.loads(args_file.read_text())
-        if earlier.get("model") == DEMO_MODEL and earlier.get("dataset") == DATASET:
-            shutil.rmtree(output)  # an earlier demo run: replaced, as --help says
+    data_root = output.parent / DATASET
+    _check_output(output, data_root)
+    _check_digits_folder(data_root)
+    data = build_digits_folder(data_root)
+    if output.is_dir():
+        problem = remove_owned(output)  # an earlier demo run: replaced, as --help says
+        if problem is not None:
+            raise NFNetZooError(f"--output {output} changed while the demo started ({problem}); nothing was deleted")
     run = finetune(model=DEMO_MODEL, data_dir=str(data), output=str(output), workers=workers, **DEMO_ARGS)
     result = evaluate(str(run), str(data), workers=workers)
+    write_manifest(run)  # what a later demo may replace: exactly these files
     print()
     print(format_evaluation(result))
     print(f"\nThe fine-tuned model is in {run}/ (model.safetensors, config.json, README.md, metrics.jsonl).")

@@ -1,5 +1,25 @@
-"""The one exception type users see as a one-line message instead of a traceback."""
+"""The one exception type users see as a one-line message instead of a traceback, and the words for
+faults of the machine (OSError) the command line reports the same way."""
+from __future__ import annotations
+
+import errno
 
 
 class NFNetZooError(Exception):
     """A problem with the user's input or environment; the message names the problem and the fix."""
+
+
+_FIXES = {
+    errno.ENOSPC: ("disk full", "free some space and run it again (the last saved state and models are kept)"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space and run it again (the last saved state and models are kept)"),
+    errno.EROFS: ("read-only file system", "pass an output folder on a writable disk"),
+    errno.EACCES: ("permission denied", "pass a folder you may write to, or fix its permissions"),
+    errno.EPERM: ("operation not permitted", "pass a folder you may write to, or fix its permissions"),
+}
+
+
+def machine_fault(e: OSError) -> str:
+    """One line for an OSError: what failed, on which file, and the fix where one is known."""
+    what, fix = _FIXES.get(e.errno, (e.strerror or str(e) or type(e).__name__, ""))
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    return f"{what}{where}{'; ' + fix if fix else ''}".replace("\n", " ")
