@@ -99,3 +99,118 @@ def test_removing_an_owned_folder_deletes_exactly_its_files(tmp_path):
     (run / "link").unlink()
     assert remove_owned(run) is None
     assert run.is_dir() and not any(run.iterdir())
+
+
+# --- convert/publish: a pickle of allow-listed names must not build objects from raw bytes ------------------------
+class _Op:
+    """Pickle opcodes for one value, written by hand: the hostile files no pickler would write."""
+
+    def __init__(self, code: bytes):
+        self.code = code
+
+
+def _ops(v) -> bytes:
+    import struct
+    if isinstance(v, _Op):
+        return v.code
+    if v is None:
+        return b"N"
+    if isinstance(v, bool):
+        return b"\x88" if v else b"\x89"
+    if isinstance(v, int):
+        raw = v.to_bytes((v.bit_length() + 8) // 8, "little", signed=True)
+        return b"\x8a" + bytes([len(raw)]) + raw  # LONG1
+    if isinstance(v, str):
+        return b"X" + struct.pack("<I", len(v.encode())) + v.encode()  # BINUNICODE
+    if isinstance(v, bytes):
+        return b"B" + struct.pack("<I", len(v)) + v  # BINBYTES
+    if isinstance(v, tuple):
+        return b"(" + b"".join(map(_ops, v)) + b"t"
+    if isinstance(v, list):
+        return b"](" + b"".join(map(_ops, v)) + b"e"
+    if isinstance(v, dict):
+        return b"}(" + b"".join(_ops(k) + _ops(x) for k, x in v.items()) + b"u"
+    raise TypeError(v)
+
+
+def _global(module: str, name: str) -> _Op:
+    return _Op(b"c" + module.encode() + b"\n" + name.encode() + b"\n")
+
+
+def _call(f: _Op, *args) -> _Op:
+    return _Op(f.code + _ops(tuple(args)) + b"R")
+
+
+def _build(obj: _Op, state) -> _Op:
+    return _Op(obj.code + _ops(state) + b"b")
+
+
+def _pickle(obj) -> bytes:
+    return b"\x80\x03" + _ops(obj) + b"."
+
+
+def _dtype(spec: str, state=None) -> _Op:
+    plain = (3, "|" if spec[0] in "OVb|" else "<", None, None, None, -1, -1, 0)
+    return _build(_call(_global("numpy", "dtype"), spec, False, True), state or plain)
+
+
+def _array(dtype: _Op, shape: tuple, raw) -> _Op:
+    new = _call(_global("numpy._core.multiarray", "_reconstruct"), _global("numpy", "ndarray"), (0,), b"b")
+    return _build(new, (1, shape, dtype, False, raw))
+
+
+def _checkpoint(value) -> bytes:
+    return _pickle({"NFNet/~/nf_block": {"w": value}})
+
+
+POINTERS = (0x4141414141414141).to_bytes(8, "little") * 2  # what numpy would dereference as PyObject*
+HOSTILE_PICKLES = {
+    "object dtype via the array state": lambda: _array(_dtype("O8"), (2,), POINTERS),
+    "object dtype via a scalar": lambda: _call(_global("numpy._core.multiarray", "scalar"), _dtype("O8"),
+                                               POINTERS[:8]),
+    "structured dtype with an object field": lambda: _array(_dtype("V16", (
+        3, "|", None, ("a", "b"), {"a": (_dtype("f8"), 0), "b": (_dtype("O8"), 8)}, 16, 8, 27)), (1,), POINTERS),
+    "numeric dtype given object fields by its state": lambda: _array(_dtype("f8", (
+        3, "<", None, ("b",), {"b": (_dtype("O8"), 0)}, 8, 8, 27)), (2,), POINTERS),
+    "raw void dtype": lambda: _array(_dtype("V8"), (2,), POINTERS),
+    "object array from a list": lambda: _array(_dtype("O8"), (1,), [_call(_global("builtins", "dict"))]),
+    "numpy.ndarray called on a buffer": lambda: _call(_global("numpy", "ndarray"), (2,), _dtype("O8"), POINTERS),
+    "huge shape over a short buffer": lambda: _array(_dtype("f4"), (2 ** 40, 2 ** 20), POINTERS),
+    "negative shape": lambda: _array(_dtype("f4"), (-4,), POINTERS),
+    "array state without data": lambda: _array(_dtype("f4"), (4,), None),
+}
+
+
+def test_the_opcode_writer_writes_what_numpy_reads(tmp_path):
+    """The same writer, with a plain float dtype, makes a pickle numpy itself reads as the array: the hostile
+    variants below differ from a real checkpoint only in what they hold."""
+    import pickle
+    import numpy as np
+    from nfnet_zoo.convert import load_haiku_checkpoint
+    want = np.arange(6, dtype="<f4").reshape(2, 3)
+    data = _checkpoint(_array(_dtype("f4"), (2, 3), want.tobytes()))
+    np.testing.assert_array_equal(pickle.loads(data)["NFNet/~/nf_block"]["w"], want)  # numpy's reader
+    path = tmp_path / "ok.pkl"
+    path.write_bytes(data)
+    np.testing.assert_array_equal(load_haiku_checkpoint(path)["NFNet/~/nf_block"]["w"], want)
+    scalar = _call(_global("numpy._core.multiarray", "scalar"), _dtype("f8"), np.float64(2.5).tobytes())
+    path.write_bytes(_checkpoint(scalar))
+    assert load_haiku_checkpoint(path)["NFNet/~/nf_block"]["w"] == 2.5
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_PICKLES))
+def test_convert_refuses_raw_memory_pickles_in_one_line(tmp_path, case):
+    bad = tmp_path / "F0_haiku.npz"
+    bad.write_bytes(_checkpoint(HOSTILE_PICKLES[case]()))
+    r = run_cli(["convert", bad, "--out", tmp_path / "out"], tmp_path)
+    line = one_line_error(r, "convert")  # was: exit -11 (SIGSEGV, 139 in a shell) for the object dtypes
+    assert "F0_haiku.npz" in line and ("unsafe or foreign pickle" in line or "corrupt" in line), line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["object dtype via the array state", "structured dtype with an object field"])
+def test_publish_refuses_raw_memory_pickles_in_one_line(tmp_path, case):
+    bad = tmp_path / "F1_haiku.npz"
+    bad.write_bytes(_checkpoint(HOSTILE_PICKLES[case]()))
+    r = run_cli(["publish", bad, "--repo-id", "me/f1", "--dry-run"], tmp_path)
+    assert "unsafe or foreign pickle" in one_line_error(r, "publish")

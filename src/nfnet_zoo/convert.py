@@ -9,13 +9,14 @@ timm model folder that `timm.create_model("local-dir:DIR", pretrained=True)` reb
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import re
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -44,14 +45,79 @@ class _HaikuMapping(dict):
             self.update(inner[0] if len(state) == 1 and inner else state)
 
 
-def _reconstruct(*args: Any) -> np.ndarray:
+# numpy's pickles build arrays from raw bytes: with an object dtype (or a structured one holding objects)
+# those bytes become pointers numpy dereferences. So numpy's names map to the stand-ins below, which
+# build nothing until the dtype is known to be a plain number and the bytes fit the shape exactly.
+_NUMERIC_KINDS = "biufc"  # bool, signed, unsigned, float, complex
+
+
+class _Dtype:
+    """Stand-in for numpy.dtype(spec, align, copy) + its __setstate__: plain numeric dtypes only."""
+
+    def __init__(self, spec: Any, align: Any = False, copy: Any = False):
+        if not isinstance(spec, str):
+            raise pickle.UnpicklingError(f"refusing dtype {spec!r:.40}: only plain numeric dtypes")
+        try:
+            self.dtype = np.dtype(spec)
+        except (TypeError, ValueError):
+            raise pickle.UnpicklingError(f"refusing dtype {spec!r:.40}: not a numpy dtype") from None
+        if self.dtype.kind not in _NUMERIC_KINDS or self.dtype.fields is not None or self.dtype.subdtype:
+            raise pickle.UnpicklingError(f"refusing dtype {self.dtype}: only plain numeric dtypes (no objects, "
+                                         "records or raw bytes)")
+
+    def __setstate__(self, state: Any) -> None:
+        # numpy writes (version, byteorder, subarray, names, fields, elsize, alignment, flags)
+        if (not isinstance(state, tuple) or len(state) not in (8, 9) or state[1] not in ("<", ">", "|", "=")
+                or any(x is not None for x in state[2:5])):
+            raise pickle.UnpicklingError("refusing a dtype state with fields or subarrays: only plain numeric dtypes")
+        self.dtype = self.dtype.newbyteorder(state[1]) if state[1] in "<>" else self.dtype
+
+
+def _checked_dtype(d: Any) -> np.dtype:
+    if not isinstance(d, _Dtype):
+        raise pickle.UnpicklingError("refusing an array without a numpy dtype")
+    return d.dtype
+
+
+class _Array:
+    """Stand-in for numpy's ndarray reconstruction (`_reconstruct` then `__setstate__`): builds a copy
+    of plain numeric data whose byte count is exactly shape x itemsize."""
+
+    array: Optional[np.ndarray] = None
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) != 5:
+            raise pickle.UnpicklingError("unexpected numpy array state")
+        _, shape, dtype, fortran, raw = state
+        dtype = _checked_dtype(dtype)
+        if (not isinstance(shape, tuple) or len(shape) > 32
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+            raise pickle.UnpicklingError(f"refusing array shape {shape!r:.60}")
+        if not isinstance(raw, (bytes, bytearray)):
+            raise pickle.UnpicklingError("refusing array data that is not raw bytes")
+        if len(raw) != math.prod(shape) * dtype.itemsize:
+            raise pickle.UnpicklingError(f"array data of {len(raw)} bytes does not fit shape {shape} of {dtype}")
+        self.array = np.frombuffer(raw, dtype).reshape(shape, order="F" if fortran else "C").copy()
+
+
+class _NdarrayName:
+    """numpy.ndarray may only appear as _reconstruct's first argument: calling it maps raw memory."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        raise pickle.UnpicklingError("refusing to call numpy.ndarray on raw data")
+
+
+_NDARRAY = _NdarrayName()
+
+
+def _reconstruct(*args: Any) -> _Array:
     # numpy's own ndarray reconstructor, but only for plain ndarrays.
-    if len(args) != 3 or args[0] is not np.ndarray:
+    if len(args) != 3 or args[0] is not _NDARRAY:
         raise pickle.UnpicklingError("only plain numpy arrays may be reconstructed")
-    return np.ndarray.__new__(np.ndarray, args[1], args[2])
+    return _Array()
 
 
-def _create_array(f: Any, args: tuple, state: tuple, npdict: Any = None) -> np.ndarray:
+def _create_array(f: Any, args: tuple, state: tuple, npdict: Any = None) -> _Array:
     # dill's wrapper around numpy's reconstructor (dill._dill._create_array), minus arbitrary `f`.
     if f is not _reconstruct or npdict:
         raise pickle.UnpicklingError("unexpected dill array wrapper")
@@ -60,8 +126,27 @@ def _create_array(f: Any, args: tuple, state: tuple, npdict: Any = None) -> np.n
     return array
 
 
-def _scalar(dtype: np.dtype, data: bytes = b"") -> Any:
-    return np.frombuffer(data, dtype=dtype, count=1)[0] if data else dtype.type()
+def _scalar(dtype: Any, data: Any = b"") -> Any:
+    dtype = _checked_dtype(dtype)
+    if not data:
+        return dtype.type()
+    if not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise pickle.UnpicklingError(f"refusing a {dtype} scalar of {len(data)} bytes")
+    return np.frombuffer(data, dtype=dtype, count=1)[0]
+
+
+def _arrays(params: Any) -> Any:
+    """The unpickled {module: {param: _Array}} with each stand-in replaced by its numpy array."""
+    if not isinstance(params, dict):
+        return params
+    out = {}
+    for m, p in params.items():
+        if isinstance(p, dict):
+            p = {k: (v.array if isinstance(v, _Array) else v) for k, v in p.items()}
+            if any(v is None for v in p.values()):
+                raise pickle.UnpicklingError("an array without its data")
+        out[m] = p
+    return out
 
 
 _ALLOWED = {
@@ -69,8 +154,8 @@ _ALLOWED = {
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,  # files written with numpy 2.x
     ("numpy.core.multiarray", "scalar"): _scalar,
     ("numpy._core.multiarray", "scalar"): _scalar,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _Dtype,
     ("dill._dill", "_create_array"): _create_array,
     ("collections", "OrderedDict"): dict,
     ("builtins", "dict"): dict,
@@ -116,13 +201,14 @@ def load_haiku_checkpoint(path: Union[str, os.PathLike]) -> HaikuParams:
     else:
         try:
             with path.open("rb") as f:
-                params = _SafeUnpickler(io.BufferedReader(f)).load()
+                params = _arrays(_SafeUnpickler(io.BufferedReader(f)).load())
         except pickle.UnpicklingError as e:
             if "refusing" not in str(e):
                 raise NFNetZooError(f"{path}: truncated or corrupt checkpoint ({e}); download the file again") from None
             raise NFNetZooError(f"{path}: unsafe or foreign pickle ({e}); only official DeepMind NFNet "
                                 "checkpoints (numpy arrays in dicts) can be converted") from None
-        except (EOFError, ValueError, TypeError, IndexError, AttributeError, KeyError) as e:
+        except (EOFError, ValueError, TypeError, IndexError, AttributeError, KeyError, RecursionError,
+                MemoryError, OverflowError) as e:
             raise NFNetZooError(f"{path}: truncated or corrupt checkpoint ({type(e).__name__}); "
                                 "download the file again") from None
     _check_structure(path, params)
