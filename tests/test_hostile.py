@@ -214,3 +214,137 @@ def test_publish_refuses_raw_memory_pickles_in_one_line(tmp_path, case):
     bad.write_bytes(_checkpoint(HOSTILE_PICKLES[case]()))
     r = run_cli(["publish", bad, "--repo-id", "me/f1", "--dry-run"], tmp_path)
     assert "unsafe or foreign pickle" in one_line_error(r, "publish")
+
+
+# --- --resume: a run folder never runs code, and damage is one line, never an inexact resume -------------------
+TINY_RUN = ["--model", "nfnet_zoo_tiny", "--img-size", "32", "-b", "8", "--no-pretrained", "-j", "0", "--lr", "0.05",
+            "--save-every", "0", "--seed", "1"]
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory) -> Path:
+    """A tiny run stopped after epoch 1 of 2 (its state is resumable), copied by each test that damages it."""
+    from _images import make_folder
+    from nfnet_zoo.cli import main
+    tmp = tmp_path_factory.mktemp("saved")
+    data = make_folder(tmp / "data", n_train=8, n_val=2)
+    assert main(["finetune", *TINY_RUN, "--epochs", "1", "--data-dir", str(data), "--output", str(tmp / "run")]) == 0
+    return tmp / "run"
+
+
+@pytest.fixture
+def run_copy(saved_run, tmp_path) -> Path:
+    import shutil
+    return Path(shutil.copytree(saved_run, tmp_path / "run"))
+
+
+class _Payload:
+    """What a hostile colleague plants: unpickling it creates MARKER (in place of anything worse)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_resume_never_unpickles_what_is_planted_in_the_state(run_copy, tmp_path):
+    import torch
+    marker = tmp_path / "PWNED"
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "pytorch_model.bin"):
+        torch.save(_Payload(marker), run_copy / "state" / name)  # the files Accelerate's load_state reads
+    r = run_cli(["finetune", "--resume", run_copy, "--epochs", "2"], tmp_path)
+    assert not marker.exists(), "code from the run folder ran"
+    line = one_line_error(r, "finetune")
+    assert "is not one of the files the state was saved with" in line and "start a new run" in line
+
+
+def test_resume_refuses_a_state_whose_manifest_lists_planted_files(run_copy, tmp_path):
+    import torch
+    from nfnet_zoo._owned import write_manifest
+    marker = tmp_path / "PWNED"
+    torch.save(_Payload(marker), run_copy / "state" / "custom_checkpoint_0.pkl")
+    write_manifest(run_copy / "state", "manifest.json", extra={"format": 1, "processes": 1})  # a consistent forgery
+    r = run_cli(["finetune", "--resume", run_copy, "--epochs", "2"], tmp_path)
+    assert not marker.exists()
+    assert "custom_checkpoint_0.pkl does not belong to this run's state" in one_line_error(r, "finetune")
+
+
+def test_resume_refuses_an_accelerate_state_of_pickles(run_copy, tmp_path):
+    """The state an earlier nfnet-zoo wrote (Accelerate's files, no manifest) is refused, never unpickled."""
+    import shutil
+    import torch
+    marker = tmp_path / "PWNED"
+    shutil.rmtree(run_copy / "state")
+    (run_copy / "state").mkdir()
+    torch.save(_Payload(marker), run_copy / "state" / "custom_checkpoint_0.pkl")
+    (run_copy / "state" / "model.safetensors").write_bytes(b"")
+    r = run_cli(["finetune", "--resume", run_copy, "--epochs", "2"], tmp_path)
+    assert not marker.exists()
+    line = one_line_error(r, "finetune")
+    assert "manifest.json is missing" in line and "older nfnet-zoo" in line and "another --output" in line
+
+
+def _forge(run: Path, name: str, edit) -> None:
+    """Damage state/NAME with `edit(path)` and re-write the manifest so that only the content checks can tell."""
+    from nfnet_zoo._owned import write_manifest
+    edit(run / "state" / name)
+    write_manifest(run / "state", "manifest.json", extra={"format": 1, "processes": 1})
+
+
+def _rewrite_json(change):
+    import json
+
+    def edit(path: Path) -> None:
+        obj = json.loads(path.read_text())
+        change(obj)
+        path.write_text(json.dumps(obj))
+    return edit
+
+
+def _rewrite_tensors(change):
+    from safetensors.torch import load_file, save_file
+
+    def edit(path: Path) -> None:
+        tensors = load_file(path)
+        change(tensors)
+        save_file(tensors, path)
+    return edit
+
+
+DAMAGE = {
+    # (file, how, forge the manifest too) -> words of the one line
+    "truncated weights": ("model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:1000]), False,
+                          "model.safetensors was changed since it was saved"),
+    "a missing RNG file": ("rng_0.json", lambda p: p.unlink(), False, "rng_0.json is missing"),
+    "a flipped byte in the RNG state": ("rng_0.safetensors", lambda p: p.write_bytes(
+        p.read_bytes()[:-1] + bytes([p.read_bytes()[-1] ^ 1])), False, "rng_0.safetensors was changed"),
+    "half-written JSON": ("progress.json", lambda p: p.write_text(p.read_text()[:20]), True, "is not valid JSON"),
+    "a foreign RNG format": ("rng_0.json", _rewrite_json(lambda o: o["numpy"].update(key=[1, 2, 3])), True,
+                             "rng_0.json is not a Python + numpy generator state"),
+    "a torch RNG state of the wrong size": ("rng_0.safetensors", _rewrite_tensors(
+        lambda t: t.update(torch=t["torch"][:100].clone())), True, "holds no torch CPU generator state"),
+    "weights of another shape": ("model.safetensors", _rewrite_tensors(
+        lambda t: t.update({"head.fc.bias": t["head.fc.bias"][:2].clone()})), True, "does not fit this model"),
+    "foreign progress": ("progress.json", _rewrite_json(lambda o: o.update(epoch="one")), True,
+                         "progress.json does not fit this run"),
+    "another optimizer": ("optimizer.json", _rewrite_json(lambda o: o["param_groups"].pop()), True,
+                          "other parameter groups"),
+    "a momentum of another shape": ("optimizer.safetensors", _rewrite_tensors(
+        lambda t: t.update({k: t[k][:1].clone() for k in list(t)[:1]})), True, "has shape"),
+    "a manifest of another format": ("manifest.json", _rewrite_json(lambda o: o.update(format=0)), False,
+                                     "has format 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_a_damaged_state_is_one_line_never_an_inexact_resume(run_copy, case, capsys):
+    from nfnet_zoo.cli import main
+    name, edit, forge, words = DAMAGE[case]
+    (_forge(run_copy, name, edit) if forge else edit(run_copy / "state" / name))
+    before = snapshot(run_copy)
+    assert main(["finetune", "--resume", str(run_copy), "--epochs", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("nfnet-zoo finetune: error: ") and words in err[-1], err[-1]
+    assert "state" in err[-1] and ("restore" in err[-1] or "start" in err[-1])
+    assert snapshot(run_copy) == before  # nothing trained, nothing written

@@ -38,12 +38,13 @@ def _entries(folder: Path, manifest: str) -> dict[str, Path]:
     return found
 
 
-def write_manifest(folder: Path, manifest: str = OWNED) -> dict:
-    """List every file under `folder` with its size and sha256 in `folder/manifest` (atomically)."""
+def write_manifest(folder: Path, manifest: str = OWNED, extra: Optional[dict] = None) -> dict:
+    """List every file under `folder` with its size and sha256 in `folder/manifest` (atomically), after the
+    fields of `extra`."""
     folder = Path(folder)
     files = {rel: {"size": p.stat().st_size, "sha256": sha256(p)}
              for rel, p in sorted(_entries(folder, manifest).items()) if not rel.endswith("/") and not p.is_symlink()}
-    write_json_atomic(folder / manifest, {"files": files})
+    write_json_atomic(folder / manifest, {**(extra or {}), "files": files})
     return files
 
 

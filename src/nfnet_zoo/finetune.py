@@ -2,7 +2,7 @@
 
 One function, `finetune`, reads top to bottom: accelerator, data, model, optimizer and schedule,
 `prepare`, then a loop of forward, backward, AGC on the accumulated gradient, step; validation with
-`gather_for_metrics`; best/last exports and an Accelerate state for `--resume`.
+`gather_for_metrics`; best/last exports and a resumable state (runstate.py) for `--resume`.
 
 The run folder RUN:
   model.safetensors, config.json   best epoch by val top-1 (timm `save_for_hf`; loads with
@@ -11,7 +11,8 @@ The run folder RUN:
   metrics.jsonl                    one JSON object per epoch
   args.json, data.json             resolved arguments; the exact file list and split
   summary.json, README.md          results; model card draft (nfnet_zoo.hub.write_model_card)
-  state/                           Accelerate state (every --save-every steps and each epoch)
+  state/                           the resumable state, no pickles (runstate.py; every --save-every steps
+                                   and each epoch)
 
 Resuming is exact: the shuffle and each sample's augmentation are functions of (seed, epoch,
 index) (see data.py), the RNG state of the training process is saved, so on the CPU a run killed
@@ -41,13 +42,14 @@ from .errors import NFNetZooError
 from .evaluate import evaluate, predict, topk_correct
 from .recipe import (MIXED_PRECISION, BAD_IMAGES, RESUMABLE_OVERRIDES, FinetuneConfig, build_loaders, build_losses,
                      build_model, build_optimizer, build_scheduler, image_sizes)
+from .runstate import load_run_state, save_run_state, state_dir
 from .variants import deepmind_crop_pct
 
 METRIC_KEYS = ("epoch", "train_loss", "val_loss", "top1", "top5", "lr", "images_per_sec", "clipped_fraction")
 
 
 class _Progress:
-    """Where the run is; saved with the Accelerate state (`register_for_checkpointing`)."""
+    """Where the run is; saved as RUN/state/progress.json (runstate.py)."""
 
     def __init__(self):
         self.epoch = 0            # current epoch (0-based)
@@ -102,7 +104,7 @@ def _resolve(config: Optional[FinetuneConfig], resume: Optional[str], overrides:
         if not (run / "args.json").is_file():
             raise NFNetZooError(f"{run} is not a fine-tuning run (no args.json); pass the RUN folder written by "
                                 f"`nfnet-zoo finetune --output RUN`, or start a new run without --resume")
-        if not _has_state(run):
+        if state_dir(run) is None:
             raise NFNetZooError(f"{run} has no saved state yet (it stopped before its first save); start it again "
                                 f"with the same command (its arguments are in {run}/args.json)")
         try:
@@ -145,12 +147,8 @@ def _resolve(config: Optional[FinetuneConfig], resume: Optional[str], overrides:
 _RUN_START_FILES = {"args.json", "data.json", ".args.json.tmp", ".data.json.tmp", "state.tmp", "logs"}
 
 
-def _has_state(run: Path) -> bool:
-    return any((run / d).is_dir() for d in ("state", "state.old"))
-
-
 def _has_saved_work(run: Path) -> bool:
-    return _has_state(run) or (run / "model.safetensors").is_file()
+    return state_dir(run) is not None or (run / "model.safetensors").is_file()
 
 
 def _validate(cfg: FinetuneConfig) -> None:
@@ -200,28 +198,6 @@ def _swapped_state(model: nn.Module, state: dict):
         yield
     finally:
         model.state_dict = original
-
-
-def _save_state(accelerator, run: Path) -> None:
-    """Accelerate save_state into state.tmp, then swap it in: a kill leaves state/ or state.old/ whole."""
-    tmp, state, old = run / "state.tmp", run / "state", run / "state.old"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if state.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(state, old)
-        os.replace(tmp, state)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def _state_dir(run: Path) -> Path:
-    # killed between the two renames of _save_state: state.old is the last complete one
-    return run / "state" if (run / "state").is_dir() else run / "state.old"
 
 
 # --- running ---------------------------------------------------------------------------------
@@ -341,15 +317,14 @@ def finetune(config: Optional[FinetuneConfig] = None, *, resume: Optional[str] =
     updates_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
     scheduler = build_scheduler(cfg, optimizer.optimizer, updates_per_epoch)
     progress = _Progress()
-    accelerator.register_for_checkpointing(progress)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+    # the run's state (runstate.py): what a resume restores, in files that cannot carry code
+    saved = dict(model=model, optimizer=optimizer.optimizer, scheduler=scheduler, ema=ema)
 
     if resuming:
         if main:  # exports a kill interrupted: the files they were replacing are intact
             for leftover in run.glob("**/.export-*"):
                 shutil.rmtree(leftover, ignore_errors=True)
-        accelerator.load_state(str(_state_dir(run)))
+        progress.load_state_dict(load_run_state(accelerator, run, progress=progress.state_dict(), **saved))
         accelerator.print(f"resuming {run} at epoch {progress.epoch + 1}, step {progress.step}")
     elif main:
         write_json_atomic(run / "args.json", cfg.to_json())
@@ -419,7 +394,7 @@ def finetune(config: Optional[FinetuneConfig] = None, *, resume: Optional[str] =
                         _fold(progress, loss_sum, clip_sum, clip_count, images_per_step, step0, t0)
                         loss_sum.zero_(); clip_sum.zero_(); clip_count = 0
                         t0, step0 = time.perf_counter(), progress.step
-                        _save_state(accelerator, run)
+                        save_run_state(accelerator, run, progress=progress.state_dict(), **saved)
                         if stopping:
                             bar.close()
                             accelerator.print(f"stopped at epoch {epoch + 1}, step {progress.step}; state saved in "
@@ -432,6 +407,7 @@ def finetune(config: Optional[FinetuneConfig] = None, *, resume: Optional[str] =
 
             _end_of_epoch(accelerator, cfg, run, progress, ema.module if ema is not None else model, val_loader,
                           optimizer.param_groups[0]["lr"], data.classes, model_args, data_config)
+            save_run_state(accelerator, run, progress=progress.state_dict(), **saved)
 
     if main:
         _finish(cfg, run, data, progress, train_size)
@@ -443,7 +419,8 @@ def finetune(config: Optional[FinetuneConfig] = None, *, resume: Optional[str] =
 
 def _end_of_epoch(accelerator, cfg: FinetuneConfig, run: Path, progress: _Progress, eval_model: nn.Module,
                   val_loader, lr: float, classes: list[str], model_args: dict, data_config: dict) -> None:
-    """Validate, export last (and best) weights, log the epoch's metrics, then save the state."""
+    """Validate, export last (and best) weights, log the epoch's metrics, move `progress` to the next epoch
+    (the caller then saves the state)."""
     metrics = (_evaluate(eval_model, val_loader, accelerator, len(classes)) if val_loader is not None
                else {"val_loss": None, "top1": None, "top5": None})
     train_loss = accelerator.reduce(torch.tensor([progress.loss_sum, progress.loss_count],
@@ -469,7 +446,6 @@ def _end_of_epoch(accelerator, cfg: FinetuneConfig, run: Path, progress: _Progre
     progress.epoch += 1
     progress.step = progress.loss_count = progress.clip_count = progress.images = 0
     progress.loss_sum = progress.clip_sum = progress.epoch_time = 0.0
-    _save_state(accelerator, run)
 
 
 def _fold(progress: _Progress, loss_sum, clip_sum, clip_count: int, images_per_step: int, step0: int,
@@ -496,7 +472,7 @@ def _raise_if_diverged(nonfinite: torch.Tensor, accelerator, progress: _Progress
     flag = accelerator.reduce(nonfinite.float(), "max") if accelerator.num_processes > 1 else nonfinite
     if bool(flag.item()):
         saved = (f"the last good state is in {run}/state (epoch {_saved_epoch(run)})"
-                 if _state_dir(run).is_dir() else "no state had been saved yet")
+                 if state_dir(run) is not None else "no state had been saved yet")
         raise NFNetZooError(f"training diverged: the loss became non-finite at epoch {progress.epoch + 1}, step "
                             f"{progress.step}; {saved} and the best model in {run}; start again with a lower --lr "
                             f"(or --clipping > 0, or --mixed-precision bf16 instead of fp16)")
