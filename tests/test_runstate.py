@@ -1,0 +1,75 @@
+"""The resumable state (runstate.py) under two processes: each writes its own RNG file, the main process
+the replicated model and optimizer, and a run killed and resumed with two processes ends with the weights
+of one never interrupted (the reference: that uninterrupted 2-process run, compared bit for bit)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from _images import make_folder
+
+FLAGS = ["--model", "nfnet_zoo_tiny", "--img-size", "32", "-b", "4", "--epochs", "2", "--lr", "0.05", "--mixup", "0.4",
+         "--drop", "0.2", "--drop-path", "0.1", "--seed", "5", "--clipping", "0.05", "-j", "0", "--no-pretrained"]
+
+
+def _launch(args: list, tmp_path: Path) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
+    env.pop("PYTEST_CURRENT_TEST", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "nfnet_zoo.cli", "finetune", *map(str, args)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _finish(p: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+    assert p.returncode == 0, err[-3000:]
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and its workers (torchrun starts each worker in a session of its own)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for child in children:
+        _kill_tree(int(child))
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_two_processes_killed_and_resumed_end_with_the_same_weights(tmp_path):
+    data = make_folder(tmp_path / "data", n_train=40, n_val=2)  # 15 steps an epoch: killed well before the end
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    _finish(_launch([*FLAGS, "--data-dir", data, "--output", ref, "--save-every", "0"], tmp_path))
+    p = _launch([*FLAGS, "--data-dir", data, "--output", run, "--save-every", "2"], tmp_path)
+    t = time.monotonic()
+    while not (run / "state" / "manifest.json").is_file():
+        assert p.poll() is None and time.monotonic() - t < 240, p.communicate()
+        time.sleep(0.02)
+    _kill_tree(p.pid)
+    p.communicate()
+    manifest = json.loads((run / "state" / "manifest.json").read_text())
+    assert manifest["processes"] == 2 and {"rng_0.json", "rng_1.json"} <= set(manifest["files"])
+    done = len((run / "metrics.jsonl").read_text().splitlines()) if (run / "metrics.jsonl").exists() else 0
+    assert done < 2, "the run finished before it was killed; the test proves nothing"
+    r = _finish(_launch(["--resume", run], tmp_path))
+    assert "resuming" in r.stdout
+    for sub in ("last", "."):
+        a, b = load_file(ref / sub / "model.safetensors"), load_file(run / sub / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
