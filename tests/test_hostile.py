@@ -348,3 +348,147 @@ def test_a_damaged_state_is_one_line_never_an_inexact_resume(run_copy, case, cap
     assert err[-1].startswith("nfnet-zoo finetune: error: ") and words in err[-1], err[-1]
     assert "state" in err[-1] and ("restore" in err[-1] or "start" in err[-1])
     assert snapshot(run_copy) == before  # nothing trained, nothing written
+
+
+# --- every numeric flag of every command: one line, exit 2, nothing written ----------------------------------------
+NEG, HUGE, NAN, INF = "-1", "1e30", "nan", "inf"
+INT_BAD = [NEG, "99999999999999", "1.5", NAN]  # an int flag: negative, huge, a fraction, nan
+BAD_FLAGS = {
+    # finetune: flag -> values outside its range (the issue's examples among them)
+    "--epochs": ["0", *INT_BAD], "--batch-size": ["0", *INT_BAD], "--grad-accum-steps": ["0", *INT_BAD],
+    "--lr": ["0", NEG, HUGE, NAN, INF], "--lr-base": ["0", NEG, HUGE, NAN],
+    "--momentum": [NEG, "1", HUGE, NAN], "--weight-decay": [NEG, "2", NAN, INF],
+    "--warmup-epochs": [NEG, HUGE, NAN], "--warmup-lr": [NEG, HUGE, NAN], "--min-lr": [NEG, HUGE, INF],
+    "--smoothing": [NEG, "1", NAN], "--mixup": [NEG, HUGE, NAN], "--cutmix": [NEG, INF],
+    "--drop": ["2", NEG, "1", NAN], "--drop-path": [NEG, "1", INF], "--clipping": [NEG, HUGE, NAN],
+    "--model-ema-decay": [NEG, "2", NAN], "--img-size": ["0", "-8", "4", *INT_BAD],
+    "--test-img-size": ["0", "-8", *INT_BAD], "--hflip": [NEG, "1.5", NAN], "--seed": [NEG, "4294967296", "x"],
+    "--workers": [NEG, "99999999", "two"], "--val-split": [NEG, "1", NAN], "--save-every": [NEG, "1e3"],
+    "--log-interval": ["0", NEG, "1e3"],
+}
+BAD_SCALES = [["2", "-1"], ["0", "0.5"], ["0.6", "0.5"], [NAN, "1"], ["0.1", INF]]
+OTHER_BAD = [  # (command line, where the command would write)
+    (["convert", "IN", "--out", "OUT", "--alpha", v], "OUT") for v in ("0", NEG, NAN, INF, HUGE)] + [
+    (["publish", "IN", "--repo-id", "me/x", "--dry-run", "--alpha", v], None) for v in ("0", NAN)] + [
+    (["evaluate", "OUT", "--data-dir", "IN", "-b", v], None) for v in ("0", NEG, "1e3", NAN)] + [
+    (["evaluate", "OUT", "--data-dir", "IN", "-j", v], None) for v in (NEG, "99999999")] + [
+    (["predict", "OUT", "IN", "-k", v], None) for v in ("0", NEG, "99999999999")] + [
+    (["demo", "--output", "OUT", "-j", v], "OUT") for v in (NEG, "nan")]
+
+
+def _refused_in_process(args: list, capsys) -> str:
+    from nfnet_zoo.cli import main
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:  # argparse's refusals
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, (code, err)
+    return err[0]
+
+
+@pytest.mark.parametrize("flag, value", [(f, v) for f, vs in BAD_FLAGS.items() for v in vs] +
+                         [("--scale", v) for v in BAD_SCALES])
+def test_every_numeric_finetune_flag_is_checked_before_anything_is_written(flag, value, tmp_path, capsys):
+    data = tmp_path / "data" / "a"
+    data.mkdir(parents=True)
+    out = tmp_path / "run"
+    values = value if isinstance(value, list) else [value]
+    line = _refused_in_process(["finetune", "--model", "nfnet_zoo_tiny", "--no-pretrained", "--data-dir",
+                                data.parent, "--output", out, flag, *values], capsys)
+    assert line.startswith("nfnet-zoo finetune: error: ") and flag in line, line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, writes", OTHER_BAD, ids=[" ".join(a) for a, _ in OTHER_BAD])
+def test_every_numeric_flag_of_the_other_commands_is_checked(args, writes, tmp_path, capsys):
+    (tmp_path / "IN").write_bytes(b"x")
+    args = [tmp_path / a if a in ("IN", "OUT") else a for a in args]
+    line = _refused_in_process(args, capsys)
+    assert line.startswith(f"nfnet-zoo {args[0]}: error: argument "), line
+    assert not (tmp_path / "OUT").exists()
+
+
+def test_the_lists_above_cover_every_numeric_flag_of_every_command():
+    """A numeric flag added later without a range fails here (the ranges live in nfnet_zoo/flags.py)."""
+    from nfnet_zoo.cli import build_parser
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    covered = set(BAD_FLAGS) | {"--scale"} | {f"{a[0]} {x}" for a, _ in OTHER_BAD for x in a if x.startswith("-")}
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if action.type in (int, float) or getattr(action.type, "__name__", "") == "parse":
+                long = max(action.option_strings, key=len)
+                assert long in covered or f"{name} {action.option_strings[0]}" in covered or \
+                    f"{name} {long}" in covered, f"{name} {long} has no hostile values in this test"
+
+
+# --- damaged run folders: one line naming the file and the fix; advice that does not loop ---------------------------
+@pytest.mark.parametrize("name, content, words", [
+    ("args.json", '{"model": "nfnet_zoo_ti', "args.json is damaged or foreign"),
+    ("args.json", "[1, 2]", "args.json is damaged or foreign"),
+    ("args.json", '{"model": "nfnet_zoo_tiny", "data_dir": "d", "epochs": -3}', "epochs must be an integer"),
+    ("args.json", '{"model": "nfnet_zoo_tiny", "data_dir": "d", "scale": 5}', "args.json is damaged or foreign"),
+    ("args.json", b"\xff\xfe{}", "args.json is damaged or foreign"),
+    ("data.json", '{"root": "x", "kind": "fol', "data.json is damaged or foreign"),
+    ("data.json", '{"root": "x"}', "data.json is damaged or foreign"),
+    ("data.json", None, "data.json is missing"),
+])
+def test_damaged_run_files_are_one_line(run_copy, name, content, words, capsys):
+    path = run_copy / name
+    if content is None:
+        path.unlink()
+    else:
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    line = _refused_in_process(["finetune", "--resume", run_copy, "--epochs", "2"], capsys)
+    assert words in line and ("restore" in line or "start a new run" in line), line
+
+
+def test_a_run_killed_before_its_first_state_is_restarted_by_the_same_command(run_copy, capsys):
+    """A kill between the first export and the first state save (or while data.json was written) leaves exports
+    and temporary files but no state/: --resume says "start it again", and the same command does."""
+    import json
+    import shutil
+    from nfnet_zoo.cli import main
+    shutil.rmtree(run_copy / "state")
+    for name in ("summary.json", "README.md"):  # written only after the last state save
+        (run_copy / name).unlink()
+    (run_copy / ".data.json.4242.tmp").write_text('{"root": ')  # what a kill while writing data.json leaves
+    line = _refused_in_process(["finetune", "--resume", run_copy], capsys)
+    assert "start it again with the same command" in line
+    data = json.loads((run_copy / "args.json").read_text())["data_dir"]
+    assert main(["finetune", *TINY_RUN, "--epochs", "1", "--data-dir", data, "--output", str(run_copy)]) == 0
+    assert (run_copy / "state" / "manifest.json").is_file()
+    (run_copy / "mine.txt").write_text("a user's file")  # anything else in the folder: refused, never replaced
+    shutil.rmtree(run_copy / "state")
+    line = _refused_in_process(["finetune", *TINY_RUN, "--data-dir", data, "--output", run_copy], capsys)
+    assert "exists and is not empty" in line
+
+
+@pytest.mark.parametrize("damage, command", [(d, c) for d in ("truncated weights", "non-JSON config",
+                                                                "config of another model")
+                                             for c in ("evaluate", "predict", "finetune --checkpoint")
+                                             if (d, c) != ("config of another model", "finetune --checkpoint")])
+def test_damaged_model_folders_are_one_line(saved_run, tmp_path, damage, command, capsys):
+    import json
+    import shutil
+    model = Path(shutil.copytree(saved_run, tmp_path / "model", ignore=shutil.ignore_patterns("state")))
+    if damage == "truncated weights":
+        w = model / "model.safetensors"
+        w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    elif damage == "non-JSON config":
+        (model / "config.json").write_text("<html>not json</html>")
+    else:
+        cfg = json.loads((model / "config.json").read_text())
+        cfg["model_args"]["num_classes"] = 7
+        (model / "config.json").write_text(json.dumps(cfg))
+    data = json.loads((saved_run / "args.json").read_text())["data_dir"]
+    image = next(Path(data).rglob("*.png"))
+    args = {"evaluate": ["evaluate", model, "--data-dir", data, "-j", "0"], "predict": ["predict", model, image],
+            "finetune --checkpoint": ["finetune", "--checkpoint", model, "--data-dir", data, "--output",
+                                      tmp_path / "ft", "-j", "0", "--img-size", "32"]}[command]
+    line = _refused_in_process(args, capsys)
+    assert line.startswith(f"nfnet-zoo {command.split()[0]}: error: ") and str(model) in line, line
+    if damage != "config of another model":  # (finetune --checkpoint takes the classes from the data)
+        assert ("model.safetensors" if damage == "truncated weights" else "config.json") in line
+    assert not (tmp_path / "ft").exists()

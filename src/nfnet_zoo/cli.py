@@ -9,6 +9,7 @@ import contextlib
 import sys
 
 from .errors import NFNetZooError, machine_fault
+from .flags import argtype
 
 
 # --- convert ---------------------------------------------------------------------------------
@@ -25,7 +26,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--activation", default="gelu",
                    help="nonlinearity the checkpoint was trained with; shapes cannot reveal it (default: gelu)")
-    p.add_argument("--alpha", type=float, default=0.2,
+    p.add_argument("--alpha", type=argtype("alpha"), default=0.2,
                    help="residual scaling alpha the checkpoint was trained with (default: 0.2)")
     p.set_defaults(func=_run_convert)
 
@@ -163,8 +164,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="MODEL", help="run folder, local-dir:PATH, hf-hub:REPO, or a registered "
                    "name with weights (nfnet_f0)")
     p.add_argument("--data-dir", required=True, help="image folder (DIR/<class>/<image>) or saved dataset")
-    p.add_argument("-b", "--batch-size", type=int, default=64, help="batch size (default: 64)")
-    p.add_argument("-j", "--workers", type=int, default=4, help="data loading processes (default: 4)")
+    p.add_argument("-b", "--batch-size", type=argtype("batch_size"), default=64, help="batch size (default: 64)")
+    p.add_argument("-j", "--workers", type=argtype("workers"), default=4, help="data loading processes (default: 4)")
     p.add_argument("--bad-images", choices=("skip", "error"), default="skip",
                    help="unreadable image files: leave out with a warning, or stop (default: skip)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -187,7 +188,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="MODEL", help="run folder, local-dir:PATH, hf-hub:REPO, or a registered "
                    "name with weights (nfnet_f0)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    p.add_argument("-k", "--topk", type=int, default=5, help="labels per image (default: 5)")
+    p.add_argument("-k", "--topk", type=argtype("topk"), default=5, help="labels per image (default: 5)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=_run_predict)
 
@@ -208,7 +209,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "model is. A few minutes on a laptop.")
     p.add_argument("--output", default="runs/demo", help="run folder (default: runs/demo; replaced if it "
                    "holds an earlier demo run)")
-    p.add_argument("-j", "--workers", type=int, default=2, help="data loading processes (default: 2)")
+    p.add_argument("-j", "--workers", type=argtype("workers"), default=2, help="data loading processes (default: 2)")
     p.set_defaults(func=_run_demo)
 
 
@@ -266,7 +267,7 @@ def _add_publish(sub: argparse._SubParsersAction) -> None:
         "model card (the zoo card for F0-F6) to a Hub model repo.")
     p.add_argument("src", help="DeepMind checkpoint, e.g. F1_haiku.npz")
     p.add_argument("--activation", default="gelu", help="nonlinearity the checkpoint was trained with (default: gelu)")
-    p.add_argument("--alpha", type=float, default=0.2, help="residual scaling alpha of the checkpoint (default: 0.2)")
+    p.add_argument("--alpha", type=argtype("alpha"), default=0.2, help="residual scaling alpha of the checkpoint (default: 0.2)")
     _add_hub_target(p)
     p.set_defaults(func=_run_publish)
 
@@ -303,8 +304,15 @@ _COMMANDS = [_add_convert, _add_finetune, _add_evaluate, _add_predict, _add_demo
              _add_cards]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one line, `nfnet-zoo <command>: error: ...`, like every other refusal (exit 2)."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nfnet-zoo",
         description="DeepMind-faithful NFNets for timm: convert, fine-tune, evaluate and publish.",
     )

@@ -89,18 +89,12 @@ class Checkpoint:
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a model folder (model.safetensors + config.json) or a .safetensors/.pth/.bin file."""
-    import json
     from safetensors.torch import load_file
-    p = Path(path).expanduser()
+    p = check_checkpoint(path)
     if p.is_dir():
-        weights = p / "model.safetensors"
-        if not weights.is_file():
-            raise NFNetZooError(f"--checkpoint {p} has no model.safetensors; pass a run folder of "
-                                f"`nfnet-zoo finetune` or a weights file")
-        cfg = json.loads((p / "config.json").read_text()) if (p / "config.json").is_file() else {}
-        return Checkpoint(load_file(weights), cfg.get("architecture"), cfg.get("model_args"), cfg.get("label_names"))
-    if not p.is_file():
-        raise NFNetZooError(f"--checkpoint {p} does not exist; pass a run folder or a .safetensors file")
+        cfg = check_model_files(p)
+        return Checkpoint(load_file(p / "model.safetensors"), cfg.get("architecture"), cfg.get("model_args"),
+                          cfg.get("label_names"))
     try:
         if p.suffix == ".safetensors":
             return Checkpoint(load_file(p))
@@ -112,7 +106,44 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise NFNetZooError(f"--checkpoint {p} holds no state dict of tensors; pass a .safetensors file or a run folder")
     return Checkpoint({k.removeprefix("module."): v for k, v in state.items()})
+
+
+def check_checkpoint(path: str | os.PathLike) -> Path:
+    """The checks of --checkpoint PATH that read no weights (run before anything is written)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if not (p / "model.safetensors").is_file():
+            raise NFNetZooError(f"--checkpoint {p} has no model.safetensors; pass a run folder of "
+                                f"`nfnet-zoo finetune` or a weights file")
+        check_model_files(p)
+    elif not p.is_file():
+        raise NFNetZooError(f"--checkpoint {p} does not exist; pass a run folder or a .safetensors file")
+    return p
+
+
+def check_model_files(folder: Path) -> dict:
+    """A model folder's config.json (a JSON object, {} when absent), after checking that it and
+    model.safetensors are whole; a damaged one is one line naming it."""
+    import json
+    from safetensors import safe_open
+    cfg_file, weights = folder / "config.json", folder / "model.safetensors"
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise NFNetZooError(f"{cfg_file} is damaged ({str(e).splitlines()[0][:80]}); restore it with its "
+                            f"model.safetensors, or pass another model folder") from None
+    try:
+        with safe_open(str(weights), "pt"):
+            pass
+    except Exception as e:  # safetensors' own error type: a truncated file or a damaged header
+        raise NFNetZooError(f"{weights} is damaged or truncated ({str(e).splitlines()[0][:80]}); restore it, or "
+                            f"pass another model folder") from None
+    return cfg
 
 
 def load_model(spec: str) -> nn.Module:
@@ -122,7 +153,17 @@ def load_model(spec: str) -> nn.Module:
         if not (p / "config.json").is_file() or not (p / "model.safetensors").is_file():
             raise NFNetZooError(f"{p} is not a model folder (needs model.safetensors and config.json, as "
                                 f"`nfnet-zoo finetune` writes)")
-        spec = f"local-dir:{p.resolve()}"
+        if not isinstance(check_model_files(p).get("architecture"), str):
+            raise NFNetZooError(f"{p}/config.json names no architecture; it is not a timm model folder")
+        try:
+            model = create_pretrained(f"local-dir:{p.resolve()}")
+            # timm silently re-initialises a classifier that does not fit config.json: insist on every tensor
+            from safetensors.torch import load_file
+            model.load_state_dict(load_file(p / "model.safetensors"), strict=True)
+            return model.eval()
+        except (TypeError, ValueError, KeyError, RuntimeError) as e:  # a config.json that does not fit the weights
+            raise NFNetZooError(f"{p} does not load as a timm model ({str(e).splitlines()[0][:120]}); restore its "
+                                f"config.json and model.safetensors, or pass another model folder") from None
     elif not spec.startswith(("local-dir:", "hf-hub:")):
         if os.sep in spec or spec.startswith("."):
             raise NFNetZooError(f"{spec} does not exist; pass a run folder, a local-dir:/hf-hub: name, or a model name")

@@ -21,6 +21,7 @@ at any moment and resumed ends with the same weights as one never interrupted.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import math
 import os
@@ -39,7 +40,8 @@ from torch import nn
 from ._files import write_json_atomic
 from .data import ImageData, load_image_data
 from .errors import NFNetZooError
-from .evaluate import evaluate, predict, topk_correct
+from .evaluate import check_checkpoint, evaluate, predict, topk_correct
+from .flags import check_finetune
 from .recipe import (MIXED_PRECISION, BAD_IMAGES, RESUMABLE_OVERRIDES, FinetuneConfig, build_loaders, build_losses,
                      build_model, build_optimizer, build_scheduler, image_sizes)
 from .runstate import load_run_state, save_run_state, state_dir
@@ -104,13 +106,19 @@ def _resolve(config: Optional[FinetuneConfig], resume: Optional[str], overrides:
         if not (run / "args.json").is_file():
             raise NFNetZooError(f"{run} is not a fine-tuning run (no args.json); pass the RUN folder written by "
                                 f"`nfnet-zoo finetune --output RUN`, or start a new run without --resume")
-        if state_dir(run) is None:
+        if state_dir(run) is None:  # the same command starts it again: see _restartable
             raise NFNetZooError(f"{run} has no saved state yet (it stopped before its first save); start it again "
                                 f"with the same command (its arguments are in {run}/args.json)")
+        check_finetune(overrides)
         try:
-            cfg = FinetuneConfig.from_json(json.loads((run / "args.json").read_text()))
-        except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
-            raise NFNetZooError(f"{run}/args.json is damaged ({e}); restore it, or start a new run") from None
+            saved = json.loads((run / "args.json").read_text(encoding="utf-8"))
+            if not isinstance(saved, dict):
+                raise ValueError("not a JSON object")
+            cfg = FinetuneConfig.from_json(saved)
+            _validate(cfg)
+        except (ValueError, TypeError, UnicodeDecodeError, NFNetZooError) as e:
+            raise NFNetZooError(f"{run}/args.json is damaged or foreign ({str(e).splitlines()[0][:120]}); restore "
+                                f"it, or start a new run") from None
         changed = sorted(k for k, v in overrides.items() if k not in RESUMABLE_OVERRIDES and k != "output"
                          and getattr(cfg, k, None) != v)
         if changed:
@@ -136,40 +144,50 @@ def _resolve(config: Optional[FinetuneConfig], resume: Optional[str], overrides:
             run = base.with_name(f"{base.name}-{i}")
         cfg.output = str(run)
     run = Path(cfg.output).expanduser()
-    if _has_saved_work(run):
+    if state_dir(run) is not None:
         raise NFNetZooError(f"{run} already holds a run; continue it with --resume {run}, or pass another --output")
-    if run.exists() and (not run.is_dir() or any(p.name not in _RUN_START_FILES for p in run.iterdir())):
+    if run.exists() and (not run.is_dir() or not _restartable(run)):
         raise NFNetZooError(f"--output {run} exists and is not empty; pass a new folder (nothing is overwritten)")
     return cfg, run, False
 
 
-# What a run writes before its first saved state: a folder holding only these may be started again.
-_RUN_START_FILES = {"args.json", "data.json", ".args.json.tmp", ".data.json.tmp", "state.tmp", "logs"}
+# What a run writes before its first saved state; a folder holding only these is started again by the same
+# command (and `--resume` says so): the arguments and file list, temporary files a kill left, and, once
+# args.json is there, the exports of an epoch whose state a kill prevented.
+_RUN_START = ("args.json", "data.json", ".args.json.*.tmp", ".data.json.*.tmp", "state.tmp", "logs")
+_RUN_EXPORTS = ("model.safetensors", "config.json", "last", "metrics.jsonl", ".metrics.jsonl.*.tmp", ".export-*")
 
 
-def _has_saved_work(run: Path) -> bool:
-    return state_dir(run) is not None or (run / "model.safetensors").is_file()
+def _restartable(run: Path) -> bool:
+    names = [p.name for p in run.iterdir()]
+    allowed = _RUN_START + (_RUN_EXPORTS if "args.json" in names else ())
+    return all(any(fnmatch.fnmatchcase(n, pattern) for pattern in allowed) for n in names)
 
 
 def _validate(cfg: FinetuneConfig) -> None:
-    if not cfg.data_dir:
+    if not isinstance(cfg.data_dir, str) or not cfg.data_dir:
         raise NFNetZooError("no data: pass --data-dir DIR with DIR/<class>/<image> (or DIR/train and DIR/val)")
-    if not cfg.model and not cfg.checkpoint:
+    if not isinstance(cfg.model or cfg.checkpoint, str):
         raise NFNetZooError("no model: pass --model NAME (e.g. nfnet_f0), or --checkpoint RUN of an earlier run")
-    checks = [
-        (cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}"),
-        (cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}"),
-        (cfg.grad_accum_steps >= 1, f"--grad-accum-steps must be >= 1, got {cfg.grad_accum_steps}"),
-        (cfg.clipping >= 0, f"--clipping must be >= 0 (0 turns AGC off), got {cfg.clipping}"),
-        (cfg.mixed_precision in MIXED_PRECISION, f"--mixed-precision must be one of {MIXED_PRECISION}"),
-        (cfg.bad_images in BAD_IMAGES, f"--bad-images must be one of {BAD_IMAGES}"),
-        (cfg.lr is None or cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
-        (0 <= cfg.smoothing < 1, f"--smoothing must be in [0, 1), got {cfg.smoothing}"),
-        (cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise NFNetZooError(msg)
+    if cfg.mixed_precision not in MIXED_PRECISION:
+        raise NFNetZooError(f"--mixed-precision must be one of {MIXED_PRECISION}")
+    if cfg.bad_images not in BAD_IMAGES:
+        raise NFNetZooError(f"--bad-images must be one of {BAD_IMAGES}")
+    check_finetune(cfg.to_json())
+    if cfg.checkpoint:
+        check_checkpoint(cfg.checkpoint)
+
+
+def _load_data(run: Path, resuming: bool) -> ImageData:
+    try:
+        return ImageData.load(run / "data.json")
+    except FileNotFoundError:
+        problem = "is missing"
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as e:
+        problem = f"is damaged or foreign ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
+    fix = (f"restore it, or start a new run with the same arguments ({run}/args.json) and another --output"
+           if resuming else "run the command again")
+    raise NFNetZooError(f"{run}/data.json {problem}; {fix}")
 
 
 def _save_model_folder(model: nn.Module, dest: Path, label_names: list[str], model_args: dict,
@@ -283,7 +301,7 @@ def finetune(config: Optional[FinetuneConfig] = None, *, resume: Optional[str] =
             accelerator.print(f"checking images in {cfg.data_dir} ...")
             load_image_data(cfg.data_dir, cfg.val_split, cfg.bad_images, cfg.workers).save(run / "data.json")
     accelerator.wait_for_everyone()
-    data = ImageData.load(run / "data.json")
+    data = _load_data(run, resuming)
     cfg.dataset = data.name
 
     model, model_args, base_model = build_model(cfg, data.classes, accelerator.print)
