@@ -492,3 +492,68 @@ def test_damaged_model_folders_are_one_line(saved_run, tmp_path, damage, command
     if damage != "config of another model":  # (finetune --checkpoint takes the classes from the data)
         assert ("model.safetensors" if damage == "truncated weights" else "config.json") in line
     assert not (tmp_path / "ft").exists()
+
+
+# --- the machine: read-only or full disk -> one line, exit 1, before training, the earlier state kept ---------------
+def _resume(run: Path, capsys) -> tuple[int, list]:
+    from nfnet_zoo.cli import main
+    code = main(["finetune", "--resume", str(run), "--epochs", "2"])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_resume_on_a_read_only_disk_stops_before_training(run_copy, monkeypatch, capsys):
+    import errno
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):  # what the kernel answers on a read-only mount
+        if str(path).startswith(str(run_copy)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args, **kwargs)
+    monkeypatch.setattr(os, "open", read_only)
+    before = snapshot(run_copy)
+    code, err = _resume(run_copy, capsys)
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith("nfnet-zoo finetune: error: read-only file system") and "resuming" not in err[0]
+    assert snapshot(run_copy) == before
+
+
+def test_a_disk_too_full_for_the_state_stops_before_training(run_copy, monkeypatch, capsys):
+    import shutil
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 12, 10 ** 12, 4096))
+    before = snapshot(run_copy)
+    code, err = _resume(run_copy, capsys)
+    assert code == 1 and len(err) == 1 and "disk full" in err[0] and "MiB are free" in err[0], err
+    assert snapshot(run_copy) == before
+
+
+def test_disk_full_while_saving_keeps_the_earlier_state(run_copy, monkeypatch, capsys):
+    import errno
+    import safetensors.torch
+    real = safetensors.torch.save_file
+
+    def full(tensors, filename, *args, **kwargs):
+        if "state.tmp" in str(filename):
+            real(tensors, filename, *args, **kwargs)
+            with open(filename, "r+b") as f:  # what a full disk leaves: part of the file, then ENOSPC
+                f.truncate(os.path.getsize(filename) // 2)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+        return real(tensors, filename, *args, **kwargs)
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    state = snapshot(run_copy / "state")
+    code, err = _resume(run_copy, capsys)
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith("nfnet-zoo finetune: error: disk full (") and "state" in err[0] and "kept" in err[0]
+    assert snapshot(run_copy / "state") == state
+    monkeypatch.setattr(safetensors.torch, "save_file", real)  # space freed: the same resume completes
+    code, err = _resume(run_copy, capsys)
+    assert code == 0, err
+    assert len((run_copy / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_fault_of_the_machine_is_one_line_exit_1_in_every_command(tmp_path):
+    """cli.main turns any OSError into one line (exit 1): here `cards --out` under a file, which cannot be a folder."""
+    (tmp_path / "file").write_text("a user's file")
+    r = run_cli(["cards", "--out", tmp_path / "file" / "sub"], tmp_path)
+    line = one_line_error(r, "cards", code=1)
+    assert "file" in line and "Not a directory" in line
+    assert (tmp_path / "file").read_text() == "a user's file"

@@ -44,7 +44,7 @@ from .evaluate import check_checkpoint, evaluate, predict, topk_correct
 from .flags import check_finetune
 from .recipe import (MIXED_PRECISION, BAD_IMAGES, RESUMABLE_OVERRIDES, FinetuneConfig, build_loaders, build_losses,
                      build_model, build_optimizer, build_scheduler, image_sizes)
-from .runstate import load_run_state, save_run_state, state_dir
+from .runstate import check_room, load_run_state, save_run_state, state_dir
 from .variants import deepmind_crop_pct
 
 METRIC_KEYS = ("epoch", "train_loss", "val_loss", "top1", "top5", "lr", "images_per_sec", "clipped_fraction")
@@ -337,6 +337,8 @@ def finetune(config: Optional[FinetuneConfig] = None, *, resume: Optional[str] =
     progress = _Progress()
     # the run's state (runstate.py): what a resume restores, in files that cannot carry code
     saved = dict(model=model, optimizer=optimizer.optimizer, scheduler=scheduler, ema=ema)
+    if main:  # a read-only or full disk: now, not at the first save after training up to it
+        check_room(run, accelerator.unwrap_model(model), ema)
 
     if resuming:
         if main:  # exports a kill interrupted: the files they were replacing are intact

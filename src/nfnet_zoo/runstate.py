@@ -137,6 +137,23 @@ def _devices() -> list[str]:
     return [d for d in ("cuda", "xpu") if hasattr(torch, d) and getattr(torch, d).is_available()]
 
 
+def check_room(run: Path, model, ema=None) -> None:
+    """Before training: RUN is writable (a probe file) and its disk has room for the exports and two states
+    (the swap holds state.tmp and state at once), or the OSError a late save would meet, now (exit 1)."""
+    import errno
+    import tempfile
+    fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=run)  # EROFS / EACCES surface here
+    os.close(fd)
+    os.unlink(probe)
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    # best + last exports, and twice (model + optimizer state of up to two buffers a parameter + EMA)
+    needed = weights * (2 + 2 * (3 + (ema is not None))) + (1 << 20)
+    free = shutil.disk_usage(run).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"{run} needs about {needed / 2**20:.0f} MiB for its state and models, "
+                      f"{free / 2**20:.0f} MiB are free")
+
+
 # --- loading ---------------------------------------------------------------------------------------------
 def load_run_state(accelerator, run: Path, model, optimizer, scheduler, progress: dict, ema=None) -> dict:
     """Restore what save_run_state wrote, in place; returns the saved progress (same keys as `progress`).
@@ -354,4 +371,4 @@ def _set_rng(python: tuple, numpy_state: tuple, torch_state: torch.Tensor, devic
         getattr(torch, device).set_rng_state_all(states)
 
 
-__all__ = ["save_run_state", "load_run_state", "state_dir", "FORMAT"]
+__all__ = ["save_run_state", "load_run_state", "state_dir", "check_room", "FORMAT"]
