@@ -73,3 +73,23 @@ def test_two_processes_killed_and_resumed_end_with_the_same_weights(tmp_path):
     for sub in ("last", "."):
         a, b = load_file(ref / sub / "model.safetensors"), load_file(run / sub / "model.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+
+
+def test_fsdp2_state_is_saved_whole_and_resumed_exactly(tmp_path):
+    """torch's FSDP2 on two CPU processes: the state holds full tensors (rank 0 writes them, each process its
+    generators) and a fresh sharded model resumed from it trains on bit for bit as the uninterrupted one."""
+    worker = Path(__file__).parent / "_runstate_fsdp_worker.py"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent / "src"),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, str(worker), str(tmp_path)], capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["progress"] == {"step": 3} and result["tensors"] > 50
+    assert {"rng_0.json", "rng_1.json", "model.safetensors", "optimizer.safetensors"} <= set(result["files"])
+    import timm
+    import nfnet_zoo  # noqa: F401
+    whole = timm.create_model("nfnet_zoo_tiny", num_classes=3).state_dict()  # unsharded: the shapes to find
+    saved = load_file(tmp_path / "run" / "state" / "model.safetensors")
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in whole.items()}
+    assert result["equal"]

@@ -327,7 +327,8 @@ def _check_optimizer(saved: Any, live: dict, params: dict) -> None:
         if not isinstance(entry, dict):
             raise _Damaged(name, f"has a malformed entry for {p}")
         for k, v in entry.items():
-            if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != tuple(params[p].shape):
+            # by size: FSDP2 keeps 0-d gains as (1,) parameters (agc.prepare_for_fsdp2), saved 0-d
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.numel() != params[p].numel():
                 raise _Damaged("optimizer.safetensors", f"{p}/{k} has shape {tuple(v.shape)}, the parameter "
                                f"{tuple(params[p].shape)}")
 
