@@ -93,3 +93,63 @@ def test_fsdp2_state_is_saved_whole_and_resumed_exactly(tmp_path):
     saved = load_file(tmp_path / "run" / "state" / "model.safetensors")
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in whole.items()}
     assert result["equal"]
+
+
+class _OneProcess:
+    """The part of accelerate.Accelerator that runstate.py uses, for one process with a CPU GradScaler (the fp16
+    path Accelerate takes only on GPUs)."""
+
+    process_index, is_main_process, num_processes = 0, True, 1
+
+    def __init__(self, scaler=None):
+        self.scaler = scaler
+
+    def wait_for_everyone(self):
+        pass
+
+
+def _pieces(seed: int):
+    import timm
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3
+    import nfnet_zoo  # noqa: F401
+    torch.manual_seed(seed)
+    model = timm.create_model("nfnet_zoo_tiny", num_classes=3, drop_rate=0.2)
+    opt = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05)  # step tensors and a betas tuple
+    sched, _ = create_scheduler_v2(opt, sched="cosine", num_epochs=2, warmup_epochs=1, step_on_epochs=False,
+                                   updates_per_epoch=4)
+    return model, opt, sched, ModelEmaV3(model, decay=0.9), torch.amp.GradScaler("cpu", init_scale=2.0 ** 10,
+                                                                                  growth_interval=2)
+
+
+def _train(model, opt, sched, ema, scaler, start: int, n: int) -> None:
+    import torch.nn.functional as F
+    for i in range(start, start + n):
+        x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,))
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        sched.step_update(i + 1)
+        ema.update(model, step=i + 1)
+
+
+def test_adamw_ema_and_grad_scaler_resume_exactly(tmp_path):
+    """The reference: the same objects trained on without a save/load in between, compared bit for bit."""
+    from nfnet_zoo.runstate import load_run_state, save_run_state
+    model, opt, sched, ema, scaler = _pieces(0)
+    torch.manual_seed(1)
+    _train(model, opt, sched, ema, scaler, 0, 3)
+    save_run_state(_OneProcess(scaler), tmp_path, model, opt, sched, {"step": 3}, ema)
+    _train(model, opt, sched, ema, scaler, 3, 3)
+    model2, opt2, sched2, ema2, scaler2 = _pieces(5)
+    torch.manual_seed(6)
+    progress = load_run_state(_OneProcess(scaler2), tmp_path, model2, opt2, sched2, {"step": 0}, ema2)
+    assert progress == {"step": 3}
+    _train(model2, opt2, sched2, ema2, scaler2, 3, 3)
+    for a, b in ((model, model2), (ema, ema2)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert scaler.state_dict() == scaler2.state_dict() and sched.state_dict() == sched2.state_dict()
+    assert [tuple(g["betas"]) for g in opt2.param_groups] == [tuple(g["betas"]) for g in opt.param_groups]
