@@ -119,6 +119,8 @@ def _resolve(config: Optional[FinetuneConfig], resume: Optional[str], overrides:
         except (ValueError, TypeError, UnicodeDecodeError, NFNetZooError) as e:
             raise NFNetZooError(f"{run}/args.json is damaged or foreign ({str(e).splitlines()[0][:120]}); restore "
                                 f"it, or start a new run") from None
+        if cfg.checkpoint:  # its config.json rebuilds the architecture
+            check_checkpoint(cfg.checkpoint)
         changed = sorted(k for k, v in overrides.items() if k not in RESUMABLE_OVERRIDES and k != "output"
                          and getattr(cfg, k, None) != v)
         if changed:
@@ -135,6 +137,8 @@ def _resolve(config: Optional[FinetuneConfig], resume: Optional[str], overrides:
     for k, v in overrides.items():
         setattr(cfg, k, v)
     _validate(cfg)
+    if cfg.checkpoint:
+        check_checkpoint(cfg.checkpoint)
     if cfg.output is None:
         name = Path(cfg.data_dir).name or "data"
         base = Path("runs") / f"{(cfg.model or 'checkpoint').replace('/', '_')}-{name}"
@@ -174,8 +178,6 @@ def _validate(cfg: FinetuneConfig) -> None:
     if cfg.bad_images not in BAD_IMAGES:
         raise NFNetZooError(f"--bad-images must be one of {BAD_IMAGES}")
     check_finetune(cfg.to_json())
-    if cfg.checkpoint:
-        check_checkpoint(cfg.checkpoint)
 
 
 def _load_data(run: Path, resuming: bool) -> ImageData:
