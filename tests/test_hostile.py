@@ -557,3 +557,21 @@ def test_a_fault_of_the_machine_is_one_line_exit_1_in_every_command(tmp_path):
     line = one_line_error(r, "cards", code=1)
     assert "file" in line and "Not a directory" in line
     assert (tmp_path / "file").read_text() == "a user's file"
+
+
+def test_convert_replaces_only_the_files_it_wrote(tmp_path):
+    from nfnet_zoo import NFNetZooError
+    from nfnet_zoo.convert import convert_haiku_checkpoint
+    tiny = Path(__file__).parent / "data" / "deepmind" / "tiny_d1_haiku.npz"
+    out = convert_haiku_checkpoint(tiny, tmp_path / "out")
+    convert_haiku_checkpoint(tiny, out)  # its own files: converted again in place
+    (out / "config.json").write_text('{"architecture": "mine"}')  # the user edits one
+    with pytest.raises(NFNetZooError, match="already holds config.json, which convert did not write"):
+        convert_haiku_checkpoint(tiny, out)
+    assert (out / "config.json").read_text() == '{"architecture": "mine"}'
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "model.safetensors").write_bytes(b"a user's model")
+    r = run_cli(["convert", tiny, "--out", theirs], tmp_path)
+    assert "already holds model.safetensors" in one_line_error(r, "convert")
+    assert (theirs / "model.safetensors").read_bytes() == b"a user's model" and not (theirs / "config.json").exists()

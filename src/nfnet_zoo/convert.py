@@ -9,6 +9,7 @@ timm model folder that `timm.create_model("local-dir:DIR", pretrained=True)` reb
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import pickle
@@ -21,6 +22,8 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from ._files import write_json_atomic
+from ._owned import sha256
 from .errors import NFNetZooError
 from .variants import VARIANTS
 
@@ -386,14 +389,35 @@ def convert_haiku_checkpoint(src: Union[str, os.PathLike], out_dir: Union[str, o
         raise NFNetZooError(f"{src}: converted tensors do not fit {variant} (missing {missing[:3]}, "
                             f"unexpected {unexpected[:3]}); the checkpoint is not a standard NFNet")
     out = Path(out_dir)
+    _check_replaceable(out)
     out.mkdir(parents=True, exist_ok=True)
     arch_args = {k: list(v) if isinstance(v, tuple) else v for k, v in model_args.items()}
     with tempfile.TemporaryDirectory(dir=out, prefix=".convert-") as tmp:
         save_for_hf(model, tmp, model_config={"source_checkpoint": Path(src).name},
                     model_args=arch_args, safe_serialization=True)
-        for name in ("model.safetensors", "config.json"):
+        for name in _OUTPUTS:
             os.replace(Path(tmp) / name, out / name)
+    write_json_atomic(out / _WRITTEN, {name: sha256(out / name) for name in _OUTPUTS})
     return out
+
+
+_OUTPUTS = ("model.safetensors", "config.json")
+_WRITTEN = ".nfnet-zoo-convert.json"  # the sha256 of the files convert wrote in OUT: those it may replace
+
+
+def _check_replaceable(out: Path) -> None:
+    """OUT's model.safetensors and config.json are missing, or unchanged since convert wrote them."""
+    try:
+        written = json.loads((out / _WRITTEN).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        written = {}
+    for name in _OUTPUTS:
+        p = out / name
+        if p.exists() or p.is_symlink():
+            ours = isinstance(written, dict) and p.is_file() and not p.is_symlink() and written.get(name) == sha256(p)
+            if not ours:
+                raise NFNetZooError(f"--out {out} already holds {name}, which convert did not write (or which was "
+                                    f"changed since); pass another --out (nothing was changed)")
 
 
 __all__ = ["load_haiku_checkpoint", "infer_architecture", "timm_keys", "to_torch_layout",
