@@ -347,6 +347,10 @@ def finetune(config: Optional[FinetuneConfig] = None, *, resume: Optional[str] =
             for leftover in run.glob("**/.export-*"):
                 shutil.rmtree(leftover, ignore_errors=True)
         progress.load_state_dict(load_run_state(accelerator, run, progress=progress.state_dict(), **saved))
+        if not (0 <= progress.epoch and 0 <= progress.step <= len(train_loader) and 0 <= progress.global_step):
+            raise NFNetZooError(f"{state_dir(run)}/progress.json does not fit this run (epoch {progress.epoch}, step "
+                                f"{progress.step} of {len(train_loader)}); restore the run folder from a copy, or "
+                                f"start a new run")
         accelerator.print(f"resuming {run} at epoch {progress.epoch + 1}, step {progress.step}")
     elif main:
         write_json_atomic(run / "args.json", cfg.to_json())
