@@ -411,6 +411,15 @@ def test_every_numeric_flag_of_the_other_commands_is_checked(args, writes, tmp_p
     assert not (tmp_path / "OUT").exists()
 
 
+@pytest.mark.parametrize("kwargs", ["widths=(-1,64,96,128)", "group_width=0", "alpha='x'", "drop_rate=5.0"])
+def test_model_kwargs_timm_refuses_are_one_line(kwargs, tmp_path, capsys):
+    from _images import make_folder
+    data = make_folder(tmp_path / "data", n_train=2, n_val=1)
+    line = _refused_in_process(["finetune", "--model", "nfnet_zoo_tiny", "--no-pretrained", "--data-dir", data,
+                                "--output", tmp_path / "run", "-j", "0", "--model-kwargs", kwargs], capsys)
+    assert "bad model argument for nfnet_zoo_tiny" in line and "--model-kwargs" in line
+
+
 def test_the_lists_above_cover_every_numeric_flag_of_every_command():
     """A numeric flag added later without a range fails here (the ranges live in nfnet_zoo/flags.py)."""
     from nfnet_zoo.cli import build_parser

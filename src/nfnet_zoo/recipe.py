@@ -150,8 +150,11 @@ def build_model(cfg: FinetuneConfig, classes: list[str], log: Callable[[str], No
                                       "local weights with --checkpoint PATH", num_classes=len(classes), **kwargs)
         else:
             model = timm.create_model(name, num_classes=len(classes), **kwargs)
-    except TypeError as e:
-        raise NFNetZooError(f"bad model argument for {name}: {e}; check --model-kwargs") from None
+    except (TypeError, ValueError, RuntimeError, ArithmeticError) as e:
+        if not cfg.model_kwargs and not isinstance(e, TypeError):
+            raise
+        raise NFNetZooError(f"bad model argument for {name}: {str(e).splitlines()[0][:120]}; check "
+                            f"--model-kwargs") from None
     if ckpt is not None:
         load_checkpoint(model, ckpt, classes, cfg.checkpoint, log)
     return model, {**arch_args, "num_classes": len(classes)}, base_model
