@@ -5,8 +5,11 @@ References: PIL's own decoders and conversions (computed here independently), nu
 """
 from __future__ import annotations
 
+import json
+import os
 import random
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -139,6 +142,136 @@ def test_image_data_round_trips_through_json(tmp_path):
     assert ImageData.load(tmp_path / "data.json") == data
 
 
+# --- hostile folders: links, loops, names (issue 15) -------------------------------------------
+def _all_keys(data):
+    return [k for k, _ in data.train + data.val]
+
+
+def _one_line_error(call, message):
+    with pytest.raises(NFNetZooError, match=message) as e:
+        call()
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_a_link_loop_inside_a_class_folder_is_followed_once(tmp_path):
+    root = make_folder(tmp_path / "d", n_train=10, n_val=0, split=False)
+    os.symlink(".", root / "dark" / "again")            # dark/again/again/... forever
+    os.symlink("000.png", root / "dark" / "alias.png")   # the same file twice in its own class
+    data = load_image_data(root, workers=1)
+    keys = _all_keys(data)
+    assert len(keys) == len(set(keys)) == 30             # 30 files on disk, each once
+    assert sorted(keys) == sorted(str(p.relative_to(root)) for p in root.glob("*/*.png") if not p.is_symlink())
+
+
+def test_a_loop_to_the_data_folder_is_refused_naming_both_places(tmp_path):
+    # the issue's case: 30 files became 1,230 mislabelled samples with val images in training
+    root = make_folder(tmp_path / "d", n_train=10, n_val=0, split=False)
+    os.symlink("..", root / "dark" / "loop")
+    msg = _one_line_error(lambda: load_image_data(root, workers=1), "same file.*class folders bright and dark")
+    assert "bright/000.png" in msg and "dark/loop/bright/000.png" in msg
+
+
+@pytest.mark.parametrize("link", ["file_symlink", "hard_link", "class_folder_symlink"])
+def test_a_file_reachable_from_two_class_folders_is_refused(tmp_path, link):
+    root = make_folder(tmp_path / "d", n_train=4, n_val=0, split=False)
+    if link == "file_symlink":
+        os.symlink("../dark/001.png", root / "mid" / "x.png")
+    elif link == "hard_link":
+        os.link(root / "dark" / "001.png", root / "mid" / "x.png")
+    else:
+        os.symlink("dark", root / "dusk")
+    msg = _one_line_error(lambda: load_image_data(root, workers=1), "same file.*two labels")
+    assert ("dark/000.png and dusk/000.png" if link == "class_folder_symlink" else "dark/001.png and mid/x.png") in msg
+
+
+@pytest.mark.parametrize("link", ["folder_symlink", "file_symlink", "hard_link"])
+def test_a_validation_image_reachable_from_train_is_refused(tmp_path, link):
+    root = make_folder(tmp_path / "d", n_train=4, n_val=2)
+    if link == "folder_symlink":
+        os.symlink("../../val/dark", root / "train" / "dark" / "more")
+    elif link == "file_symlink":
+        os.symlink("../../val/mid/001.png", root / "train" / "mid" / "v.png")
+    else:
+        os.link(root / "val" / "mid" / "001.png", root / "train" / "mid" / "v.png")
+    msg = _one_line_error(lambda: load_image_data(root, workers=1), "same file.*from train/ and val/")
+    assert "val/" in msg and "train/" in msg
+    # evaluating val/ alone is fine: the leak is between the two splits
+    assert len(load_eval_samples(root, workers=1).val) == 6
+
+
+def test_links_to_images_outside_the_folder_are_read_once(tmp_path):
+    elsewhere = make_folder(tmp_path / "elsewhere", n_train=5, n_val=0, split=False)
+    root = tmp_path / "d"
+    root.mkdir()
+    for c in ("dark", "mid"):
+        os.symlink(elsewhere / c, root / c)
+    os.symlink("nothing-here.png", elsewhere / "dark" / "gone.png")  # dangling: unreadable, skipped
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        data = load_image_data(root, workers=1)
+    assert data.classes == ["dark", "mid"] and len(_all_keys(data)) == 10
+    opener = data.opener()
+    key, label = data.train[0]
+    assert np.array_equal(np.asarray(opener(key)), np.asarray(Image.open(elsewhere / key).convert("RGB")))
+
+
+def test_a_class_folder_name_that_is_not_utf8_is_refused_with_its_bytes(tmp_path):
+    root = make_folder(tmp_path / "d", n_train=3, n_val=0, split=False)
+    os.rename(root / "dark", os.fsencode(root) + b"/d\xffrk")
+    msg = _one_line_error(lambda: load_image_data(root, workers=1), "not valid UTF-8")
+    assert repr(os.fsencode(root) + b"/d\xffrk") in msg
+
+
+def test_file_names_that_are_not_utf8_are_read_and_survive_data_json(tmp_path):
+    root = make_folder(tmp_path / "d", n_train=3, n_val=1)
+    name = os.fsencode(root / "train" / "dark") + b"/\xff\xfe.png"
+    os.rename(root / "train" / "dark" / "000.png", name)
+    data = load_image_data(root, workers=1)
+    assert len(data.train) == 9 and not data.skipped
+    data.save(tmp_path / "data.json")
+    json.loads((tmp_path / "data.json").read_text(encoding="utf-8"))  # valid UTF-8 JSON
+    again = ImageData.load(tmp_path / "data.json")
+    key = next(k for k, _ in again.train if os.fsencode(k).endswith(b"\xff\xfe.png"))
+    assert again.opener()(key).size == (24, 24)
+
+
+def test_a_relative_data_dir_is_stored_absolute(tmp_path, monkeypatch):
+    make_folder(tmp_path / "work" / "d", n_train=3, n_val=1)
+    monkeypatch.chdir(tmp_path / "work")
+    load_image_data("d", workers=1).save(tmp_path / "data.json")
+    monkeypatch.chdir(tmp_path)  # a resumed run starts from elsewhere
+    data = ImageData.load(tmp_path / "data.json")
+    assert data.root == str(tmp_path / "work" / "d")
+    assert data.opener()(data.train[0][0]).size == (24, 24)
+
+
+@pytest.mark.parametrize("stray", ["state.json", "dataset_dict.json"])
+def test_a_stray_json_file_does_not_make_a_folder_a_saved_dataset(tmp_path, stray):
+    root = make_folder(tmp_path / "d", n_train=3, n_val=1)
+    (root / stray).write_text(json.dumps({"splits": ["train"]} if stray == "dataset_dict.json" else {"epoch": 3}))
+    data = load_image_data(root, workers=1)
+    assert data.kind == "folder" and len(data.train) == 9
+
+
+def test_class_order_is_timms_for_numbered_names(tmp_path):
+    from timm.data.readers.reader_image_folder import ReaderImageFolder
+    root = make_folder(tmp_path / "d", n_train=2, n_val=0, split=False)
+    for i, name in enumerate(["class10", "class2", "Class1", "a9b", "a10b"]):
+        shutil.copytree(root / "mid", root / name)
+    shutil.rmtree(root / "mid")
+    timm_order = sorted(ReaderImageFolder(str(root)).class_to_idx.items(), key=lambda kv: kv[1])
+    assert load_image_data(root, val_split=0, workers=1).classes == [c for c, _ in timm_order]
+    assert load_eval_samples(root, workers=1).classes == [c for c, _ in timm_order]
+
+
+def test_evaluation_folder_of_unreadable_files_is_one_line(tmp_path):
+    for c in ("a", "b"):
+        (tmp_path / "d" / c).mkdir(parents=True)
+        (tmp_path / "d" / c / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.warns(UserWarning, match="skipped 2"):
+        _one_line_error(lambda: load_eval_samples(tmp_path / "d", workers=1), "no readable images to evaluate")
+
+
 # --- resumable randomness ----------------------------------------------------------------------
 def test_augmentation_depends_only_on_seed_epoch_index(tmp_path):
     from timm.data import create_transform
@@ -198,3 +331,15 @@ def test_saved_hf_dataset_with_a_corrupt_row(tmp_path):
     assert len(data.train) == 12 and len(data.val) == 6 and data.skipped == ["train/12"]
     original = np.asarray(dd["train"][5]["img"].convert("RGB"))  # datasets' own decoder as reference
     assert np.array_equal(np.asarray(data.opener()("train/5")), original)
+
+
+def test_saved_dataset_without_the_datasets_package_is_one_line(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from _images import class_image
+    rng = np.random.default_rng(0)
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    rows = {"img": [class_image("dark", rng) for _ in range(4)], "label": [0, 1, 0, 1]}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "ds"))
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now fails, as when not installed
+    for load in (load_image_data, load_eval_samples):
+        _one_line_error(lambda: load(tmp_path / "ds", workers=1), "needs the `datasets` package: pip install")
