@@ -481,6 +481,35 @@ def load_eval_samples(data_dir: str | os.PathLike, bad_images: str = "skip", wor
     return data
 
 
+def run_held_out(data_json: Path, data_dir: str | os.PathLike, bad_images: str = "skip", workers: int = 4,
+                 check: str = "full") -> Optional[ImageData]:
+    """The held-out (validation) samples of a run, from its data.json, when `data_dir` is the data the
+    run was trained on; None when it is other data. Evaluating all of a run's own data would score
+    the images it was trained on."""
+    try:
+        run_data = ImageData.load(data_json)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        warnings.warn(f"cannot read {data_json} ({type(e).__name__}): if {_show(str(data_dir))} is the data this "
+                      f"run was trained on, the scores include its training images")
+        return None
+    try:
+        if not os.path.samefile(run_data.root, data_dir):
+            return None
+    except (OSError, TypeError):  # either folder is gone: not the same
+        return None
+    if not run_data.val:
+        raise NFNetZooError(f"{_show(str(data_dir))} is the data this run was trained on, and the run held out no "
+                            f"images of it (--val-split 0); evaluate on images it was not trained on")
+    held = ImageData(run_data.root, run_data.kind, run_data.classes, [], run_data.val,
+                     image_column=run_data.image_column)
+    _check_data(held, Check(check, bad_images, workers))
+    if not held.val:
+        raise NFNetZooError(f"no readable images in the held-out split of {_show(str(data_dir))} listed in {data_json}")
+    return held
+
+
 # --- torch side --------------------------------------------------------------------------------
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The seed of one sample's augmentation: a function of (seed, epoch, index) only, so the
@@ -551,5 +580,5 @@ def ignore_sigint(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-__all__ = ["ImageData", "load_image_data", "load_eval_samples", "to_rgb", "ImageDataset", "EpochSampler",
+__all__ = ["ImageData", "load_image_data", "load_eval_samples", "run_held_out", "to_rgb", "ImageDataset", "EpochSampler",
            "sample_seed", "IMAGE_EXTENSIONS"]
