@@ -9,7 +9,10 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -270,6 +273,139 @@ def test_evaluation_folder_of_unreadable_files_is_one_line(tmp_path):
         (tmp_path / "d" / c / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     with pytest.warns(UserWarning, match="skipped 2"):
         _one_line_error(lambda: load_eval_samples(tmp_path / "d", workers=1), "no readable images to evaluate")
+
+
+# --- the start-up check: levels, cache, processes (issue 13) ------------------------------------
+@pytest.fixture
+def checked(monkeypatch):
+    """The keys the check decodes or reads (cache hits are not in it)."""
+    import nfnet_zoo.image_check as image_check
+    keys, readable = [], image_check.is_readable
+
+    def recording(raw, key, level):
+        keys.append(key)
+        return readable(raw, key, level)
+    monkeypatch.setattr(image_check, "is_readable", recording)
+    return keys
+
+
+def _damaged_inside_png(path: Path) -> None:
+    """A PNG whose compressed data is broken but whose chunks and IEND are in place."""
+    data = bytearray(path.read_bytes())
+    start = data.index(b"IDAT") + 4
+    data[start + 10:start + 40] = bytes(30)
+    path.write_bytes(bytes(data))
+
+
+def test_check_levels_find_what_they_promise(tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "d", n_train=4, n_val=1)
+    add_awkward_files(root / "train" / "mid")  # a truncated JPEG, a PNG of garbage, and good odd files
+    shutil.copy(root / "train" / "dark" / "000.png", root / "train" / "dark" / "inside.png")
+    _damaged_inside_png(root / "train" / "dark" / "inside.png")
+    png = (root / "train" / "dark" / "001.png").read_bytes()
+    (root / "train" / "dark" / "cut.png").write_bytes(png[: len(png) // 2])
+    with Image.open(root / "train" / "dark" / "inside.png") as img:  # PIL is the reference: header reads,
+        img.size                                                     # decoding fails
+        with pytest.raises((OSError, SyntaxError)):
+            img.load()
+    levels = {}
+    for level in ("full", "header", "none"):
+        monkeypatch.setenv("NFNET_ZOO_CACHE", str(tmp_path / level))  # a full result would serve a header check
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            levels[level] = load_image_data(root, check=level, workers=1)
+    assert sorted(levels["full"].skipped) == ["train/dark/cut.png", "train/dark/inside.png",
+                                              "train/mid/corrupt.png", "train/mid/truncated.jpg"]
+    assert sorted(levels["header"].skipped) == ["train/dark/cut.png", "train/mid/corrupt.png",
+                                                "train/mid/truncated.jpg"]  # damage inside is not seen
+    assert levels["none"].skipped == []
+    assert len(levels["none"].train) == len(levels["full"].train) + 4
+
+
+def test_results_are_remembered_for_unchanged_files_only(tmp_path, checked, monkeypatch):
+    monkeypatch.setenv("NFNET_ZOO_CACHE", str(tmp_path / "cache"))
+    root = make_folder(tmp_path / "d", n_train=4, n_val=1)
+    (root / "train" / "mid" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.warns(UserWarning, match="skipped 1"):
+        first = load_image_data(root, workers=1)
+    assert len(checked) == 16
+    cache_files = list((tmp_path / "cache").glob("*.json"))
+    assert len(cache_files) == 1 and json.loads(cache_files[0].read_text())["root"] == str(root)  # plain JSON
+
+    checked.clear()
+    with pytest.warns(UserWarning, match="skipped 1"):  # the bad file is remembered too
+        assert load_image_data(root, workers=1) == first
+    assert checked == []
+
+    changed = root / "train" / "dark" / "002.png"
+    changed.write_bytes((root / "train" / "dark" / "003.png").read_bytes())
+    with pytest.warns(UserWarning, match="skipped 1"):
+        load_image_data(root, workers=1)
+    assert checked == ["train/dark/002.png"]
+
+    checked.clear()  # a header check is not enough for a full one; a full one is for a header one
+    root2 = make_folder(tmp_path / "d2", n_train=2, n_val=1)
+    load_image_data(root2, check="header", workers=1)
+    load_image_data(root2, check="full", workers=1)
+    load_image_data(root2, check="header", workers=1)
+    assert len(checked) == 2 * 9
+
+
+@pytest.mark.parametrize("tamper", ["other_root", "not_json", "code"])
+def test_a_cache_file_that_does_not_match_is_not_trusted(tmp_path, checked, monkeypatch, tamper):
+    monkeypatch.setenv("NFNET_ZOO_CACHE", str(tmp_path / "cache"))
+    root = make_folder(tmp_path / "d", n_train=2, n_val=1)
+    load_image_data(root, workers=1)
+    cache = next((tmp_path / "cache").glob("*.json"))
+    d = json.loads(cache.read_text())
+    if tamper == "other_root":
+        d["root"] = str(tmp_path / "elsewhere")
+        cache.write_text(json.dumps(d))
+    elif tamper == "not_json":
+        cache.write_text(cache.read_text()[:-20])
+    else:
+        import pickle
+        cache.write_bytes(pickle.dumps(d))
+    checked.clear()
+    load_image_data(root, workers=1)
+    assert len(checked) == 9
+
+
+def test_processes_each_check_their_share_and_agree(tmp_path):
+    root = make_folder(tmp_path / "d", n_train=6, n_val=0, split=False)
+    (root / "mid" / "bad.png").write_bytes(b"not an image")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), NFNET_ZOO_CACHE=str(tmp_path / "cache"))
+    worker = Path(__file__).parent / "_data_dist_worker.py"
+    for tag in ("first", "again"):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            str(worker), str(root), str(tmp_path), tag], env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    first = [json.loads((tmp_path / f"first-{i}.json").read_text()) for i in range(2)]
+    again = [json.loads((tmp_path / f"again-{i}.json").read_text()) for i in range(2)]
+    a, b = (set(p["checked"]) for p in first)
+    assert not a & b and len(a | b) == 19 and abs(len(a) - len(b)) <= 1  # each its half, none twice
+    assert first[0]["skipped"] == first[1]["skipped"] == ["mid/bad.png"]
+    assert first[0]["train"] == first[1]["train"] and first[0]["val"] == first[1]["val"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        one = load_image_data(root, val_split=0.2, workers=1)  # one process is the reference
+    assert [tuple(s) for s in first[0]["train"]] == one.train and [tuple(s) for s in first[0]["val"]] == one.val
+    assert again[0]["checked"] == again[1]["checked"] == []  # the second run finds every result remembered
+
+
+def test_machines_without_a_shared_run_folder_are_refused_at_start(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    worker = Path(__file__).parent / "_data_dist_worker.py"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(worker), str(tmp_path), str(tmp_path), "probe", "--not-shared"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    errors = [json.loads((tmp_path / f"probe-{i}.json").read_text())["error"] for i in range(2)]
+    for i, e in enumerate(errors):  # every process stops, each naming the folder it sees
+        assert e.startswith(f"the run folder {tmp_path}/run-of-process-{i} is not shared by all processes")
+        assert "\n" not in e
+    assert not list(tmp_path.glob("run-of-process-*/.shared-*"))  # the probe file is removed
 
 
 # --- resumable randomness ----------------------------------------------------------------------

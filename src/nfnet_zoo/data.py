@@ -34,7 +34,7 @@ from PIL import Image, ImageOps
 
 from ._files import write_json_atomic
 from .errors import NFNetZooError
-from .image_check import CheckCache, Gather, check_samples
+from .image_check import CHECK_LEVELS, CheckCache, Gather, check_samples
 
 # What PIL reads and timm's folder reader would list, plus the common extras users have.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
@@ -421,7 +421,9 @@ class Check:
     gather: Gather = None
 
 
-def _data_root(data_dir: str | os.PathLike) -> Path:
+def _data_root(data_dir: str | os.PathLike, check: str) -> Path:
+    if check not in CHECK_LEVELS:
+        raise NFNetZooError(f"--check-images must be one of {', '.join(CHECK_LEVELS)}, got {check!r}")
     # absolute: data.json must still find the images when a run is resumed from another folder
     root = Path(data_dir).expanduser().absolute()
     if not root.is_dir():
@@ -439,7 +441,7 @@ def load_image_data(data_dir: str | os.PathLike, val_split: float = VAL_SPLIT_DE
     `check`: "full", "header" or "none" (see image_check.py). With several processes, each calls this
     with its `process_index` and `gather` (accelerate.utils.gather_object): each checks its share.
     """
-    root = _data_root(data_dir)
+    root = _data_root(data_dir, check)
     if not any(root.iterdir()):
         raise NFNetZooError(f"data folder {root} is empty; put each class's images in DIR/<class>/")
     if not 0.0 <= val_split < 1.0:
@@ -456,7 +458,7 @@ def load_eval_samples(data_dir: str | os.PathLike, bad_images: str = "skip", wor
                       check: str = "full") -> ImageData:
     """The images to evaluate in `data_dir`: its val/ (or validation/) split when it has one, else
     every image of its class folders (a datasets folder: its validation/test split, else all)."""
-    root = _data_root(data_dir)
+    root = _data_root(data_dir, check)
     how = Check(check, bad_images, workers)
     if _is_hf_dataset(root):
         data = _hf_data(root, 0.0, how)

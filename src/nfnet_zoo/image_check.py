@@ -26,6 +26,7 @@ import PIL
 from PIL import Image, ImageFile
 
 from ._files import write_json_atomic
+from .errors import NFNetZooError
 
 CHECK_LEVELS = ("full", "header", "none")
 _CACHE_FORMAT = "nfnet-zoo image check 1"
@@ -94,7 +95,7 @@ class CheckCache:
         return None
 
     def record(self, key: str, level: str, ok: bool) -> None:
-        if key in self.stats:
+        if key in self.stats and self.lookup(key, level) is None:  # never replace a deeper check
             self.entries[key] = [*self.stats[key], level, ok]
             self.changed = True
 
@@ -121,27 +122,30 @@ def cache_dir() -> Path:
 def check_samples(raw: Callable[[str], Image.Image], samples: list[tuple[str, int]], level: str, workers: int,
                   cache: Optional[CheckCache] = None, process_index: int = 0, num_processes: int = 1,
                   gather: Gather = None) -> tuple[list[tuple[str, int]], list[str]]:
-    """(readable samples, unreadable keys). Every process calls this with the same samples; each checks
-    its share of those the cache does not answer, and all end with the same result."""
+    """(readable samples, unreadable keys). Every process calls this with the same samples and ends
+    with the same result; each checks (or finds in its cache) only its 1/N share."""
     if level == "none":
         return list(samples), []
-    if level not in CHECK_LEVELS:
-        raise ValueError(f"check level must be one of {CHECK_LEVELS}, got {level!r}")
     if level == "full" and ImageFile.LOAD_TRUNCATED_IMAGES:  # someone's global switch would hide truncated files
         warnings.warn("PIL's LOAD_TRUNCATED_IMAGES is on: truncated images are not detected")
-    known = {k: cache.lookup(k, level) for k, _ in samples} if cache is not None else {}
-    todo = [k for k, _ in samples if known.get(k) is None]
-    mine = todo[process_index::num_processes]
+    mine = [k for k, _ in samples[process_index::num_processes]]
+    known = {k: cache.lookup(k, level) for k in mine} if cache is not None else {}
+    todo = [k for k in mine if known.get(k) is None]
     with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL releases the GIL while decoding
-        found = list(zip(mine, pool.map(lambda k: is_readable(raw, k, level), mine, chunksize=64)))
+        known.update(zip(todo, pool.map(lambda k: is_readable(raw, k, level), todo, chunksize=64)))
+    found = [(k, known[k]) for k in mine]
     if num_processes > 1:
+        digest = hashlib.sha256(json.dumps(samples).encode("utf-8", "surrogateescape")).hexdigest()
+        if len(set(gather([digest]))) > 1:  # a share of another list would leave files unchecked
+            raise NFNetZooError("the processes found different files in the data folder; every machine needs "
+                                "the same data at the same path (or one shared filesystem)")
         found = gather(found)
-    for k, ok in found:
-        known[k] = ok
-        if cache is not None:
+    results = dict(found)
+    if cache is not None:
+        for k, ok in found:
             cache.record(k, level, ok)
-    good = [s for s in samples if known[s[0]]]
-    bad = [k for k, _ in samples if not known[k]]
+    good = [s for s in samples if results[s[0]]]
+    bad = [k for k, _ in samples if not results[k]]
     return good, bad
 
 
