@@ -218,11 +218,19 @@ def test_links_to_images_outside_the_folder_are_read_once(tmp_path):
     assert np.array_equal(np.asarray(opener(key)), np.asarray(Image.open(elsewhere / key).convert("RGB")))
 
 
-def test_a_class_folder_name_that_is_not_utf8_is_refused_with_its_bytes(tmp_path):
+@pytest.mark.parametrize("name", [b"d\xffrk", b"da\nrk"])
+def test_a_class_folder_name_that_is_not_text_is_refused_with_its_bytes(tmp_path, name):
     root = make_folder(tmp_path / "d", n_train=3, n_val=0, split=False)
-    os.rename(root / "dark", os.fsencode(root) + b"/d\xffrk")
-    msg = _one_line_error(lambda: load_image_data(root, workers=1), "not valid UTF-8")
-    assert repr(os.fsencode(root) + b"/d\xffrk") in msg
+    os.rename(root / "dark", os.fsencode(root) + b"/" + name)
+    msg = _one_line_error(lambda: load_image_data(root, workers=1), "not valid UTF-8 or holds control characters")
+    assert repr(os.fsencode(root) + b"/" + name) in msg
+
+
+def test_a_file_name_with_a_newline_keeps_messages_on_one_line(tmp_path):
+    root = make_folder(tmp_path / "d", n_train=3, n_val=0, split=False)
+    (root / "dark" / "bad\nname.png").write_bytes(b"not an image")
+    msg = _one_line_error(lambda: load_image_data(root, bad_images="error", workers=1), "1 unreadable")
+    assert repr(os.fsencode("dark/bad\nname.png")) in msg
 
 
 def test_file_names_that_are_not_utf8_are_read_and_survive_data_json(tmp_path):
@@ -280,10 +288,14 @@ def test_evaluation_folder_of_unreadable_files_is_one_line(tmp_path):
 def checked(monkeypatch):
     """The keys the check decodes or reads (cache hits are not in it)."""
     import nfnet_zoo.image_check as image_check
-    keys, readable = [], image_check.is_readable
+
+    class Keys(list):
+        levels: set = set()
+    keys, readable = Keys(), image_check.is_readable
 
     def recording(raw, key, level):
         keys.append(key)
+        keys.levels = keys.levels | {level}
         return readable(raw, key, level)
     monkeypatch.setattr(image_check, "is_readable", recording)
     return keys
@@ -349,6 +361,20 @@ def test_results_are_remembered_for_unchanged_files_only(tmp_path, checked, monk
     load_image_data(root2, check="full", workers=1)
     load_image_data(root2, check="header", workers=1)
     assert len(checked) == 2 * 9
+
+
+def test_finetune_checks_at_the_level_asked_and_remembers_across_runs(tmp_path, checked, monkeypatch):
+    from nfnet_zoo.finetune import finetune
+    monkeypatch.setenv("NFNET_ZOO_CACHE", str(tmp_path / "cache"))
+    root = make_folder(tmp_path / "d", n_train=6, n_val=2)
+    common = dict(model="nfnet_zoo_tiny", data_dir=str(root), epochs=1, img_size=32, batch_size=6, workers=0,
+                  pretrained=False, check_images="header")
+    finetune(output=str(tmp_path / "one"), **common)
+    assert len(checked) == 24 and checked.levels == {"header"}
+    checked.clear()
+    finetune(output=str(tmp_path / "two"), **common)  # another run on the unchanged folder
+    assert checked == []
+    assert ImageData.load(tmp_path / "two" / "data.json") == ImageData.load(tmp_path / "one" / "data.json")
 
 
 @pytest.mark.parametrize("tamper", ["other_root", "not_json", "code"])

@@ -141,12 +141,9 @@ class _File:
 
 
 def _show(path: str) -> str:
-    """A path for a message: as it is when it is text, else the repr of its bytes."""
-    try:
-        path.encode("utf-8")
-        return path
-    except UnicodeEncodeError:
-        return repr(os.fsencode(path))
+    """A path for a one-line message: as it is when it is printable text, else the repr of its bytes
+    (names that are not UTF-8 hold surrogates, which are not printable)."""
+    return path if path.isprintable() else repr(os.fsencode(path))
 
 
 def _visible(entry: os.DirEntry) -> bool:
@@ -196,8 +193,9 @@ def _class_folders(folder: Path) -> list[Path]:
         if p.name.startswith(".") or not p.is_dir():
             continue
         if _show(p.name) != p.name:
-            raise NFNetZooError(f"class folder {_show(str(p))} has a name that is not valid UTF-8; class names "
-                                f"are written to config.json as text: rename it (e.g. convmv -f latin1 -t utf8)")
+            raise NFNetZooError(f"class folder {_show(str(p))} has a name that is not valid UTF-8 or holds control "
+                                f"characters; class names are written to config.json and model cards as text: "
+                                f"rename it (e.g. convmv -f latin1 -t utf8)")
         found.append(p)
     return found
 
