@@ -166,6 +166,8 @@ def _walk_images(top: str, root: str, root_real: str) -> tuple[list[_File], int]
             raise NFNetZooError(f"cannot list {_show(folder)} ({e.strerror}); make it readable or move it out "
                                 f"of the data folder") from None
         subfolders = []
+        place_dir = os.path.relpath(folder, root)  # once per folder: relpath is slow at a million files
+        key_dir = _inside(real, root_real) or place_dir
         for e in entries:
             with contextlib.suppress(OSError):
                 if e.is_dir():  # follows links
@@ -174,17 +176,22 @@ def _walk_images(top: str, root: str, root_real: str) -> tuple[list[_File], int]
             if not e.name.lower().endswith(IMAGE_EXTENSIONS):
                 other += 1
                 continue
-            real_file = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real, e.name)
-            inside = real_file.startswith(root_real + os.sep)
-            key = os.path.relpath(real_file, root_real) if inside else os.path.relpath(e.path, root)
+            place = os.path.join(place_dir, e.name)
+            real_file = os.path.realpath(e.path) if e.is_symlink() else None
+            key = (_inside(real_file, root_real) or place) if real_file else os.path.join(key_dir, e.name)
             try:
                 st = e.stat()
                 identity, stat = (st.st_dev, st.st_ino), (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             except OSError:  # a dangling link: the check reports it unreadable
                 identity, stat = ("missing", real_file), None
-            files.append(_File(os.path.relpath(e.path, root), key, identity, stat))
+            files.append(_File(place, key, identity, stat))
         stack.extend(reversed(subfolders))
     return files, other
+
+
+def _inside(real: str, root_real: str) -> Optional[str]:
+    """`real` relative to the data folder's real path, or None when it lies outside."""
+    return real[len(root_real) + 1:] if real.startswith(root_real + os.sep) else None
 
 
 def _class_folders(folder: Path) -> list[Path]:
@@ -242,9 +249,12 @@ def _split_folder(root: Path) -> tuple[Path, Optional[Path]]:
 
 def _stratified_split(samples: list[tuple[str, int]], fraction: float) -> tuple[list, list]:
     rng = random.Random(SPLIT_SEED)
+    by_label: dict[int, list] = {}
+    for s in samples:  # one pass: a filter per class would be quadratic at ImageNet scale
+        by_label.setdefault(s[1], []).append(s)
     train, val = [], []
-    for label in sorted({lab for _, lab in samples}):
-        items = [s for s in samples if s[1] == label]
+    for label in sorted(by_label):
+        items = by_label[label]
         rng.shuffle(items)
         n_val = round(len(items) * fraction) if len(items) > 1 else 0
         n_val = min(max(n_val, 1 if fraction > 0 and len(items) > 1 else 0), len(items) - 1)
