@@ -246,6 +246,14 @@ def test_file_names_that_are_not_utf8_are_read_and_survive_data_json(tmp_path):
     assert again.opener()(key).size == (24, 24)
 
 
+def test_a_pipe_named_like_an_image_is_not_opened(tmp_path):
+    root = make_folder(tmp_path / "d", n_train=3, n_val=0, split=False)
+    os.mkfifo(root / "dark" / "fifo.jpg")  # opening it would wait for a writer forever
+    with pytest.warns(UserWarning, match="ignored 1 non-image"):
+        data = load_image_data(root, workers=1)
+    assert len(_all_keys(data)) == 9 and not data.skipped
+
+
 def test_a_relative_data_dir_is_stored_absolute(tmp_path, monkeypatch):
     make_folder(tmp_path / "work" / "d", n_train=3, n_val=1)
     monkeypatch.chdir(tmp_path / "work")

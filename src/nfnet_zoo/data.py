@@ -173,8 +173,8 @@ def _walk_images(top: str, root: str, root_real: str) -> tuple[list[_File], int]
                 if e.is_dir():  # follows links
                     subfolders.append(e.path)
                     continue
-            if not e.name.lower().endswith(IMAGE_EXTENSIONS):
-                other += 1
+            if not e.name.lower().endswith(IMAGE_EXTENSIONS) or not _regular_or_dangling(e):
+                other += 1  # a pipe or device named x.jpg would block or never end the check
                 continue
             place = os.path.join(place_dir, e.name)
             real_file = os.path.realpath(e.path) if e.is_symlink() else None
@@ -187,6 +187,13 @@ def _walk_images(top: str, root: str, root_real: str) -> tuple[list[_File], int]
             files.append(_File(place, key, identity, stat))
         stack.extend(reversed(subfolders))
     return files, other
+
+
+def _regular_or_dangling(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file() or (entry.is_symlink() and not os.path.exists(entry.path))
+    except OSError:
+        return False
 
 
 def _inside(real: str, root_real: str) -> Optional[str]:
@@ -434,6 +441,9 @@ def _data_root(data_dir: str | os.PathLike, check: str) -> Path:
         raise NFNetZooError(f"--check-images must be one of {', '.join(CHECK_LEVELS)}, got {check!r}")
     # absolute: data.json must still find the images when a run is resumed from another folder
     root = Path(data_dir).expanduser().absolute()
+    if root.exists() and not root.is_dir():
+        raise NFNetZooError(f"--data-dir {_show(str(root))} is a file, not a folder; pass the folder that holds "
+                            f"the class folders (DIR/<class>/<image>)")
     if not root.is_dir():
         raise NFNetZooError(f"data folder {_show(str(root))} does not exist; pass --data-dir with a folder of "
                             f"class folders (DIR/<class>/<image> or DIR/train/<class>/<image>)")

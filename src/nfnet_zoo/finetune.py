@@ -39,6 +39,7 @@ from ._files import write_json_atomic
 from .data import ImageData, load_image_data
 from .errors import NFNetZooError
 from .evaluate import evaluate, predict, topk_correct
+from .image_check import CHECK_LEVELS
 from .recipe import (MIXED_PRECISION, BAD_IMAGES, RESUMABLE_OVERRIDES, FinetuneConfig, build_loaders, build_losses,
                      build_model, build_optimizer, build_scheduler, image_sizes)
 from .variants import deepmind_crop_pct
@@ -165,6 +166,7 @@ def _validate(cfg: FinetuneConfig) -> None:
         (cfg.clipping >= 0, f"--clipping must be >= 0 (0 turns AGC off), got {cfg.clipping}"),
         (cfg.mixed_precision in MIXED_PRECISION, f"--mixed-precision must be one of {MIXED_PRECISION}"),
         (cfg.bad_images in BAD_IMAGES, f"--bad-images must be one of {BAD_IMAGES}"),
+        (cfg.check_images in CHECK_LEVELS, f"--check-images must be one of {CHECK_LEVELS}"),
         (cfg.lr is None or cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
         (0 <= cfg.smoothing < 1, f"--smoothing must be in [0, 1), got {cfg.smoothing}"),
         (cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}"),
