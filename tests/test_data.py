@@ -340,6 +340,9 @@ def test_check_levels_find_what_they_promise(tmp_path, monkeypatch):
                                                 "train/mid/truncated.jpg"]  # damage inside is not seen
     assert levels["none"].skipped == []
     assert len(levels["none"].train) == len(levels["full"].train) + 4
+    # unchecked, a bad file stops training when it is reached, with a line saying why it got there
+    _one_line_error(lambda: levels["none"].opener()("train/mid/corrupt.png"),
+                    "cannot read image train/mid/corrupt.png .*check did not decode it")
 
 
 def test_results_are_remembered_for_unchanged_files_only(tmp_path, checked, monkeypatch):

@@ -127,8 +127,9 @@ class _Opener:
             img.load()
             return to_rgb(img)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise NFNetZooError(f"cannot read image {key} in {self.root}: {e}; it changed after the "
-                                f"start-up check; remove it and start again") from None
+            raise NFNetZooError(f"cannot read image {_show(key)} in {_show(self.root)} ({e}): it changed after "
+                                f"the start-up check, or the check did not decode it (--check-images header or "
+                                f"none); remove it and start again") from None
 
 
 # --- folders -----------------------------------------------------------------------------------
