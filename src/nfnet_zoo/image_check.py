@@ -131,6 +131,7 @@ def check_samples(raw: Callable[[str], Image.Image], samples: list[tuple[str, in
     mine = [k for k, _ in samples[process_index::num_processes]]
     known = {k: cache.lookup(k, level) for k in mine} if cache is not None else {}
     todo = [k for k in mine if known.get(k) is None]
+    hits = set(mine) - set(todo)
     with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL releases the GIL while decoding
         known.update(zip(todo, pool.map(lambda k: is_readable(raw, k, level), todo, chunksize=64)))
     found = [(k, known[k]) for k in mine]
@@ -143,7 +144,8 @@ def check_samples(raw: Callable[[str], Image.Image], samples: list[tuple[str, in
     results = dict(found)
     if cache is not None:
         for k, ok in found:
-            cache.record(k, level, ok)
+            if k not in hits:
+                cache.record(k, level, ok)
     good = [s for s in samples if results[s[0]]]
     bad = [k for k, _ in samples if not results[k]]
     return good, bad
