@@ -265,9 +265,22 @@ def _machine(device) -> str:
 _GPU_HEADING = "## GPU run"
 
 
+_KEPT_HEADING = "## Start-up before the first training step"  # written by bench_startup.py
+
+
 def _merge(path: Path, lines: list[str], gpu: bool) -> str:
-    """A CPU run rewrites the file but keeps its GPU section; a GPU run replaces only that section."""
+    """A CPU run rewrites the file but keeps its GPU section; a GPU run replaces only that section.
+    Either keeps bench_startup.py's section, at the end."""
     old = path.read_text() if path.exists() else ""
+    kept = old.find("\n" + _KEPT_HEADING)
+    if kept >= 0:
+        end = old.find("\n## ", kept + 1)
+        section, old = old[kept + 1:end + 1 if end >= 0 else None], old[:kept + 1] + (old[end + 1:] if end >= 0 else "")
+        return _merge_main(old, lines, gpu).rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+    return _merge_main(old, lines, gpu)
+
+
+def _merge_main(old: str, lines: list[str], gpu: bool) -> str:
     start = old.find("\n" + _GPU_HEADING)
     kept_gpu = old[start + 1:] if start >= 0 else ""
     if not gpu:

@@ -14,3 +14,17 @@ def hub(tmp_path):
     server = HubServer(tmp_path / "hub", user="alice", token="hf_DummyNfnetZooToken0123456789abcd").start()
     yield server
     server.stop()
+
+
+# --- the image check cache (nfnet_zoo.image_check) --------------------------------------------
+@pytest.fixture(autouse=True, scope="session")
+def _image_check_cache(tmp_path_factory):
+    """Check results go to a folder of this test session, never to the user's cache."""
+    import os
+    old = os.environ.get("NFNET_ZOO_CACHE")
+    os.environ["NFNET_ZOO_CACHE"] = str(tmp_path_factory.mktemp("image-checks"))
+    yield
+    if old is None:
+        os.environ.pop("NFNET_ZOO_CACHE", None)
+    else:
+        os.environ["NFNET_ZOO_CACHE"] = old

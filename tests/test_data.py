@@ -5,8 +5,14 @@ References: PIL's own decoders and conversions (computed here independently), nu
 """
 from __future__ import annotations
 
+import json
+import os
 import random
 import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,6 +145,306 @@ def test_image_data_round_trips_through_json(tmp_path):
     assert ImageData.load(tmp_path / "data.json") == data
 
 
+# --- hostile folders: links, loops, names (issue 15) -------------------------------------------
+def _all_keys(data):
+    return [k for k, _ in data.train + data.val]
+
+
+def _one_line_error(call, message):
+    with pytest.raises(NFNetZooError, match=message) as e:
+        call()
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_a_link_loop_inside_a_class_folder_is_followed_once(tmp_path):
+    root = make_folder(tmp_path / "d", n_train=10, n_val=0, split=False)
+    os.symlink(".", root / "dark" / "again")            # dark/again/again/... forever
+    os.symlink("000.png", root / "dark" / "alias.png")   # the same file twice in its own class
+    data = load_image_data(root, workers=1)
+    keys = _all_keys(data)
+    assert len(keys) == len(set(keys)) == 30             # 30 files on disk, each once
+    assert sorted(keys) == sorted(str(p.relative_to(root)) for p in root.glob("*/*.png") if not p.is_symlink())
+
+
+def test_a_loop_to_the_data_folder_is_refused_naming_both_places(tmp_path):
+    # the issue's case: 30 files became 1,230 mislabelled samples with val images in training
+    root = make_folder(tmp_path / "d", n_train=10, n_val=0, split=False)
+    os.symlink("..", root / "dark" / "loop")
+    msg = _one_line_error(lambda: load_image_data(root, workers=1), "same file.*class folders bright and dark")
+    assert "bright/000.png" in msg and "dark/loop/bright/000.png" in msg
+
+
+@pytest.mark.parametrize("link", ["file_symlink", "hard_link", "class_folder_symlink"])
+def test_a_file_reachable_from_two_class_folders_is_refused(tmp_path, link):
+    root = make_folder(tmp_path / "d", n_train=4, n_val=0, split=False)
+    if link == "file_symlink":
+        os.symlink("../dark/001.png", root / "mid" / "x.png")
+    elif link == "hard_link":
+        os.link(root / "dark" / "001.png", root / "mid" / "x.png")
+    else:
+        os.symlink("dark", root / "dusk")
+    msg = _one_line_error(lambda: load_image_data(root, workers=1), "same file.*two labels")
+    assert ("dark/000.png and dusk/000.png" if link == "class_folder_symlink" else "dark/001.png and mid/x.png") in msg
+
+
+@pytest.mark.parametrize("link", ["folder_symlink", "file_symlink", "hard_link"])
+def test_a_validation_image_reachable_from_train_is_refused(tmp_path, link):
+    root = make_folder(tmp_path / "d", n_train=4, n_val=2)
+    if link == "folder_symlink":
+        os.symlink("../../val/dark", root / "train" / "dark" / "more")
+    elif link == "file_symlink":
+        os.symlink("../../val/mid/001.png", root / "train" / "mid" / "v.png")
+    else:
+        os.link(root / "val" / "mid" / "001.png", root / "train" / "mid" / "v.png")
+    msg = _one_line_error(lambda: load_image_data(root, workers=1), "same file.*from train/ and val/")
+    assert "val/" in msg and "train/" in msg
+    # evaluating val/ alone is fine: the leak is between the two splits
+    assert len(load_eval_samples(root, workers=1).val) == 6
+
+
+def test_links_to_images_outside_the_folder_are_read_once(tmp_path):
+    elsewhere = make_folder(tmp_path / "elsewhere", n_train=5, n_val=0, split=False)
+    root = tmp_path / "d"
+    root.mkdir()
+    for c in ("dark", "mid"):
+        os.symlink(elsewhere / c, root / c)
+    os.symlink("nothing-here.png", elsewhere / "dark" / "gone.png")  # dangling: unreadable, skipped
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        data = load_image_data(root, workers=1)
+    assert data.classes == ["dark", "mid"] and len(_all_keys(data)) == 10
+    opener = data.opener()
+    key, label = data.train[0]
+    assert np.array_equal(np.asarray(opener(key)), np.asarray(Image.open(elsewhere / key).convert("RGB")))
+
+
+@pytest.mark.parametrize("name", [b"d\xffrk", b"da\nrk"])
+def test_a_class_folder_name_that_is_not_text_is_refused_with_its_bytes(tmp_path, name):
+    root = make_folder(tmp_path / "d", n_train=3, n_val=0, split=False)
+    os.rename(root / "dark", os.fsencode(root) + b"/" + name)
+    msg = _one_line_error(lambda: load_image_data(root, workers=1), "not valid UTF-8 or holds control characters")
+    assert repr(os.fsencode(root) + b"/" + name) in msg
+
+
+def test_a_file_name_with_a_newline_keeps_messages_on_one_line(tmp_path):
+    root = make_folder(tmp_path / "d", n_train=3, n_val=0, split=False)
+    (root / "dark" / "bad\nname.png").write_bytes(b"not an image")
+    msg = _one_line_error(lambda: load_image_data(root, bad_images="error", workers=1), "1 unreadable")
+    assert repr(os.fsencode("dark/bad\nname.png")) in msg
+
+
+def test_file_names_that_are_not_utf8_are_read_and_survive_data_json(tmp_path):
+    root = make_folder(tmp_path / "d", n_train=3, n_val=1)
+    name = os.fsencode(root / "train" / "dark") + b"/\xff\xfe.png"
+    os.rename(root / "train" / "dark" / "000.png", name)
+    data = load_image_data(root, workers=1)
+    assert len(data.train) == 9 and not data.skipped
+    data.save(tmp_path / "data.json")
+    json.loads((tmp_path / "data.json").read_text(encoding="utf-8"))  # valid UTF-8 JSON
+    again = ImageData.load(tmp_path / "data.json")
+    key = next(k for k, _ in again.train if os.fsencode(k).endswith(b"\xff\xfe.png"))
+    assert again.opener()(key).size == (24, 24)
+
+
+def test_a_pipe_named_like_an_image_is_not_opened(tmp_path):
+    root = make_folder(tmp_path / "d", n_train=3, n_val=0, split=False)
+    os.mkfifo(root / "dark" / "fifo.jpg")  # opening it would wait for a writer forever
+    with pytest.warns(UserWarning, match="ignored 1 non-image"):
+        data = load_image_data(root, workers=1)
+    assert len(_all_keys(data)) == 9 and not data.skipped
+
+
+def test_a_relative_data_dir_is_stored_absolute(tmp_path, monkeypatch):
+    make_folder(tmp_path / "work" / "d", n_train=3, n_val=1)
+    monkeypatch.chdir(tmp_path / "work")
+    load_image_data("d", workers=1).save(tmp_path / "data.json")
+    monkeypatch.chdir(tmp_path)  # a resumed run starts from elsewhere
+    data = ImageData.load(tmp_path / "data.json")
+    assert data.root == str(tmp_path / "work" / "d")
+    assert data.opener()(data.train[0][0]).size == (24, 24)
+
+
+@pytest.mark.parametrize("stray", ["state.json", "dataset_dict.json"])
+def test_a_stray_json_file_does_not_make_a_folder_a_saved_dataset(tmp_path, stray):
+    root = make_folder(tmp_path / "d", n_train=3, n_val=1)
+    (root / stray).write_text(json.dumps({"splits": ["train"]} if stray == "dataset_dict.json" else {"epoch": 3}))
+    data = load_image_data(root, workers=1)
+    assert data.kind == "folder" and len(data.train) == 9
+
+
+def test_class_order_is_timms_for_numbered_names(tmp_path):
+    from timm.data.readers.reader_image_folder import ReaderImageFolder
+    root = make_folder(tmp_path / "d", n_train=2, n_val=0, split=False)
+    for i, name in enumerate(["class10", "class2", "Class1", "a9b", "a10b"]):
+        shutil.copytree(root / "mid", root / name)
+    shutil.rmtree(root / "mid")
+    timm_order = sorted(ReaderImageFolder(str(root)).class_to_idx.items(), key=lambda kv: kv[1])
+    assert load_image_data(root, val_split=0, workers=1).classes == [c for c, _ in timm_order]
+    assert load_eval_samples(root, workers=1).classes == [c for c, _ in timm_order]
+
+
+def test_evaluation_folder_of_unreadable_files_is_one_line(tmp_path):
+    for c in ("a", "b"):
+        (tmp_path / "d" / c).mkdir(parents=True)
+        (tmp_path / "d" / c / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.warns(UserWarning, match="skipped 2"):
+        _one_line_error(lambda: load_eval_samples(tmp_path / "d", workers=1), "no readable images to evaluate")
+
+
+# --- the start-up check: levels, cache, processes (issue 13) ------------------------------------
+@pytest.fixture
+def checked(monkeypatch):
+    """The keys the check decodes or reads (cache hits are not in it)."""
+    import nfnet_zoo.image_check as image_check
+
+    class Keys(list):
+        levels: set = set()
+    keys, readable = Keys(), image_check.is_readable
+
+    def recording(raw, key, level):
+        keys.append(key)
+        keys.levels = keys.levels | {level}
+        return readable(raw, key, level)
+    monkeypatch.setattr(image_check, "is_readable", recording)
+    return keys
+
+
+def _damaged_inside_png(path: Path) -> None:
+    """A PNG whose compressed data is broken but whose chunks and IEND are in place."""
+    data = bytearray(path.read_bytes())
+    start = data.index(b"IDAT") + 4
+    data[start + 10:start + 40] = bytes(30)
+    path.write_bytes(bytes(data))
+
+
+def test_check_levels_find_what_they_promise(tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "d", n_train=4, n_val=1)
+    add_awkward_files(root / "train" / "mid")  # a truncated JPEG, a PNG of garbage, and good odd files
+    shutil.copy(root / "train" / "dark" / "000.png", root / "train" / "dark" / "inside.png")
+    _damaged_inside_png(root / "train" / "dark" / "inside.png")
+    png = (root / "train" / "dark" / "001.png").read_bytes()
+    (root / "train" / "dark" / "cut.png").write_bytes(png[: len(png) // 2])
+    with Image.open(root / "train" / "dark" / "inside.png") as img:  # PIL is the reference: header reads,
+        img.size                                                     # decoding fails
+        with pytest.raises((OSError, SyntaxError)):
+            img.load()
+    levels = {}
+    for level in ("full", "header", "none"):
+        monkeypatch.setenv("NFNET_ZOO_CACHE", str(tmp_path / level))  # a full result would serve a header check
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            levels[level] = load_image_data(root, check=level, workers=1)
+    assert sorted(levels["full"].skipped) == ["train/dark/cut.png", "train/dark/inside.png",
+                                              "train/mid/corrupt.png", "train/mid/truncated.jpg"]
+    assert sorted(levels["header"].skipped) == ["train/dark/cut.png", "train/mid/corrupt.png",
+                                                "train/mid/truncated.jpg"]  # damage inside is not seen
+    assert levels["none"].skipped == []
+    assert len(levels["none"].train) == len(levels["full"].train) + 4
+    # unchecked, a bad file stops training when it is reached, with a line saying why it got there
+    _one_line_error(lambda: levels["none"].opener()("train/mid/corrupt.png"),
+                    "cannot read image train/mid/corrupt.png .*check did not decode it")
+
+
+def test_results_are_remembered_for_unchanged_files_only(tmp_path, checked, monkeypatch):
+    monkeypatch.setenv("NFNET_ZOO_CACHE", str(tmp_path / "cache"))
+    root = make_folder(tmp_path / "d", n_train=4, n_val=1)
+    (root / "train" / "mid" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.warns(UserWarning, match="skipped 1"):
+        first = load_image_data(root, workers=1)
+    assert len(checked) == 16
+    cache_files = list((tmp_path / "cache").glob("*.json"))
+    assert len(cache_files) == 1 and json.loads(cache_files[0].read_text())["root"] == str(root)  # plain JSON
+
+    checked.clear()
+    with pytest.warns(UserWarning, match="skipped 1"):  # the bad file is remembered too
+        assert load_image_data(root, workers=1) == first
+    assert checked == []
+
+    changed = root / "train" / "dark" / "002.png"
+    changed.write_bytes((root / "train" / "dark" / "003.png").read_bytes())
+    with pytest.warns(UserWarning, match="skipped 1"):
+        load_image_data(root, workers=1)
+    assert checked == ["train/dark/002.png"]
+
+    checked.clear()  # a header check is not enough for a full one; a full one is for a header one
+    root2 = make_folder(tmp_path / "d2", n_train=2, n_val=1)
+    load_image_data(root2, check="header", workers=1)
+    load_image_data(root2, check="full", workers=1)
+    load_image_data(root2, check="header", workers=1)
+    assert len(checked) == 2 * 9
+
+
+def test_finetune_checks_at_the_level_asked_and_remembers_across_runs(tmp_path, checked, monkeypatch):
+    from nfnet_zoo.finetune import finetune
+    monkeypatch.setenv("NFNET_ZOO_CACHE", str(tmp_path / "cache"))
+    root = make_folder(tmp_path / "d", n_train=6, n_val=2)
+    common = dict(model="nfnet_zoo_tiny", data_dir=str(root), epochs=1, img_size=32, batch_size=6, workers=0,
+                  pretrained=False, check_images="header")
+    finetune(output=str(tmp_path / "one"), **common)
+    assert len(checked) == 24 and checked.levels == {"header"}
+    checked.clear()
+    finetune(output=str(tmp_path / "two"), **common)  # another run on the unchanged folder
+    assert checked == []
+    assert ImageData.load(tmp_path / "two" / "data.json") == ImageData.load(tmp_path / "one" / "data.json")
+
+
+@pytest.mark.parametrize("tamper", ["other_root", "not_json", "code"])
+def test_a_cache_file_that_does_not_match_is_not_trusted(tmp_path, checked, monkeypatch, tamper):
+    monkeypatch.setenv("NFNET_ZOO_CACHE", str(tmp_path / "cache"))
+    root = make_folder(tmp_path / "d", n_train=2, n_val=1)
+    load_image_data(root, workers=1)
+    cache = next((tmp_path / "cache").glob("*.json"))
+    d = json.loads(cache.read_text())
+    if tamper == "other_root":
+        d["root"] = str(tmp_path / "elsewhere")
+        cache.write_text(json.dumps(d))
+    elif tamper == "not_json":
+        cache.write_text(cache.read_text()[:-20])
+    else:
+        import pickle
+        cache.write_bytes(pickle.dumps(d))
+    checked.clear()
+    load_image_data(root, workers=1)
+    assert len(checked) == 9
+
+
+def test_processes_each_check_their_share_and_agree(tmp_path):
+    root = make_folder(tmp_path / "d", n_train=6, n_val=0, split=False)
+    (root / "mid" / "bad.png").write_bytes(b"not an image")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), NFNET_ZOO_CACHE=str(tmp_path / "cache"))
+    worker = Path(__file__).parent / "_data_dist_worker.py"
+    for tag in ("first", "again"):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            str(worker), str(root), str(tmp_path), tag], env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    first = [json.loads((tmp_path / f"first-{i}.json").read_text()) for i in range(2)]
+    again = [json.loads((tmp_path / f"again-{i}.json").read_text()) for i in range(2)]
+    a, b = (set(p["checked"]) for p in first)
+    assert not a & b and len(a | b) == 19 and abs(len(a) - len(b)) <= 1  # each its half, none twice
+    assert first[0]["skipped"] == first[1]["skipped"] == ["mid/bad.png"]
+    assert first[0]["train"] == first[1]["train"] and first[0]["val"] == first[1]["val"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        one = load_image_data(root, val_split=0.2, workers=1)  # one process is the reference
+    assert [tuple(s) for s in first[0]["train"]] == one.train and [tuple(s) for s in first[0]["val"]] == one.val
+    assert again[0]["checked"] == again[1]["checked"] == []  # the second run finds every result remembered
+
+
+def test_machines_without_a_shared_run_folder_are_refused_at_start(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    worker = Path(__file__).parent / "_data_dist_worker.py"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(worker), str(tmp_path), str(tmp_path), "probe", "--not-shared"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    errors = [json.loads((tmp_path / f"probe-{i}.json").read_text())["error"] for i in range(2)]
+    for i, e in enumerate(errors):  # every process stops, each naming the folder it sees
+        assert e.startswith(f"the run folder {tmp_path}/run-of-process-{i} is not shared by all processes")
+        assert "\n" not in e
+    assert not list(tmp_path.glob("run-of-process-*/.shared-*"))  # the probe file is removed
+
+
 # --- resumable randomness ----------------------------------------------------------------------
 def test_augmentation_depends_only_on_seed_epoch_index(tmp_path):
     from timm.data import create_transform
@@ -198,3 +504,15 @@ def test_saved_hf_dataset_with_a_corrupt_row(tmp_path):
     assert len(data.train) == 12 and len(data.val) == 6 and data.skipped == ["train/12"]
     original = np.asarray(dd["train"][5]["img"].convert("RGB"))  # datasets' own decoder as reference
     assert np.array_equal(np.asarray(data.opener()("train/5")), original)
+
+
+def test_saved_dataset_without_the_datasets_package_is_one_line(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from _images import class_image
+    rng = np.random.default_rng(0)
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    rows = {"img": [class_image("dark", rng) for _ in range(4)], "label": [0, 1, 0, 1]}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "ds"))
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now fails, as when not installed
+    for load in (load_image_data, load_eval_samples):
+        _one_line_error(lambda: load(tmp_path / "ds", workers=1), "needs the `datasets` package: pip install")

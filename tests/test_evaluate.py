@@ -131,3 +131,80 @@ def test_registered_name_without_cached_weights(tmp_path, data_dir):
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "not in the local cache" in r.stderr.strip().splitlines()[-1]
+
+
+# --- the run's own data, and weights that are not cached (issue 15) -----------------------------
+def test_a_runs_own_flat_folder_is_scored_on_its_held_out_split_only(tmp_path, capsys):
+    flat = make_folder(tmp_path / "flat", n_train=10, n_val=0, split=False)
+    run = finetune(model="nfnet_zoo_tiny", data_dir=str(flat), output=str(tmp_path / "run"), epochs=1, lr=0.1,
+                   img_size=32, batch_size=8, workers=0, pretrained=False)
+    held = json.loads((run / "data.json").read_text())["val"]
+    assert 0 < len(held) < 30
+    files = [flat / k for k, _ in held]
+    classes = ["bright", "dark", "mid"]
+    hit = _reference_logits(run, files).argmax(1) == torch.tensor([classes.index(f.parent.name) for f in files])
+    result = evaluate(str(run), flat, workers=0)
+    assert result["num_images"] == len(held) and "held-out split" in result["split"]
+    assert result["top1"] == pytest.approx(100 * hit.float().mean().item())
+    assert cli_main(["evaluate", str(run), "--data-dir", str(flat), "-j", "0"]) == 0
+    assert f"evaluated on the run's held-out split: {len(held)} images" in capsys.readouterr().out
+    # a copy of the folder is other data: all of it is scored
+    copy = make_folder(tmp_path / "copy", n_train=10, n_val=0, split=False)
+    assert evaluate(str(run), copy, workers=0)["num_images"] == 30
+    # a damaged data.json cannot tell: all images, with a warning saying what that means
+    (run / "data.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="scores include its training images"):
+        assert evaluate(str(run), flat, workers=0)["num_images"] == 30
+
+
+def test_an_unreadable_evaluation_folder_is_one_line(run, tmp_path, capsys):
+    for c in ("dark", "mid"):
+        (tmp_path / "d" / c).mkdir(parents=True)
+        (tmp_path / "d" / c / "x.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    with pytest.warns(UserWarning, match="skipped 2 unreadable"):
+        assert cli_main(["evaluate", str(run), "--data-dir", str(tmp_path / "d"), "-j", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("nfnet-zoo evaluate: error: no readable images to evaluate")
+
+
+_RECORD_CONNECTIONS = """
+import socket, sys
+calls = []
+connect = socket.socket.connect
+def recording(self, address):
+    calls.append(address)
+    return connect(self, address)
+socket.socket.connect = recording
+from nfnet_zoo.cli import main
+rc = main(sys.argv[1:])
+print(f"connections: {len(calls)}", file=sys.stderr)
+sys.exit(rc)
+"""
+
+
+@pytest.mark.parametrize("network", ["HF_HUB_OFFLINE", "unreachable"])
+def test_weights_that_are_not_cached_fail_at_once_offline(network, tmp_path, data_dir):
+    env = dict(os.environ, HF_HOME=str(tmp_path / "empty-hf-home"))
+    env.pop("HF_HUB_OFFLINE", None)
+    if network == "HF_HUB_OFFLINE":
+        env["HF_HUB_OFFLINE"] = "1"
+    else:  # a closed port: each download attempt is refused, and the Hub client retries 5 times
+        env["HF_ENDPOINT"] = "http://127.0.0.1:9"
+    r = subprocess.run([sys.executable, "-c", _RECORD_CONNECTIONS, "evaluate", "nfnet_f0", "--data-dir", str(data_dir)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    why = "HF_HUB_OFFLINE is set" if network == "HF_HUB_OFFLINE" else "the Hugging Face Hub cannot be reached"
+    assert lines[-2] == (f"nfnet-zoo evaluate: error: pretrained weights for nfnet_f0 are not in the local cache and "
+                         f"{why}; connect to the Hub once (with HF_HUB_OFFLINE unset), or pass a run folder or "
+                         f"local-dir:PATH instead")
+    assert lines[-1] == f"connections: {0 if network == 'HF_HUB_OFFLINE' else 1}"  # one probe, no retries
+
+
+def test_the_hub_probe_against_a_real_server(hub, monkeypatch):
+    from huggingface_hub import constants
+    from nfnet_zoo.evaluate import _hub_reachable
+    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+    assert _hub_reachable()
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    assert not _hub_reachable()

@@ -63,6 +63,7 @@ def _kwarg(text: str) -> tuple[str, object]:
 
 
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    from .image_check import CHECK_LEVELS
     from .recipe import BAD_IMAGES, MIXED_PRECISION, default
 
     p = sub.add_parser(
@@ -92,6 +93,11 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
                    f"has no val/ folder (fixed split) (default: {d('val_split')})")
     g.add_argument("--bad-images", choices=BAD_IMAGES, help="corrupt, truncated or unreadable image files: "
                    f"leave them out with a warning (skip) or stop (error) (default: {d('bad_images')})")
+    g.add_argument("--check-images", choices=CHECK_LEVELS, help="before training, full: decode every image; "
+                   "header: read headers and end markers only (for very large sets; catches non-images and "
+                   "truncated JPEG/PNG files, not damage inside the data); none: no check, as timm's train.py. "
+                   "Each process checks its share; results are remembered for unchanged files (in "
+                   f"$NFNET_ZOO_CACHE, default $HF_HOME/nfnet-zoo) (default: {d('check_images')})")
     g = p.add_argument_group("recipe (timm train.py names)")
     g.add_argument("--epochs", type=int, help=f"epochs (default: {d('epochs')})")
     g.add_argument("-b", "--batch-size", type=int, help=f"batch size per process (default: {d('batch_size')})")
@@ -128,8 +134,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     g.add_argument("-j", "--workers", type=int, help=f"data loading processes per training process (default: {d('workers')})")
     g.add_argument("--resume", nargs="?", const="", metavar="RUN",
                    help="continue RUN (default: --output) from its last saved state with its saved arguments; "
-                   "only --epochs, --workers, --report-to, --save-every, --log-interval, --cpu and --bad-images "
-                   "may change")
+                   "only --epochs, --workers, --report-to, --save-every, --log-interval, --cpu, --bad-images and "
+                   "--check-images may change")
     g.add_argument("--save-every", type=int, help="optimizer steps between resumable state saves, besides each "
                    f"epoch's end; 0 = epochs only (default: {d('save_every')})")
     g.add_argument("--log-interval", type=int, help=f"steps between progress updates (default: {d('log_interval')})")
@@ -160,7 +166,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "evaluate", help="top-1, top-5 and per-class accuracy of a model on an image folder",
         description="Evaluate MODEL on DIR's val/ (or validation/) folder, or on all of DIR/<class>/* "
         "when it has none, with the model's own evaluation preprocessing. Class folders are matched to "
-        "the model's class names.")
+        "the model's class names. When MODEL is a run folder and DIR the data it was trained on, only "
+        "the run's held-out split (RUN/data.json) is scored, and the output says so.")
     p.add_argument("model", metavar="MODEL", help="run folder, local-dir:PATH, hf-hub:REPO, or a registered "
                    "name with weights (nfnet_f0)")
     p.add_argument("--data-dir", required=True, help="image folder (DIR/<class>/<image>) or saved dataset")
@@ -168,6 +175,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-j", "--workers", type=argtype("workers"), default=4, help="data loading processes (default: 4)")
     p.add_argument("--bad-images", choices=("skip", "error"), default="skip",
                    help="unreadable image files: leave out with a warning, or stop (default: skip)")
+    p.add_argument("--check-images", choices=("full", "header", "none"), default="full",
+                   help="check before evaluating: decode every image (full), headers only (header), or none "
+                   "(default: full)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=_run_evaluate)
 
@@ -178,7 +188,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
 
     with _plain_warnings():
         result = evaluate(args.model, args.data_dir, batch_size=args.batch_size, workers=args.workers,
-                          bad_images=args.bad_images)
+                          bad_images=args.bad_images, check_images=args.check_images)
     print(json.dumps(result, indent=2) if args.json else format_evaluation(result))
 
 

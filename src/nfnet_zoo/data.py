@@ -4,29 +4,37 @@ Layouts read by `load_image_data`:
 - `DIR/train/<class>/*` with `DIR/val/<class>/*` (or `validation/`): the given split;
 - `DIR/<class>/*` (or only `DIR/train/`): split into train/val per class with a fixed seed;
 - a `datasets.save_to_disk` folder (a DatasetDict with train/validation splits, or one Dataset).
-Labels are class-folder names (or the ClassLabel names), sorted, so class order is stable.
+Labels are class-folder names in timm's order (`natural_key`: class2 before class10, as timm's folder
+reader), or the ClassLabel names, so a checkpoint's class indices agree with timm's train.py.
 
-Every image is decoded once up front: a file that is not an image, truncated or corrupt is skipped
-(with a count) or refused, before training starts rather than in the middle of an epoch.
+Every file is counted once, under its real path: links are followed, each real folder is entered
+once (a link loop is followed once), a file reached twice within its class folder counts once, and
+a file reached from two class folders or from both train/ and val/ is refused with a line naming
+both places (it would carry two labels, or leak validation images into training).
+
+Before training the images are checked (image_check.py: full decode, header only, or none): a
+file that is not an image, truncated or corrupt is skipped (with a count) or refused, before
+training starts rather than in the middle of an epoch.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import warnings
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageOps
 
 from ._files import write_json_atomic
 from .errors import NFNetZooError
+from .image_check import CHECK_LEVELS, CheckCache, Gather, check_samples
 
 # What PIL reads and timm's folder reader would list, plus the common extras users have.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
@@ -51,7 +59,8 @@ class ImageData:
 
     @property
     def name(self) -> str:
-        return Path(self.root).name
+        """The folder's name as text (a name that is not UTF-8 keeps its bytes as escapes)."""
+        return Path(self.root).name.encode("utf-8", "backslashreplace").decode("utf-8")
 
     def save(self, path: Path) -> None:
         write_json_atomic(path, asdict(self), indent=1)
@@ -118,65 +127,122 @@ class _Opener:
             img.load()
             return to_rgb(img)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise NFNetZooError(f"cannot read image {key} in {self.root}: {e}; it changed after the "
-                                f"start-up check; remove it and start again") from None
-
-
-# --- the check ---------------------------------------------------------------------------------
-def _is_readable(opener: _Opener, key: str) -> bool:
-    try:
-        img = opener.raw(key)
-        if img.format == "JPEG":
-            img.draft("RGB", (64, 64))  # decode at reduced scale: the check only needs a full pass
-        img.load()
-        return True
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, TypeError, KeyError):
-        return False
-
-
-def _check(opener: _Opener, samples: list[tuple[str, int]], workers: int) -> tuple[list, list[str]]:
-    if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone's global switch would hide truncated files
-        warnings.warn("PIL's LOAD_TRUNCATED_IMAGES is on: truncated images are not detected")
-    keys = [k for k, _ in samples]
-    with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL releases the GIL while decoding
-        ok = list(pool.map(lambda k: _is_readable(opener, k), keys, chunksize=64))
-    good = [s for s, g in zip(samples, ok) if g]
-    bad = [k for k, g in zip(keys, ok) if not g]
-    return good, bad
-
-
-def _report_bad(bad: list[str], root: str, bad_images: str) -> None:
-    if not bad:
-        return
-    shown = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
-    if bad_images == "error":
-        raise NFNetZooError(f"{len(bad)} unreadable (corrupt, truncated or not an image) file(s) in {root}: "
-                            f"{shown}; remove them, or pass --bad-images skip to leave them out")
-    warnings.warn(f"skipped {len(bad)} unreadable (corrupt, truncated or not an image) file(s) in {root}: "
-                  f"{shown}")
+            raise NFNetZooError(f"cannot read image {_show(key)} in {_show(self.root)} ({e}): it changed after "
+                                f"the start-up check, or the check did not decode it (--check-images header or "
+                                f"none); remove it and start again") from None
 
 
 # --- folders -----------------------------------------------------------------------------------
-def _class_folders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+@dataclass
+class _File:
+    place: str            # the path it was found under, relative to the data folder (for messages)
+    key: str              # the path it is counted under: its real path relative to the data folder
+    identity: tuple       # (device, inode): one file however many paths lead to it (links, loops)
+    stat: Optional[tuple[int, int, int]]  # size, mtime_ns, ctime_ns; None when it cannot be read
 
 
-def _scan_classes(folder: Path) -> tuple[dict[str, list[str]], int]:
-    """{class: [relative paths]} of one split folder, and the count of non-image files ignored."""
-    found, other = {}, 0
-    for cls_dir in _class_folders(folder):
-        files = []
-        for dirpath, dirnames, filenames in os.walk(cls_dir, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for f in sorted(filenames):
-                if f.startswith(".") or f in _IGNORED_FILES:
+def _show(path: str) -> str:
+    """A path for a one-line message: as it is when it is printable text, else the repr of its bytes
+    (names that are not UTF-8 hold surrogates, which are not printable)."""
+    return path if path.isprintable() else repr(os.fsencode(path))
+
+
+def _visible(entry: os.DirEntry) -> bool:
+    return not entry.name.startswith(".") and entry.name not in _IGNORED_FILES
+
+
+def _walk_images(top: str, root: str, root_real: str) -> tuple[list[_File], int]:
+    """Image files under `top` in name order, following links but entering each real folder once
+    (a link loop is followed once), and the count of other files."""
+    files, other, seen, stack = [], 0, set(), [top]
+    while stack:
+        folder = stack.pop()
+        real = os.path.realpath(folder)
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            entries = sorted((e for e in os.scandir(folder) if _visible(e)), key=lambda e: e.name)
+        except OSError as e:
+            raise NFNetZooError(f"cannot list {_show(folder)} ({e.strerror}); make it readable or move it out "
+                                f"of the data folder") from None
+        subfolders = []
+        place_dir = os.path.relpath(folder, root)  # once per folder: relpath is slow at a million files
+        key_dir = _inside(real, root_real) or place_dir
+        for e in entries:
+            with contextlib.suppress(OSError):
+                if e.is_dir():  # follows links
+                    subfolders.append(e.path)
                     continue
-                if f.lower().endswith(IMAGE_EXTENSIONS):
-                    files.append(os.path.relpath(os.path.join(dirpath, f), folder))
-                else:
-                    other += 1
-        found[cls_dir.name] = files
-    return found, other
+            if not e.name.lower().endswith(IMAGE_EXTENSIONS) or not _regular_or_dangling(e):
+                other += 1  # a pipe or device named x.jpg would block or never end the check
+                continue
+            place = os.path.join(place_dir, e.name)
+            real_file = os.path.realpath(e.path) if e.is_symlink() else None
+            key = (_inside(real_file, root_real) or place) if real_file else os.path.join(key_dir, e.name)
+            try:
+                st = e.stat()
+                identity, stat = (st.st_dev, st.st_ino), (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            except OSError:  # a dangling link: the check reports it unreadable
+                identity, stat = ("missing", real_file), None
+            files.append(_File(place, key, identity, stat))
+        stack.extend(reversed(subfolders))
+    return files, other
+
+
+def _regular_or_dangling(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file() or (entry.is_symlink() and not os.path.exists(entry.path))
+    except OSError:
+        return False
+
+
+def _inside(real: str, root_real: str) -> Optional[str]:
+    """`real` relative to the data folder's real path, or None when it lies outside."""
+    return real[len(root_real) + 1:] if real.startswith(root_real + os.sep) else None
+
+
+def _class_folders(folder: Path) -> list[Path]:
+    found = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or not p.is_dir():
+            continue
+        if _show(p.name) != p.name:
+            raise NFNetZooError(f"class folder {_show(str(p))} has a name that is not valid UTF-8 or holds control "
+                                f"characters; class names are written to config.json and model cards as text: "
+                                f"rename it (e.g. convmv -f latin1 -t utf8)")
+        found.append(p)
+    return found
+
+
+def _scan_classes(folder: Path, root: Path) -> tuple[dict[str, list[_File]], int]:
+    """{class: [files]} of one split folder (classes in timm's order), and the count of non-image files."""
+    from timm.utils.misc import natural_key  # timm's folder reader orders classes so: class2 before class10
+    found, other, root_real = {}, 0, os.path.realpath(root)
+    for cls_dir in _class_folders(folder):
+        found[cls_dir.name], n = _walk_images(str(cls_dir), str(root), root_real)
+        other += n
+    return {c: found[c] for c in sorted(found, key=natural_key)}, other
+
+
+def _count_once(groups: dict[tuple[str, str], list[_File]]) -> dict[tuple[str, str], list[_File]]:
+    """Each file once. Reached twice within one class folder (a loop, a link): counted once. Reached
+    from two class folders, or from train/ and val/: refused, as its label or split would be wrong."""
+    first: dict[tuple, tuple[tuple[str, str], _File]] = {}
+    out = {}
+    for group, files in groups.items():
+        out[group] = []
+        for f in files:
+            seen = first.setdefault(f.identity, (group, f))
+            if seen[1] is f:
+                out[group].append(f)
+            elif seen[0] != group:
+                (split, cls), (split2, cls2) = seen[0], group
+                why = (f"from class folders {_show(cls)} and {_show(cls2)} (two labels)" if split == split2 else
+                       f"from {split}/ and {split2}/ (validation images would be trained on)")
+                raise NFNetZooError(f"{_show(seen[1].place)} and {_show(f.place)} are the same file, reached "
+                                    f"{why}; remove the link or the copy so each image is in one place")
+    return out
 
 
 def _split_folder(root: Path) -> tuple[Path, Optional[Path]]:
@@ -191,9 +257,12 @@ def _split_folder(root: Path) -> tuple[Path, Optional[Path]]:
 
 def _stratified_split(samples: list[tuple[str, int]], fraction: float) -> tuple[list, list]:
     rng = random.Random(SPLIT_SEED)
+    by_label: dict[int, list] = {}
+    for s in samples:  # one pass: a filter per class would be quadratic at ImageNet scale
+        by_label.setdefault(s[1], []).append(s)
     train, val = [], []
-    for label in sorted({lab for _, lab in samples}):
-        items = [s for s in samples if s[1] == label]
+    for label in sorted(by_label):
+        items = by_label[label]
         rng.shuffle(items)
         n_val = round(len(items) * fraction) if len(items) > 1 else 0
         n_val = min(max(n_val, 1 if fraction > 0 and len(items) > 1 else 0), len(items) - 1)
@@ -202,34 +271,35 @@ def _stratified_split(samples: list[tuple[str, int]], fraction: float) -> tuple[
     return sorted(train), sorted(val)
 
 
-def _folder_data(root: Path, val_split: float, bad_images: str, workers: int) -> ImageData:
+def _folder_data(root: Path, val_split: float, check: Check) -> ImageData:
     train_dir, val_dir = _split_folder(root)
-    by_class, other = _scan_classes(train_dir)
+    by_class, other = _scan_classes(train_dir, root)
     if not by_class:
         loose = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in train_dir.iterdir())
         hint = "images lie directly in it; " if loose else ""
         raise NFNetZooError(f"{train_dir} has no class folders ({hint}expected {train_dir}/<class>/<image>); "
                             f"put each class's images in a folder named after the class")
-    empty = [c for c, files in by_class.items() if not files]
+    groups = {("train", c): files for c, files in by_class.items()}
+    if val_dir is not None:
+        val_by_class, other_val = _scan_classes(val_dir, root)
+        other += other_val
+        groups.update({(val_dir.name, c): files for c, files in val_by_class.items()})
+    groups = _count_once(groups)
+    empty = [c for (split, c), files in groups.items() if split == "train" and not files]
     if empty:
         warnings.warn(f"ignoring {len(empty)} class folder(s) with no images in {train_dir}: {', '.join(empty[:5])}")
-    classes = sorted(c for c, files in by_class.items() if files)
+    classes = [c for (split, c), files in groups.items() if split == "train" and files]
     if len(classes) < 2:
         raise NFNetZooError(f"{train_dir} has {len(classes)} class folder(s) with images ({', '.join(classes) or 'none'}); "
                             f"a classifier needs at least 2 classes")
     index = {c: i for i, c in enumerate(classes)}
-    # keys are relative to root, so train and val samples share one opener
-    rel = os.path.relpath(train_dir, root)
-    train = [(os.path.normpath(os.path.join(rel, f)), index[c]) for c in classes for f in by_class[c]]
+    train = [(f.key, index[c]) for (split, c), files in groups.items() if split == "train" for f in files]
     if val_dir is not None:
-        val_by_class, other_val = _scan_classes(val_dir)
-        other += other_val
-        unknown = sorted(c for c, files in val_by_class.items() if files and c not in index)
+        unknown = [c for (split, c), files in groups.items() if split != "train" and files and c not in index]
         if unknown:
             raise NFNetZooError(f"{val_dir} has class folder(s) that {train_dir} lacks: {', '.join(unknown[:5])}; "
                                 f"add their training images or remove them from {val_dir.name}/")
-        val = [(os.path.join(val_dir.name, f), index[c]) for c, files in val_by_class.items()
-               if c in index for f in files]
+        val = [(f.key, index[c]) for (split, c), files in groups.items() if split != "train" for f in files]
         if val_split and val_split != VAL_SPLIT_DEFAULT:
             warnings.warn(f"--val-split ignored: {root} has its own {val_dir.name}/ folder")
     else:
@@ -237,27 +307,78 @@ def _folder_data(root: Path, val_split: float, bad_images: str, workers: int) ->
     if other:
         warnings.warn(f"ignored {other} non-image file(s) in {root} (images are {', '.join(IMAGE_EXTENSIONS)})")
     data = ImageData(str(root), "folder", classes, sorted(train), sorted(val))
-    opener = data.opener()
-    data.train, bad_train = _check(opener, data.train, workers)
-    data.val, bad_val = _check(opener, data.val, workers)
-    data.skipped = bad_train + bad_val
-    _report_bad(data.skipped, str(root), bad_images)
+    stats = {f.key: f.stat for files in groups.values() for f in files if f.stat is not None}
+    _check_data(data, check, stats)
     return data
 
 
+def _check_data(data: ImageData, check: Check, stats: Optional[dict] = None, raw=None) -> None:
+    """Leave out (or refuse, per check.bad_images) the samples whose images fail the check."""
+    cache = CheckCache(data.root, stats) if stats is not None and check.level != "none" else None
+    raw = raw or data.opener().raw
+    share = dict(process_index=check.process_index, num_processes=check.num_processes, gather=check.gather)
+    data.train, bad_train = check_samples(raw, data.train, check.level, check.workers, cache, **share)
+    data.val, bad_val = check_samples(raw, data.val, check.level, check.workers, cache, **share)
+    if cache is not None and check.process_index == 0:
+        cache.save()
+    data.skipped = bad_train + bad_val
+    _report_bad(data.skipped, data.root, check)
+
+
+def _report_bad(bad: list[str], root: str, check: Check) -> None:
+    if not bad:
+        return
+    shown = ", ".join(_show(k) for k in bad[:3]) + (" ..." if len(bad) > 3 else "")
+    if check.bad_images == "error":
+        raise NFNetZooError(f"{len(bad)} unreadable (corrupt, truncated or not an image) file(s) in {root}: "
+                            f"{shown}; remove them, or pass --bad-images skip to leave them out")
+    if check.process_index == 0:
+        warnings.warn(f"skipped {len(bad)} unreadable (corrupt, truncated or not an image) file(s) in {root}: "
+                      f"{shown}")
+
 
 # --- Hugging Face datasets saved on disk -------------------------------------------------------
+def _json_file(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    """The layout `Dataset.save_to_disk` writes: state.json listing its arrow files, dataset_info.json."""
+    state = _json_file(folder / "state.json")
+    files = state.get("_data_files") if isinstance(state, dict) else None
+    return (isinstance(files, list) and bool(files) and (folder / "dataset_info.json").is_file()
+            and all(isinstance(f, dict) and isinstance(f.get("filename"), str)
+                    and (folder / f["filename"]).is_file() for f in files))
+
+
 def _is_hf_dataset(root: Path) -> bool:
-    return (root / "dataset_dict.json").is_file() or (root / "state.json").is_file()
+    """A `save_to_disk` folder (a DatasetDict's splits, or one Dataset); a user's stray state.json or
+    dataset_dict.json at the top of an image folder is not one."""
+    if _is_saved_dataset(root):
+        return True
+    splits = _json_file(root / "dataset_dict.json")
+    names = splits.get("splits") if isinstance(splits, dict) else None
+    return (isinstance(names, list) and bool(names)
+            and all(isinstance(n, str) and _is_saved_dataset(root / n) for n in names))
+
+
+def _datasets():
+    try:
+        import datasets
+    except ImportError:
+        return None
+    return datasets
 
 
 def _load_hf(root: str):
-    try:
-        from datasets import load_from_disk
-    except ImportError:
+    datasets = _datasets()
+    if datasets is None:
         raise NFNetZooError(f"{root} is a Hugging Face dataset saved on disk; reading it needs the "
-                            f"`datasets` package: pip install datasets") from None
-    return load_from_disk(root)
+                            f"`datasets` package: pip install 'nfnet-zoo[datasets]' (or pip install datasets)")
+    return datasets.load_from_disk(root)
 
 
 def _hf_columns(ds, root: str) -> tuple[str, str, list[str]]:
@@ -271,9 +392,9 @@ def _hf_columns(ds, root: str) -> tuple[str, str, list[str]]:
     return image_col, label_col, list(ds.features[label_col].names)
 
 
-def _hf_data(root: Path, val_split: float, bad_images: str, workers: int) -> ImageData:
+def _hf_data(root: Path, val_split: float, check: Check) -> ImageData:
+    loaded = _load_hf(str(root))  # first: it names the missing `datasets` package in one line
     from datasets import DatasetDict, Image as HFImage
-    loaded = _load_hf(str(root))
     if isinstance(loaded, DatasetDict):
         if "train" not in loaded:
             raise NFNetZooError(f"{root} has splits {list(loaded)} but no 'train'; save a DatasetDict with a train split")
@@ -298,60 +419,116 @@ def _hf_data(root: Path, val_split: float, bad_images: str, workers: int) -> Ima
     # check the encoded bytes without the datasets decoder in the way
     opener._splits = ({s: ds.cast_column(image_col, HFImage(decode=False)) for s, ds in splits.items()}
                       if train_split else splits[""].cast_column(image_col, HFImage(decode=False)))
-    data.train, bad_train = _check(opener, data.train, workers)
-    data.val, bad_val = _check(opener, data.val, workers)
-    data.skipped = bad_train + bad_val
-    _report_bad(data.skipped, str(root), bad_images)
+    _check_data(data, check, raw=opener.raw)
     return data
 
 
 # --- entry points ------------------------------------------------------------------------------
+@dataclass
+class Check:
+    """How the start-up check runs: its level (image_check.CHECK_LEVELS), what to do with unreadable
+    files, threads, and this process's share (all processes call with the same arguments)."""
+
+    level: str = "full"
+    bad_images: str = "skip"
+    workers: int = 4
+    process_index: int = 0
+    num_processes: int = 1
+    gather: Gather = None
+
+
+def _data_root(data_dir: str | os.PathLike, check: str) -> Path:
+    if check not in CHECK_LEVELS:
+        raise NFNetZooError(f"--check-images must be one of {', '.join(CHECK_LEVELS)}, got {check!r}")
+    # absolute: data.json must still find the images when a run is resumed from another folder
+    root = Path(data_dir).expanduser().absolute()
+    if root.exists() and not root.is_dir():
+        raise NFNetZooError(f"--data-dir {_show(str(root))} is a file, not a folder; pass the folder that holds "
+                            f"the class folders (DIR/<class>/<image>)")
+    if not root.is_dir():
+        raise NFNetZooError(f"data folder {_show(str(root))} does not exist; pass --data-dir with a folder of "
+                            f"class folders (DIR/<class>/<image> or DIR/train/<class>/<image>)")
+    return root
+
+
 def load_image_data(data_dir: str | os.PathLike, val_split: float = VAL_SPLIT_DEFAULT,
-                    bad_images: str = "skip", workers: int = 4) -> ImageData:
+                    bad_images: str = "skip", workers: int = 4, check: str = "full", process_index: int = 0,
+                    num_processes: int = 1, gather: Gather = None) -> ImageData:
     """Find, check and split the images of `data_dir` (see the module docstring for the layouts).
 
     `bad_images`: "skip" leaves unreadable files out with a warning naming how many; "error" refuses.
+    `check`: "full", "header" or "none" (see image_check.py). With several processes, each calls this
+    with its `process_index` and `gather` (accelerate.utils.gather_object): each checks its share.
     """
-    root = Path(data_dir).expanduser()
-    if not root.is_dir():
-        raise NFNetZooError(f"data folder {root} does not exist; pass --data-dir with a folder of "
-                            f"class folders (DIR/<class>/<image> or DIR/train/<class>/<image>)")
+    root = _data_root(data_dir, check)
     if not any(root.iterdir()):
         raise NFNetZooError(f"data folder {root} is empty; put each class's images in DIR/<class>/")
     if not 0.0 <= val_split < 1.0:
         raise NFNetZooError(f"--val-split must be in [0, 1), got {val_split}")
+    how = Check(check, bad_images, workers, process_index, num_processes, gather)
     load = _hf_data if _is_hf_dataset(root) else _folder_data
-    data = load(root, val_split, bad_images, workers)
+    data = load(root, val_split, how)
     if not data.train:
         raise NFNetZooError(f"no readable training images in {root}")
     return data
 
 
-def load_eval_samples(data_dir: str | os.PathLike, bad_images: str = "skip",
-                      workers: int = 4) -> ImageData:
+def load_eval_samples(data_dir: str | os.PathLike, bad_images: str = "skip", workers: int = 4,
+                      check: str = "full") -> ImageData:
     """The images to evaluate in `data_dir`: its val/ (or validation/) split when it has one, else
     every image of its class folders (a datasets folder: its validation/test split, else all)."""
-    root = Path(data_dir).expanduser()
-    if not root.is_dir():
-        raise NFNetZooError(f"data folder {root} does not exist; pass --data-dir DIR with DIR/<class>/<image>")
+    root = _data_root(data_dir, check)
+    how = Check(check, bad_images, workers)
     if _is_hf_dataset(root):
-        data = _hf_data(root, 0.0, bad_images, workers)
+        data = _hf_data(root, 0.0, how)
         if not data.val:  # no validation split: all of it
             data.val, data.train = data.train, []
-        return data
-    _, val_dir = _split_folder(root)
-    folder = val_dir or (root / "train" if (root / "train").is_dir() else root)
-    by_class, other = _scan_classes(folder) if folder.is_dir() else ({}, 0)
-    classes = sorted(c for c, files in by_class.items() if files)
-    if not classes:
-        raise NFNetZooError(f"no images in class folders of {folder}; expected {folder}/<class>/<image>")
-    if other:
-        warnings.warn(f"ignored {other} non-image file(s) in {folder}")
-    samples = [(f, classes.index(c)) for c in classes for f in by_class[c]]
-    data = ImageData(str(folder), "folder", classes, [], samples)
-    data.val, data.skipped = _check(data.opener(), samples, workers)
-    _report_bad(data.skipped, str(folder), bad_images)
+    else:
+        _, val_dir = _split_folder(root)
+        folder = val_dir or (root / "train" if (root / "train").is_dir() else root)
+        by_class, other = _scan_classes(folder, folder)
+        by_class = {c: files for (_, c), files in _count_once({("", c): f for c, f in by_class.items()}).items()}
+        classes = [c for c, files in by_class.items() if files]
+        if not classes:
+            raise NFNetZooError(f"no images in class folders of {folder}; expected {folder}/<class>/<image>")
+        if other:
+            warnings.warn(f"ignored {other} non-image file(s) in {folder}")
+        samples = [(f.key, i) for i, c in enumerate(classes) for f in by_class[c]]
+        data = ImageData(str(folder), "folder", classes, [], samples)
+        _check_data(data, how, {f.key: f.stat for files in by_class.values() for f in files if f.stat})
+    if not data.val:
+        raise NFNetZooError(f"no readable images to evaluate in {data.root} ({len(data.skipped)} unreadable); "
+                            f"pass a folder of images PIL can open")
     return data
+
+
+def run_held_out(data_json: Path, data_dir: str | os.PathLike, bad_images: str = "skip", workers: int = 4,
+                 check: str = "full") -> Optional[ImageData]:
+    """The held-out (validation) samples of a run, from its data.json, when `data_dir` is the data the
+    run was trained on; None when it is other data. Evaluating all of a run's own data would score
+    the images it was trained on."""
+    try:
+        run_data = ImageData.load(data_json)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        warnings.warn(f"cannot read {data_json} ({type(e).__name__}): if {_show(str(data_dir))} is the data this "
+                      f"run was trained on, the scores include its training images")
+        return None
+    try:
+        if not os.path.samefile(run_data.root, data_dir):
+            return None
+    except (OSError, TypeError):  # either folder is gone: not the same
+        return None
+    if not run_data.val:
+        raise NFNetZooError(f"{_show(str(data_dir))} is the data this run was trained on, and the run held out no "
+                            f"images of it (--val-split 0); evaluate on images it was not trained on")
+    held = ImageData(run_data.root, run_data.kind, run_data.classes, [], run_data.val,
+                     image_column=run_data.image_column)
+    _check_data(held, Check(check, bad_images, workers))
+    if not held.val:
+        raise NFNetZooError(f"no readable images in the held-out split of {_show(str(data_dir))} listed in {data_json}")
+    return held
 
 
 # --- torch side --------------------------------------------------------------------------------
@@ -424,5 +601,5 @@ def ignore_sigint(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-__all__ = ["ImageData", "load_image_data", "load_eval_samples", "to_rgb", "ImageDataset", "EpochSampler",
+__all__ = ["ImageData", "load_image_data", "load_eval_samples", "run_held_out", "to_rgb", "ImageDataset", "EpochSampler",
            "sample_seed", "IMAGE_EXTENSIONS"]

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .data import ImageDataset, load_eval_samples, to_rgb
+from .data import ImageDataset, load_eval_samples, run_held_out, to_rgb
 from .errors import NFNetZooError
 
 
@@ -49,22 +49,52 @@ def _hub_cached(repo_id: str) -> bool:
                for f in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"))
 
 
+def _url_cached(url: str) -> bool:
+    from urllib.parse import urlparse
+    return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path)))
+
+
 def _is_cached(name: str) -> bool:
-    """True when the pretrained weights need no download (local, or already in the HF cache)."""
+    """True when the pretrained weights need no download (local, or already in the HF/torch cache)."""
     if name.startswith("local-dir:"):
         return True
     if name.startswith("hf-hub:"):
         return _hub_cached(name[len("hf-hub:"):])
     from timm.models._builder import resolve_pretrained_cfg
     cfg = resolve_pretrained_cfg(name)
-    return bool(cfg.file) or (bool(cfg.hf_hub_id) and _hub_cached(cfg.hf_hub_id))
+    return (bool(cfg.file) or (bool(cfg.hf_hub_id) and _hub_cached(cfg.hf_hub_id))
+            or (bool(cfg.url) and _url_cached(cfg.url)))
+
+
+def _offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as huggingface_hub read it, or as set since."""
+    from huggingface_hub import constants
+    flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return bool(constants.HF_HUB_OFFLINE) or flag.upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _hub_reachable() -> bool:
+    """One request to the Hub, no retries (a download retries for about 50 s before it fails)."""
+    from huggingface_hub import constants, get_session
+    try:
+        get_session().head(constants.ENDPOINT, timeout=10)  # any answer, even an error status, will do
+        return True
+    except Exception:
+        return False
 
 
 def create_pretrained(name: str, ways_out: str = "pass a run folder or local-dir:PATH instead", **kwargs) -> nn.Module:
     """timm.create_model(name, pretrained=True) with a one-line error (ending in `ways_out`) when the
-    weights are not cached and the Hub cannot be reached."""
+    weights are not cached and cannot be downloaded: at once when HF_HUB_OFFLINE is set or the Hub
+    does not answer."""
     import timm
     cached = _is_cached(name)
+    if not cached:
+        why = ("HF_HUB_OFFLINE is set" if _offline() else
+               "the Hugging Face Hub cannot be reached" if not _hub_reachable() else None)
+        if why:
+            raise NFNetZooError(f"pretrained weights for {name} are not in the local cache and {why}; connect to "
+                                f"the Hub once (with HF_HUB_OFFLINE unset), or {ways_out}")
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except NFNetZooError:
@@ -210,19 +240,24 @@ def _device() -> torch.device:
 
 # --- evaluate ----------------------------------------------------------------------------------
 def evaluate(model: str, data_dir: str | os.PathLike, batch_size: int = 64, workers: int = 4,
-             bad_images: str = "skip") -> dict:
+             bad_images: str = "skip", check_images: str = "full") -> dict:
     """Top-1, top-5 (%) and per-class accuracy of MODEL on the images of `data_dir`.
 
     Folder classes are matched to the model's classes by name; all of the model's classes compete
-    (so a folder may hold a subset of them)."""
+    (so a folder may hold a subset of them). When MODEL is a run folder and `data_dir` the data it
+    was trained on, only the run's held-out split (RUN/data.json) is scored, and `split` says so."""
     net = load_model(model)
     names = model_label_names(net)
-    data = load_eval_samples(data_dir, bad_images, workers)
+    run = Path(model).expanduser()
+    held = run_held_out(run / "data.json", data_dir, bad_images, workers, check_images) if run.is_dir() else None
+    data = held or load_eval_samples(data_dir, bad_images, workers, check_images)
+    split = (f"the run's held-out split: {len(data.val)} images listed in {run / 'data.json'} (the others in "
+             f"{data_dir} were trained on)" if held else f"all images of {data.root}")
     if names is None:
         if net.num_classes != len(data.classes):
             raise NFNetZooError(f"the model has {net.num_classes} classes and no class names; {data_dir} has "
                                 f"{len(data.classes)} classes")
-        warnings.warn("the model has no class names; assuming its classes are the sorted folder names")
+        warnings.warn("the model has no class names; assuming its classes are the folder names in timm's order")
         names = data.classes
     missing = [c for c in data.classes if c not in names]
     if missing:
@@ -247,14 +282,17 @@ def evaluate(model: str, data_dir: str | os.PathLike, batch_size: int = 64, work
     per_class = {}
     for i, c in enumerate(data.classes):
         mask = t == to_model[i]
-        per_class[c] = {"accuracy": 100 * c1[mask].float().mean().item(), "count": int(mask.sum())}
-    return {"model": model, "data_dir": str(data_dir), "num_images": len(t), "skipped": len(data.skipped),
+        if mask.any():  # a run's held-out split may lack a class
+            per_class[c] = {"accuracy": 100 * c1[mask].float().mean().item(), "count": int(mask.sum())}
+    return {"model": model, "data_dir": str(data_dir), "split": split, "num_images": len(t),
+            "skipped": len(data.skipped),
             "top1": 100 * c1.float().mean().item(), "top5": 100 * c5.float().mean().item(), "per_class": per_class}
 
 
 def format_evaluation(result: dict) -> str:
     width = max(len("class"), *(len(c) for c in result["per_class"]))
     rows = [f"{result['model']} on {result['data_dir']}: {result['num_images']} images",
+            f"evaluated on {result['split']}",
             f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%", "",
             f"{'class'.ljust(width)}  {'images':>6}  {'top-1':>7}"]
     rows += [f"{c.ljust(width)}  {r['count']:>6}  {r['accuracy']:>6.2f}%" for c, r in result["per_class"].items()]

@@ -42,6 +42,7 @@ from .data import ImageData, load_image_data
 from .errors import NFNetZooError
 from .evaluate import check_checkpoint, evaluate, predict, topk_correct
 from .flags import check_finetune
+from .image_check import CHECK_LEVELS
 from .recipe import (MIXED_PRECISION, BAD_IMAGES, RESUMABLE_OVERRIDES, FinetuneConfig, build_loaders, build_losses,
                      build_model, build_optimizer, build_scheduler, image_sizes)
 from .runstate import check_room, load_run_state, save_run_state, state_dir
@@ -177,6 +178,8 @@ def _validate(cfg: FinetuneConfig) -> None:
         raise NFNetZooError(f"--mixed-precision must be one of {MIXED_PRECISION}")
     if cfg.bad_images not in BAD_IMAGES:
         raise NFNetZooError(f"--bad-images must be one of {BAD_IMAGES}")
+    if cfg.check_images not in CHECK_LEVELS:
+        raise NFNetZooError(f"--check-images must be one of {CHECK_LEVELS}")
     check_finetune(cfg.to_json())
 
 
@@ -243,6 +246,30 @@ def _accelerator(cfg: FinetuneConfig, run: Path):
     return accelerator
 
 
+def _require_shared_run_folder(accelerator, run: Path) -> None:
+    """All processes read RUN (data.json, the saved state): on machines without a shared filesystem,
+    refuse at the start rather than fail at the first resume."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import broadcast_object_list, gather_object
+    token = broadcast_object_list([os.urandom(8).hex() if accelerator.is_main_process else None])[0]
+    probe = run / f".shared-{token}"
+    if accelerator.is_main_process:
+        probe.write_text(token)
+    accelerator.wait_for_everyone()
+    try:
+        seen = probe.read_text() == token
+    except OSError:
+        seen = False
+    shared = all(gather_object([seen]))  # every process has read the probe after this
+    if accelerator.is_main_process:
+        probe.unlink(missing_ok=True)
+    if not shared:
+        raise NFNetZooError(f"the run folder {run} is not shared by all processes (a process on another machine "
+                            f"cannot read what this one writes there); put --output on a filesystem every machine "
+                            f"mounts (NFS, Lustre, ...)")
+
+
 def _has_xpu() -> bool:
     return hasattr(torch, "xpu") and torch.xpu.is_available()
 
@@ -296,14 +323,20 @@ def finetune(config: Optional[FinetuneConfig] = None, *, resume: Optional[str] =
         assert_agc_supported(accelerator)
     set_seed(cfg.seed)
 
-    # data: checked once by the main process, then read by all from RUN/data.json
+    # data: every process scans the folder and checks its share of the images (results gathered);
+    # the main process writes RUN/data.json, which a resumed run reads
     if main:
         run.mkdir(parents=True, exist_ok=True)
-        if not resuming:
-            accelerator.print(f"checking images in {cfg.data_dir} ...")
-            load_image_data(cfg.data_dir, cfg.val_split, cfg.bad_images, cfg.workers).save(run / "data.json")
-    accelerator.wait_for_everyone()
-    data = _load_data(run, resuming)
+    _require_shared_run_folder(accelerator, run)
+    if resuming:
+        data = _load_data(run, resuming)
+    else:
+        from accelerate.utils import gather_object
+        accelerator.print(f"checking images in {cfg.data_dir} ({cfg.check_images}) ...")
+        data = load_image_data(cfg.data_dir, cfg.val_split, cfg.bad_images, cfg.workers, cfg.check_images,
+                               accelerator.process_index, accelerator.num_processes, gather_object)
+        if main:
+            data.save(run / "data.json")
     cfg.dataset = data.name
 
     model, model_args, base_model = build_model(cfg, data.classes, accelerator.print)

@@ -71,6 +71,7 @@ class FinetuneConfig:
     val_split: float = 0.1
     report_to: Optional[str] = None
     bad_images: str = "skip"
+    check_images: str = "full"           # start-up check of the images: full, header or none (image_check.py)
     save_every: int = 500                # optimizer steps between resumable state saves (and each epoch)
     log_interval: int = 10
     # filled in when the run starts
@@ -99,7 +100,7 @@ class FinetuneConfig:
 
 # What may change when a run is resumed: how it runs, not what it computes (plus a longer schedule).
 RESUMABLE_OVERRIDES = frozenset({"epochs", "workers", "report_to", "log_interval", "save_every", "cpu",
-                                 "bad_images"})
+                                 "bad_images", "check_images"})
 
 
 def default(name: str) -> Any:
