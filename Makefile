@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench cards clean
+.PHONY: setup demo test test-hub1 bench cards clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The Hub tests on huggingface_hub's 1.x line (CI runs the whole suite on the pinned 2.x line).
+HUB1 ?= .venv-hub1
+test-hub1: $(HUB1)/.installed
+	$(HUB1)/bin/python -m pytest -q tests/test_hub.py tests/test_install.py
+
+$(HUB1)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(HUB1)
+	$(HUB1)/bin/pip install -q -c constraints.txt torch torchvision
+	$(HUB1)/bin/pip install -q -c constraints.txt 'huggingface_hub>=1.31,<2' -e '.[test]'
+	touch $@
+
 bench: $(STAMP)  ## writes BENCHMARKS.md (about 10 minutes on 2 cores)
 	$(BIN)/python benchmarks/bench.py
 
@@ -29,4 +40,4 @@ cards: $(STAMP)
 	$(BIN)/nfnet-zoo cards
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) $(HUB1) build src/*.egg-info

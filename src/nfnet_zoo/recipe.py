@@ -17,15 +17,18 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import torch
-from torch import nn
-
-from .data import EpochSampler, ImageData, ImageDataset, ignore_sigint
 from .errors import NFNetZooError
-from .evaluate import check_model_name, create_pretrained, has_pretrained_weights, read_checkpoint
-from .variants import deepmind_crop_pct
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .data import EpochSampler, ImageData
+
+# torch, timm and the data code are imported inside the builders: `nfnet-zoo --help` reads the defaults
+# below and must not wait seconds for them.
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 BAD_IMAGES = ("skip", "error")
@@ -121,6 +124,7 @@ def build_model(cfg: FinetuneConfig, classes: list[str], log: Callable[[str], No
     """The model with a head for `classes`; returns (model, model_args for config.json, base_model)."""
     import timm
     from timm.models._builder import resolve_pretrained_cfg
+    from .evaluate import check_model_name, create_pretrained, has_pretrained_weights, read_checkpoint
     kwargs = dict(cfg.model_kwargs)
     ckpt = read_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
     if ckpt is not None and ckpt.architecture:
@@ -189,7 +193,10 @@ def build_loaders(cfg: FinetuneConfig, data: ImageData, model: nn.Module, accele
                   ) -> tuple[torch.utils.data.DataLoader, Optional[torch.utils.data.DataLoader], EpochSampler]:
     """Train loader (random-resized crop + flip, resumable shuffle), val loader (DeepMind's eval
     preprocessing; None without val images) and the train sampler, whose `epoch` the loop sets."""
+    import torch
     from timm.data import create_transform, resolve_data_config
+    from .data import EpochSampler, ImageDataset, ignore_sigint
+    from .variants import deepmind_crop_pct
     train_size, test_size = image_sizes(cfg, model)
     dc = resolve_data_config(model=model)
     train_tf = create_transform(train_size, is_training=True, scale=cfg.scale, hflip=cfg.hflip, color_jitter=0.0,
@@ -225,6 +232,7 @@ def image_sizes(cfg: FinetuneConfig, model: nn.Module) -> tuple[int, int]:
 
 def build_losses(cfg: FinetuneConfig, num_classes: int) -> tuple[Optional[Any], nn.Module]:
     """(timm Mixup or None, training loss): soft-target CE with mixup/cutmix, else label smoothing."""
+    import torch
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     mixup = None
@@ -237,7 +245,7 @@ def build_losses(cfg: FinetuneConfig, num_classes: int) -> tuple[Optional[Any], 
     elif cfg.smoothing > 0:
         train_loss = LabelSmoothingCrossEntropy(cfg.smoothing)
     else:
-        train_loss = nn.CrossEntropyLoss()
+        train_loss = torch.nn.CrossEntropyLoss()
     return mixup, train_loss
 
 
