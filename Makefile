@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-hub1 bench cards clean
+.PHONY: setup demo test test-hub1 gpu-check bench cards clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,12 @@ $(HUB1)/.installed: pyproject.toml constraints.txt
 	$(HUB1)/bin/pip install -q -c constraints.txt torch torchvision
 	$(HUB1)/bin/pip install -q -c constraints.txt 'huggingface_hub>=1.31,<2' -e '.[test]'
 	touch $@
+
+# On a GPU machine as it is: its own python, torch, timm and accelerate; no venv, no installs, no network.
+# One log (gpu_check.log). DEVICE=cpu runs the same on the CPU; QUICK=1 is the smallest form (CI).
+DEVICE ?= cuda
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --device $(DEVICE) $(if $(QUICK),--quick) $(if $(LOG),--log $(LOG))
 
 bench: $(STAMP)  ## writes BENCHMARKS.md (about 10 minutes on 2 cores)
 	$(BIN)/python benchmarks/bench.py
