@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench cards clean
+.PHONY: setup demo test test-hub1 gpu-check bench cards clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,23 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The Hub tests on huggingface_hub's 1.x line (CI runs the whole suite on the pinned 2.x line).
+HUB1 ?= .venv-hub1
+test-hub1: $(HUB1)/.installed
+	$(HUB1)/bin/python -m pytest -q tests/test_hub.py tests/test_install.py
+
+$(HUB1)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(HUB1)
+	$(HUB1)/bin/pip install -q -c constraints.txt torch torchvision
+	$(HUB1)/bin/pip install -q -c constraints.txt 'huggingface_hub>=1.31,<2' -e '.[test]'
+	touch $@
+
+# On a GPU machine as it is: its own python, torch, timm and accelerate; no venv, no installs, no network.
+# One log (gpu_check.log). DEVICE=cpu runs the same on the CPU; QUICK=1 is the smallest form (CI).
+DEVICE ?= cuda
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --device $(DEVICE) $(if $(QUICK),--quick) $(if $(LOG),--log $(LOG))
+
 bench: $(STAMP)  ## writes BENCHMARKS.md (about 10 minutes on 2 cores)
 	$(BIN)/python benchmarks/bench.py
 
@@ -29,4 +46,4 @@ cards: $(STAMP)
 	$(BIN)/nfnet-zoo cards
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) $(HUB1) build src/*.egg-info

@@ -1,5 +1,24 @@
 """Shared pytest fixtures."""
+import os
+
 import pytest
+
+
+# --- the device of device-aware tests (make gpu-check sets DEVICE=cuda) ----------------------
+@pytest.fixture(scope="session")
+def device():
+    """torch.device from the DEVICE environment variable (default cpu). A device that is not there fails
+    the test rather than skipping it. On CUDA, float32 convolutions and matmuls run in full float32
+    (no TF32), as the references these tests compare against were computed."""
+    import torch
+
+    dev = torch.device(os.environ.get("DEVICE", "cpu"))
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            pytest.fail(f"DEVICE={dev} but torch.cuda.is_available() is False")
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return dev
 
 
 # --- local Hugging Face Hub (tests/hub_server.py), for tests/test_hub.py ---------------------

@@ -1,4 +1,4 @@
-"""A small local Hugging Face Hub for tests: the HTTP protocol huggingface_hub 2.4 speaks, files on disk.
+"""A small local Hugging Face Hub for tests: the HTTP protocol huggingface_hub 1.3x and 2.x speak, files on disk.
 
 Written from huggingface_hub's client code (`hf_api.py`, `_commit_api.py`, `lfs.py`,
 `file_download.py`, `utils/_http.py`), not from our own: create repo, validate-yaml, preupload,
@@ -228,7 +228,9 @@ class HubServer:
         self._storage = _Server(("127.0.0.1", 0), _Handler)
         self._api.hub = self._storage.hub = self
         self.endpoint = f"http://127.0.0.1:{self._api.server_address[1]}"
-        self.storage_url = f"http://127.0.0.1:{self._storage.server_address[1]}"
+        # Another host name for the same loopback address: huggingface_hub 1.x tells the Hub from its CDN by
+        # host name alone (2.x by origin), and follows redirects that stay on the Hub's host.
+        self.storage_url = f"http://localhost:{self._storage.server_address[1]}"
 
     def start(self) -> "HubServer":
         for s in (self._api, self._storage):

@@ -17,9 +17,9 @@ DATA = Path(__file__).parent / "data" / "deepmind"
 
 
 @pytest.fixture(scope="module")
-def tiny_d1(tmp_path_factory):
+def tiny_d1(tmp_path_factory, device):
     out = convert_haiku_checkpoint(DATA / "tiny_d1_haiku.npz", tmp_path_factory.mktemp("tiny_d1"))
-    return timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    return timm.create_model(f"local-dir:{out}", pretrained=True).eval().to(device)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def _record(model, reference, tag):
 
     def keep(name, scale=1.0):
         def hook(_m, _i, out):
-            got[name] = out.detach() * scale
+            got[name] = out.detach().cpu() * scale
         return hook
 
     for ref_key in reference:
@@ -58,9 +58,9 @@ def _record(model, reference, tag):
             hooks.append(modules[module_of[name[:-4]]].register_forward_hook(keep(name)))
     hooks.append(model.stem.register_forward_hook(keep("stem.out")))
     with torch.no_grad():
-        x = _nchw(reference[f"{tag}.x_nhwc"])
-        got["pool"] = model.forward_head(model.forward_features(x), pre_logits=True)
-        got["logits"] = model(x)
+        x = _nchw(reference[f"{tag}.x_nhwc"]).to(next(model.parameters()).device)
+        got["pool"] = model.forward_head(model.forward_features(x), pre_logits=True).cpu()
+        got["logits"] = model(x).cpu()
     for h in hooks:
         h.remove()
     return got
@@ -89,27 +89,27 @@ def test_odd_input_exercises_asymmetric_padding(reference):
     assert reference["even.x_nhwc"].shape[1:3] == (64, 64)
 
 
-def test_symmetric_padding_would_fail(tiny_d1, reference):
+def test_symmetric_padding_would_fail(tiny_d1, reference, device):
     """The reference is sensitive to the padding convention: a check that the test can fail."""
     from nfnet_zoo import layers
 
-    x = _nchw(reference["even.x_nhwc"])
+    x = _nchw(reference["even.x_nhwc"]).to(device)
     original = layers.same_padding
     try:
         layers.same_padding = lambda size, k, s: ((k - 1) // 2, (k - 1) // 2)
         with torch.no_grad():
-            wrong = tiny_d1(x)
+            wrong = tiny_d1(x).cpu()
     finally:
         layers.same_padding = original
     assert (wrong - torch.from_numpy(reference["even.logits"])).abs().max() > 1e-2
 
 
-def test_channels_last_matches(tiny_d1, reference):
-    x = _nchw(reference["odd.x_nhwc"])
+def test_channels_last_matches(tiny_d1, reference, device):
+    x = _nchw(reference["odd.x_nhwc"]).to(device)
     model = tiny_d1.to(memory_format=torch.channels_last)
     try:
         with torch.no_grad():
-            y = model(x.to(memory_format=torch.channels_last))
+            y = model(x.to(memory_format=torch.channels_last)).cpu()
     finally:
         tiny_d1.to(memory_format=torch.contiguous_format)
     assert (y - torch.from_numpy(reference["odd.logits"])).abs().max() <= 1e-4

@@ -70,7 +70,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
         "finetune", help="fine-tune an NFNet (or any timm model) on a folder of images, with AGC",
         description="Fine-tune on DIR/<class>/<image> (or DIR/train + DIR/val, or a Hugging Face dataset "
         "saved with save_to_disk) with the paper's recipe adapted to fine-tuning: SGD with Nesterov "
-        "momentum 0.9, lr = --lr-base x global batch / 256, linear warmup then cosine decay per step, "
+        "momentum 0.9 (--opt: any timm optimizer), lr = --lr-base x global batch / 256, linear warmup then "
+        "cosine decay per step (--sched), "
         "weight decay without gains, skip gains and biases, label smoothing, AGC on every parameter but "
         "the classifier weight, the variant's dropout and stochastic depth, DeepMind's evaluation "
         "preprocessing (squash to S+32, centre crop S) at the variant's test size. Runs on CPU, one GPU, "
@@ -126,10 +127,14 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--scale", type=float, nargs=2, metavar=("MIN", "MAX"),
                    help=f"random-resized-crop area range (default: {d('scale')})")
     g.add_argument("--seed", type=int, help=f"seed of initialisation, shuffle and augmentation (default: {d('seed')})")
+    _add_timm_recipe(p, d)
     g = p.add_argument_group("running")
     g.add_argument("--grad-accum-steps", type=int, help=f"micro-batches per optimizer step (default: {d('grad_accum_steps')})")
     g.add_argument("--mixed-precision", choices=MIXED_PRECISION, help=f"autocast dtype (default: {d('mixed_precision')})")
     g.add_argument("--channels-last", action="store_true", help="channels-last memory layout (faster on GPUs)")
+    g.add_argument("--torchcompile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="compile the training model with torch.compile (timm's flag; BACKEND default: inductor); "
+                   "the first steps are slower while it compiles")
     g.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     g.add_argument("-j", "--workers", type=int, help=f"data loading processes per training process (default: {d('workers')})")
     g.add_argument("--resume", nargs="?", const="", metavar="RUN",
@@ -144,12 +149,36 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_finetune)
 
 
+def _add_timm_recipe(p: argparse.ArgumentParser, d) -> None:
+    from .recipe import SCHEDULES
+
+    g = p.add_argument_group("timm's augmentation, optimizers and schedules (timm train.py names)")
+    g.add_argument("--aa", metavar="POLICY", help="auto-augment policy in timm's syntax, e.g. rand-m9-mstd0.5-inc1, "
+                   "augmix-m5-w4-d2, v0; `deepmind`: the variant's RandAugment as DeepMind trained it from scratch "
+                   "(F0 rand-n4-m5, F1-F2 rand-n4-m10, F3-F7 rand-n4-m15-mmax15). Default: none; fine-tuning a "
+                   "pretrained model for a few epochs on a small dataset does best with light augmentation; use it "
+                   "when training from scratch (--no-pretrained)")
+    g.add_argument("--opt", metavar="NAME", help=f"optimizer by timm's name (timm.optim.list_optimizers()): sgd is "
+                   f"SGD with Nesterov momentum (the paper's), adamw, lamb, lion, ...; DeepMind's weight-decay groups "
+                   f"and AGC apply to every one; --lr-base is the SGD rate: give --lr for others (default: {d('opt')})")
+    g.add_argument("--opt-kwargs", nargs="+", type=_kwarg, metavar="KEY=VALUE",
+                   help="further optimizer arguments, e.g. betas=(0.9,0.99) eps=1e-6")
+    g.add_argument("--sched", choices=SCHEDULES, help="learning-rate schedule by timm's name, after the linear "
+                   f"warmup, updated every optimizer step (default: {d('sched')})")
+    g.add_argument("--decay-epochs", type=float, help=f"step: epochs between decays (default: {d('decay_epochs')})")
+    g.add_argument("--decay-milestones", type=int, nargs="+", metavar="EPOCH",
+                   help=f"multistep: epochs to decay at (default: {' '.join(map(str, d('decay_milestones')))})")
+    g.add_argument("--decay-rate", type=float, help=f"step, multistep: lr factor at each decay; poly: the power "
+                   f"(default: {d('decay_rate')})")
+
+
 def _run_finetune(args: argparse.Namespace) -> None:
     from .finetune import finetune
 
     options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "resume")}
-    if "model_kwargs" in options:
-        options["model_kwargs"] = dict(options["model_kwargs"])
+    for key in ("model_kwargs", "opt_kwargs"):
+        if key in options:
+            options[key] = dict(options[key])
     if "scale" in options:
         options["scale"] = tuple(options["scale"])
     resume = getattr(args, "resume", None)

@@ -44,7 +44,7 @@ from .evaluate import check_checkpoint, evaluate, predict, topk_correct
 from .flags import check_finetune
 from .image_check import CHECK_LEVELS
 from .recipe import (MIXED_PRECISION, BAD_IMAGES, RESUMABLE_OVERRIDES, FinetuneConfig, build_loaders, build_losses,
-                     build_model, build_optimizer, build_scheduler, image_sizes)
+                     build_model, build_optimizer, build_scheduler, check_timm_names, image_sizes)
 from .runstate import check_room, load_run_state, save_run_state, state_dir
 from .variants import deepmind_crop_pct
 
@@ -181,6 +181,7 @@ def _validate(cfg: FinetuneConfig) -> None:
     if cfg.check_images not in CHECK_LEVELS:
         raise NFNetZooError(f"--check-images must be one of {CHECK_LEVELS}")
     check_finetune(cfg.to_json())
+    check_timm_names(cfg)
 
 
 def _load_data(run: Path, resuming: bool) -> ImageData:
@@ -231,8 +232,12 @@ def _accelerator(cfg: FinetuneConfig, run: Path):
     # a GPU should not silently train N independent copies.
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     cpu = cfg.cpu or (several and not torch.cuda.is_available() and not _has_xpu())
+    if not several:  # Accelerate keeps one state per process; a second run here (notebook, tests) may set others
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state()
     try:
-        accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision,
+        compile_args = {"dynamo_backend": cfg.torchcompile} if cfg.torchcompile else {}  # prepare() compiles
+        accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, **compile_args,
                                   gradient_accumulation_steps=cfg.grad_accum_steps, log_with=cfg.report_to or None,
                                   project_config=ProjectConfiguration(project_dir=str(run),
                                                                       logging_dir=str(run / "logs")))
@@ -352,15 +357,16 @@ def finetune(config: Optional[FinetuneConfig] = None, *, resume: Optional[str] =
     mixup, train_loss_fn = build_losses(cfg, len(data.classes))
     lr = cfg.resolved_lr(accelerator.num_processes)
     optimizer = build_optimizer(cfg, model, lr)
-    ema = None
-    if cfg.model_ema:
-        from timm.utils import ModelEmaV3
-        ema = ModelEmaV3(model, decay=cfg.model_ema_decay)
 
     if _is_fsdp2(accelerator):
         from .agc import prepare_for_fsdp2
         prepare_for_fsdp2(model)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    ema = None
+    if cfg.model_ema:  # copied from the prepared model: on its device, in its dtype and memory format
+        from timm.utils import ModelEmaV3
+        ema = ModelEmaV3(unwrapped, decay=cfg.model_ema_decay)
     clip_params = None
     if cfg.clipping > 0:
         from .agc import clipped_parameters, unscale_and_clip_
@@ -390,7 +396,6 @@ def finetune(config: Optional[FinetuneConfig] = None, *, resume: Optional[str] =
     if cfg.report_to:
         accelerator.init_trackers("nfnet-zoo", config={k: v for k, v in cfg.to_json().items()
                                                        if isinstance(v, (int, float, str, bool))})
-    unwrapped = accelerator.unwrap_model(model)
     if main:
         accelerator.print(f"fine-tuning {cfg.model} on {len(data.train)} images ({len(data.classes)} classes), "
                           f"validating on {len(data.val)}; {accelerator.num_processes} process(es) on "
@@ -492,7 +497,7 @@ def _end_of_epoch(accelerator, cfg: FinetuneConfig, run: Path, progress: _Progre
     improved = progress.best is None or row["top1"] is None or row["top1"] > progress.best["top1"]
     if improved:
         progress.best = dict(row)
-    export = accelerator.unwrap_model(eval_model)
+    export = accelerator.unwrap_model(eval_model, keep_torch_compile=False)
     if accelerator.is_main_process:
         _save_model_folder(export, run / "last", classes, model_args, data_config)
         if improved:

@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import shlex
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -153,25 +154,35 @@ def _unchanged(local: _File, remote) -> bool:
     return remote.lfs.sha256 == local.sha256 if remote.lfs else remote.blob_id == local.git_blob_id
 
 
-def _http_cause(e: BaseException):
-    """The HTTP error (HfHubHTTPError or an httpx2 transport error) behind `e`, if any."""
-    import httpx2
+def _transport_error() -> Union[type, tuple]:
+    """The HTTP library's TransportError (connection failed or dropped), found through huggingface_hub's own
+    error class: huggingface_hub 1.x is built on httpx, 2.x on httpx2, and neither is ours to import."""
     from huggingface_hub.errors import HfHubHTTPError
 
+    for base in HfHubHTTPError.__mro__:
+        error = getattr(sys.modules.get(base.__module__), "TransportError", None)
+        if isinstance(error, type) and issubclass(error, Exception):
+            return error
+    return ()  # matches nothing
+
+
+def _http_cause(e: BaseException):
+    """The HTTP error (HfHubHTTPError or a transport error) behind `e`, if any."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    transport = _transport_error()
     while e is not None:
-        if isinstance(e, (HfHubHTTPError, httpx2.TransportError)):
+        if isinstance(e, (HfHubHTTPError, transport)):
             return e
         e = e.__cause__ or e.__context__
     return None
 
 
 def _failed_commit_is_transient(e: BaseException) -> bool:
-    import httpx2
-
     cause = _http_cause(e)
     if "/commit/" not in _request_url(cause):  # other endpoints were already retried by huggingface_hub
         return False
-    return isinstance(cause, httpx2.TransportError) or cause.response.status_code in _RETRY_STATUS
+    return isinstance(cause, _transport_error()) or cause.response.status_code in _RETRY_STATUS
 
 
 def _request_url(cause) -> str:
@@ -179,7 +190,7 @@ def _request_url(cause) -> str:
     try:
         request = response.request if response is not None else cause.request
         return str(request.url)
-    except (AttributeError, RuntimeError):  # httpx2 raises RuntimeError for a request it never set
+    except (AttributeError, RuntimeError):  # httpx raises RuntimeError for a request it never set
         return ""
 
 

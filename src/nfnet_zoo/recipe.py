@@ -17,15 +17,18 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import torch
-from torch import nn
-
-from .data import EpochSampler, ImageData, ImageDataset, ignore_sigint
 from .errors import NFNetZooError
-from .evaluate import check_model_name, create_pretrained, has_pretrained_weights, read_checkpoint
-from .variants import deepmind_crop_pct
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .data import EpochSampler, ImageData
+
+# torch, timm and the data code are imported inside the builders: `nfnet-zoo --help` reads the defaults
+# below and must not wait seconds for them.
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 BAD_IMAGES = ("skip", "error")
@@ -59,6 +62,15 @@ class FinetuneConfig:
     test_img_size: Optional[int] = None  # None: the variant's test size (scaled with --img-size)
     hflip: float = 0.5
     scale: tuple[float, float] = (0.08, 1.0)
+    # timm's own pieces by name, as timm's train.py takes them
+    aa: Optional[str] = None             # auto-augment policy (rand-m9-mstd0.5-inc1 ...); "deepmind": the variant's
+    opt: str = "sgd"                     # timm optimizer; timm's "sgd" is SGD with Nesterov momentum (the paper's)
+    opt_kwargs: dict[str, Any] = field(default_factory=dict)
+    sched: str = "cosine"                # timm schedule, stepped per optimizer update
+    decay_epochs: float = 90             # step: epochs between decays (timm's default)
+    decay_milestones: list[int] = field(default_factory=lambda: [90, 180, 270])  # multistep (timm's default)
+    decay_rate: float = 0.1              # step, multistep: lr factor per decay; poly: the power
+    torchcompile: Optional[str] = None   # torch.compile backend of the training model (inductor ...); None: eager
     grad_accum_steps: int = 1
     channels_last: bool = False
     seed: int = 42
@@ -122,6 +134,7 @@ def build_model(cfg: FinetuneConfig, classes: list[str], log: Callable[[str], No
     """The model with a head for `classes`; returns (model, model_args for config.json, base_model)."""
     import timm
     from timm.models._builder import resolve_pretrained_cfg
+    from .evaluate import check_model_name, create_pretrained, has_pretrained_weights, read_checkpoint
     kwargs = dict(cfg.model_kwargs)
     ckpt = read_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
     if ckpt is not None and ckpt.architecture:
@@ -193,11 +206,15 @@ def build_loaders(cfg: FinetuneConfig, data: ImageData, model: nn.Module, accele
                   ) -> tuple[torch.utils.data.DataLoader, Optional[torch.utils.data.DataLoader], EpochSampler]:
     """Train loader (random-resized crop + flip, resumable shuffle), val loader (DeepMind's eval
     preprocessing; None without val images) and the train sampler, whose `epoch` the loop sets."""
+    import torch
     from timm.data import create_transform, resolve_data_config
+    from .data import EpochSampler, ImageDataset, ignore_sigint
+    from .variants import deepmind_crop_pct
     train_size, test_size = image_sizes(cfg, model)
     dc = resolve_data_config(model=model)
+    aa = deepmind_randaugment(cfg.model) if cfg.aa == "deepmind" else cfg.aa
     train_tf = create_transform(train_size, is_training=True, scale=cfg.scale, hflip=cfg.hflip, color_jitter=0.0,
-                                interpolation=dc["interpolation"], mean=dc["mean"], std=dc["std"])
+                                auto_augment=aa, interpolation=dc["interpolation"], mean=dc["mean"], std=dc["std"])
     eval_tf = create_transform(test_size, is_training=False, interpolation=dc["interpolation"], mean=dc["mean"],
                                std=dc["std"], crop_pct=deepmind_crop_pct(test_size), crop_mode="squash")
     per_step = cfg.batch_size * accelerator.num_processes
@@ -229,6 +246,7 @@ def image_sizes(cfg: FinetuneConfig, model: nn.Module) -> tuple[int, int]:
 
 def build_losses(cfg: FinetuneConfig, num_classes: int) -> tuple[Optional[Any], nn.Module]:
     """(timm Mixup or None, training loss): soft-target CE with mixup/cutmix, else label smoothing."""
+    import torch
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     mixup = None
@@ -241,28 +259,78 @@ def build_losses(cfg: FinetuneConfig, num_classes: int) -> tuple[Optional[Any], 
     elif cfg.smoothing > 0:
         train_loss = LabelSmoothingCrossEntropy(cfg.smoothing)
     else:
-        train_loss = nn.CrossEntropyLoss()
+        train_loss = torch.nn.CrossEntropyLoss()
     return mixup, train_loss
 
 
 def build_optimizer(cfg: FinetuneConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum over DeepMind's decay partition (agc.weight_decay_groups)."""
+    """timm's optimizer `cfg.opt` over DeepMind's decay partition (agc.weight_decay_groups)."""
     from timm.optim import create_optimizer_v2
     from .agc import weight_decay_groups
-    # timm's "sgd" is SGD with Nesterov momentum; our groups state DeepMind's no-decay set.
-    return create_optimizer_v2(weight_decay_groups(model, cfg.weight_decay), opt="sgd", lr=lr,
-                               momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    # Our groups state DeepMind's no-decay set (gains, skip gains, biases), whatever the optimizer.
+    return create_optimizer_v2(weight_decay_groups(model, cfg.weight_decay), opt=cfg.opt, lr=lr,
+                               momentum=cfg.momentum, weight_decay=cfg.weight_decay, **cfg.opt_kwargs)
+
+
+# timm's schedules that are functions of the update count: exact on resume, stepped per update.
+# Not "plateau" (per epoch, on a metric, with state of its own; deprecated in timm) nor "none".
+SCHEDULES = ("cosine", "tanh", "step", "multistep", "poly", "wsd", "rsqrt", "constant")
 
 
 def build_scheduler(cfg: FinetuneConfig, optimizer: torch.optim.Optimizer, updates_per_epoch: int) -> Any:
-    """timm's cosine schedule with linear warmup, stepped per optimizer update (`step_update`)."""
+    """timm's schedule `cfg.sched` with linear warmup, stepped per optimizer update (`step_update`)."""
     from timm.scheduler import create_scheduler_v2
-    sched, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs,
+    sched, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs, decay_epochs=cfg.decay_epochs,
+                                   decay_milestones=list(cfg.decay_milestones), decay_rate=cfg.decay_rate,
                                    warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
                                    step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+    if sched is None:  # an older timm without that schedule
+        raise NFNetZooError(f"--sched {cfg.sched} is not in the installed timm; pass one of {', '.join(SCHEDULES[:5])}")
     return sched
+
+
+def deepmind_randaugment(model: Optional[str]) -> str:
+    """The variant's RandAugment as DeepMind trained it from scratch, as timm's policy string.
+
+    DeepMind's level "415" is 4 layers at magnitude 15 on TF's 0-10 scale; timm needs `mmax` for M > 10.
+    """
+    from .variants import RANDAUG_LEVEL
+    level = RANDAUG_LEVEL.get((model or "").split(".")[0])
+    if level is None:
+        raise NFNetZooError(f"--aa deepmind needs an NFNet-F variant (nfnet_f0 ... nfnet_f7_plus), not {model}; "
+                            "pass a timm policy such as --aa rand-m9-mstd0.5-inc1")
+    layers, magnitude = divmod(int(level), 100)
+    return f"rand-n{layers}-m{magnitude}" + (f"-mmax{magnitude}" if magnitude > 10 else "")
+
+
+def check_timm_names(cfg: FinetuneConfig) -> None:
+    """--aa, --opt and --sched name things timm builds: refuse unknown ones before any work."""
+    import difflib
+
+    import torch
+    from timm.data import create_transform
+    from timm.optim import create_optimizer_v2, list_optimizers
+    if cfg.sched not in SCHEDULES:
+        raise NFNetZooError(f"--sched {cfg.sched} is not supported; pass one of {', '.join(SCHEDULES)}")
+    try:
+        create_optimizer_v2([torch.zeros(1, requires_grad=True)], opt=cfg.opt, lr=0.1, **cfg.opt_kwargs)
+    except (ValueError, AssertionError, TypeError, ImportError) as e:
+        close = difflib.get_close_matches(cfg.opt.lower(), list_optimizers(), n=4)
+        raise NFNetZooError(f"--opt {cfg.opt}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                            f"{'; closest: ' + ', '.join(close) if close else ''}"
+                            f"{'; check --opt-kwargs' if cfg.opt_kwargs else ''} "
+                            "(timm.optim.list_optimizers() lists the names)") from None
+    if cfg.aa == "deepmind" and cfg.model:
+        deepmind_randaugment(cfg.model)
+    elif cfg.aa and cfg.aa != "deepmind":
+        try:
+            create_transform(32, is_training=True, auto_augment=cfg.aa)
+        except (ValueError, AssertionError, KeyError, IndexError, TypeError) as e:
+            raise NFNetZooError(f"--aa {cfg.aa} is not a timm augmentation policy ({e}); pass e.g. "
+                                "rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, v0 or deepmind") from None
 
 
 __all__ = ["FinetuneConfig", "RESUMABLE_OVERRIDES", "MIXED_PRECISION", "BAD_IMAGES", "default",
            "eval_size_for", "build_model", "load_checkpoint", "build_loaders", "image_sizes",
-           "build_losses", "build_optimizer", "build_scheduler"]
+           "build_losses", "build_optimizer", "build_scheduler", "SCHEDULES", "deepmind_randaugment",
+           "check_timm_names"]
