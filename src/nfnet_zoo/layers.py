@@ -10,7 +10,6 @@ This is what GPUs, `torch.compile`, FX, TorchScript, `torch.func` and `torch.exp
 in eager mode the modules hand their forward to `cpu_kernels`, which computes the same faster
 (`cpu_kernels.active` decides; `nfnet_zoo.fast_kernels(False)` turns that off).
 """
-from __future__ import annotations
 
 from typing import List, Tuple
 

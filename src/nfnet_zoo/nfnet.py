@@ -3,7 +3,6 @@
 Parameter names and shapes are those of timm's `dm_nfnet_*` (strict state-dict compatibility);
 the computation is DeepMind's (see `layers.py` for where that differs from timm).
 """
-from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
