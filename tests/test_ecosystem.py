@@ -188,3 +188,32 @@ def test_export_gives_the_eager_logits():
     exported = torch.export.export(model, (x,))
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+# --- Inductor ------------------------------------------------------------------------------------
+def _inductor_code(fn, x):
+    from torch._inductor.utils import run_and_get_code
+
+    out, code = run_and_get_code(fn, x)
+    return out, "\n".join(code)
+
+
+def test_inductor_computes_the_eager_logits():
+    model = _create("nfnet_zoo_tiny", num_classes=5, depths=(1, 1, 1, 1)).eval()
+    x = _input(2, 32)
+    with torch.no_grad():
+        out, code = _inductor_code(torch.compile(model), x)
+        torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
+    assert "rsqrt" in code  # not frozen: the standardisation runs on every call (the contrast below)
+
+
+def test_optimize_for_inference_compile_freezes_the_standardisation():
+    from nfnet_zoo import optimize_for_inference
+
+    model = _create("nfnet_zoo_tiny", num_classes=5, depths=(1, 1, 1, 1)).eval()
+    x = _input(2, 32)
+    with torch.no_grad():
+        want = model(x)
+    out, code = _inductor_code(optimize_for_inference(model, compile=True), x)  # called with grad enabled
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    assert "rsqrt" not in code and "var_mean" not in code  # folded into constants by Inductor's freezing
