@@ -6,8 +6,9 @@ their forward to the functions below, which compute the same (to float rounding)
 `active(x)` is the one place that decides; `fast_kernels(False)` or `NFNET_ZOO_FAST_KERNELS=0`
 turns them all off.
 
-Gains: eager F0, 2 shared cores, medians of interleaved A/B micro-benchmarks on F0-sized tensors
-(`python benchmarks/bench_kernels.py`), fast on vs off; figures beside each kernel.
+Gains beside each kernel: kernel vs the reference computation it replaces, on F0-sized tensors
+(batch 8, 256 px), medians of 9 interleaved rounds on 2 shared cores (torch 2.14.1):
+`PYTHONPATH=src python benchmarks/bench_kernels.py`.
 """
 from __future__ import annotations
 
@@ -79,64 +80,20 @@ def _autograd(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-# --- tanh-GELU: 2.1x faster forward (fp32, F0 stage-2 tensor) -----------------------------------------------
-# JAX's GELU through 0.5 * (1 + tanh(z)) = sigmoid(2z): x * sigmoid(K * (x + C x^3)). aten's tanh is
-# several times slower than its sigmoid on CPUs; four passes (an addcmul, then in place) agree with
-# it to float rounding (5e-7). bfloat16/float16 take aten's erf GELU (3.5x faster; equal to rounding).
-_GELU_K = 2.0 * math.sqrt(2.0 / math.pi)
-_GELU_C = 0.044715
-
-
-def _gelu_gate(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """sigmoid(K x (1 + C x^2)), so that tanh-GELU(x) = x * gate; in `out` if given."""
-    t = torch.addcmul(x.new_full((), _GELU_K), x, x, value=_GELU_K * _GELU_C, out=out)  # K + K C x^2
-    return t.mul_(x).sigmoid_()
-
-
-class _GeluTanh(torch.autograd.Function):
-    """tanh-GELU: the sigmoid form forward, aten's backward; saves only the input, as aten's does."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return _gelu_gate(x).mul_(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """tanh-GELU of a CPU tensor (see above)."""
-    if x.dtype in (torch.bfloat16, torch.float16):
-        return F.gelu(x)
-    if x.dtype != torch.float32:
-        return F.gelu(x, approximate="tanh")
-    if _autograd(x):
-        return _GeluTanh.apply(x)
-    return _gelu_gate(x).mul_(x)
+# Dropped after measuring on torch 2.14 (benchmarks/bench_kernels.py, medians of 9 interleaved
+# rounds): the sigmoid-form tanh-GELU (0.17x: aten's tanh-GELU is vectorised now), the erf GELU
+# for bf16 (0.8x-3.6x from round to round: no steady gain, and it left DeepMind's tanh form), and
+# the 2x2 average pool (0.98x forward, 1.14x forward+backward, ranges across 1).
 
 
 def _activation(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """f(x) of a `GammaAct`, without its gamma (the caller folds the gamma into the next conv)."""
-    return gelu_tanh(x) if act.activation == "gelu" else act.act(x)
+    return act.act(x)
 
 
-def gamma_act(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`GammaAct.forward`: f(x) * gamma, the multiply in place on the fresh f(x) where autograd allows."""
-    y = _activation(act, x)
-    return y * act.gamma if _autograd(y) or y is x else y.mul_(act.gamma)
-
-
-# --- the padded activation: 1.2x on a strided 3x3's activation + conv (fp32, F0 stage-1 input) ----------
+# --- the padded activation: 1.46x on F.pad(GELU(x)), 1.09x with its strided conv (8x256x64x64) -------
 # Where SAME padding is uneven (strided convs on even sizes), F.pad costs a fill and a copy of the
 # whole activation; the GELU writes straight into the padded buffer instead.
-# glibc's largest mmap threshold: a fresh buffer above it is page-faulted in anew each time (~10 ms
-# for F0's 34 MB activations at batch 8, 256 px, float32), so there one buffer fewer is worth most.
-_MMAP_THRESHOLD = 32 << 20
-
-
 def _channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
@@ -146,11 +103,7 @@ def _memory_format(channels_last: bool) -> torch.memory_format:
 
 
 def _gelu_tanh_padded(x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor:
-    """F.pad(gelu_tanh(x), pad) for float32, computed into the padded buffer: no fill, no copy.
-
-    Strided elementwise kernels are slow on narrow rows, so only the last pass writes into the
-    buffer, unless x is large enough that the temporary itself costs more (page faults).
-    """
+    """F.pad(tanh-GELU(x), pad), computed into the padded buffer: no fill, no copy."""
     left, right, top, bottom = pad
     n, c, h, w = x.shape
     buf = torch.empty((n, c, h + top + bottom, w + left + right), dtype=x.dtype, device=x.device,
@@ -159,9 +112,7 @@ def _gelu_tanh_padded(x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.
     buf[:, :, top + h:].zero_()
     buf[:, :, top:top + h, :left].zero_()
     buf[:, :, top:top + h, left + w:].zero_()
-    inner = buf[:, :, top:top + h, left:left + w]
-    large = x.numel() * x.element_size() >= _MMAP_THRESHOLD
-    torch.mul(_gelu_gate(x, out=inner if large else None), x, out=inner)
+    torch.ops.aten.gelu.out(x, approximate="tanh", out=buf[:, :, top:top + h, left:left + w])
     return buf
 
 
@@ -194,7 +145,7 @@ def _same_pad(conv: nn.Conv2d, x: torch.Tensor) -> tuple[int, int, int, int]:
 
 def _act_conv(act: nn.Module, conv: nn.Conv2d, x: torch.Tensor, scale: float) -> torch.Tensor:
     """conv(gamma * f(x)) with gamma folded into the conv (`scale`); uneven SAME padding written by the GELU."""
-    if conv.stride[0] > 1 and act.activation == "gelu" and x.dtype == torch.float32:
+    if conv.stride[0] > 1 and act.activation == "gelu":
         pad = _same_pad(conv, x)
         if pad[0] != pad[1] or pad[2] != pad[3]:
             buf = _GeluTanhPadded.apply(x, pad) if _autograd(x) else _gelu_tanh_padded(x, pad)
@@ -202,9 +153,10 @@ def _act_conv(act: nn.Module, conv: nn.Conv2d, x: torch.Tensor, scale: float) ->
     return ws_conv2d(conv, _activation(act, x), scale)
 
 
-# --- scaled weight standardisation -----------------------------------------------------------------
+# --- the standardisation's fused backward: 2.5x (768x128x3x3) to 3.0x (1536x768x1x1) forward+backward ---
 # Attribute under which the standardisation leaves (version, mean, var * fan_in) of each unit on its
-# weight; `adaptive_clip_grad_` turns them into the weight's unit norms instead of reading it again.
+# weight; `adaptive_clip_grad_` turns them into the weight's unit norms instead of reading it again
+# (1.27x on AGC over F0's parameters, noisy: 0.5x-3.8x from round to round).
 WS_STATS = "_nfnet_zoo_ws_stats"
 
 
@@ -222,7 +174,7 @@ def _as_weight(rows: torch.Tensor, like: torch.Tensor, channels_last: bool) -> t
 
 
 class _WeightStandardization(torch.autograd.Function):
-    """`layers.standardize_weight` times `input_scale`, with a fused backward: 6x faster backward.
+    """`layers.standardize_weight` times `input_scale`, with a fused backward.
 
     Four fast forward passes (aten's var_mean is ~10x slower on CPUs) and aten's batch-norm backward
     instead of autograd through var_mean and four elementwise ops. Statistics are order-free within
@@ -285,7 +237,7 @@ def _bn_backward(ctx, weight, w, dy, mean, rstd, g, unclamped):
     return _as_weight(d_w, weight, ctx.channels_last), d_gain, None, None
 
 
-# --- the eval-mode cache of standardised weights: 1.3x on F0's eval forward (fp32, batch 8, 256 px) -----
+# --- the eval-mode cache of standardised weights: 1.6x on a grouped 3x3 conv (8x768x16x16, no grad) ---
 # Per conv, one entry per (autocast dtype, input scale): serving threads with different autocast
 # dtypes do not evict each other. An entry is valid while both parameters have the same storage,
 # version, shape and dtype: in-place updates bump the version, `p.data = t` and `to()` change the
@@ -344,7 +296,7 @@ def ws_conv2d(conv: nn.Conv2d, x: torch.Tensor, input_scale: float = 1.0, padded
     return F.conv2d(F.pad(x, (left, right, top, bottom)), weight, conv.bias, conv.stride, 0, 1, conv.groups)
 
 
-# --- bf16 spatial mean: 9x on the SE's squeeze (bf16, F0 stage-2 tensor) ---------------------------
+# --- bf16 spatial mean: 2.1x on the SE's squeeze (bf16, 8x1536x16x16) ------------------------------
 def _spatial_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean over height and width as (N, C); bfloat16/float16 through a matmul with ones (fp32
     accumulation): aten's reduction first copies the whole tensor to float32, up to 20x slower."""
@@ -367,32 +319,7 @@ def _squeeze_excite(se: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return (2.0 * torch.sigmoid(F.linear(h, se.fc2.weight.flatten(1), se.fc2.bias)))[:, :, None, None]
 
 
-# --- 2x2 average pool: 3x on the shortcut's pool (fp32 NCHW, F0 stage-1 output) ----------------------
-class _AvgPool2x2(torch.autograd.Function):
-    """2x2 average pool, stride 2, of an even-sized NCHW tensor: aten's NCHW kernel is 3-4x slower."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        q = x.view(n, c, h // 2, 2, w // 2, 2)
-        rows = q[:, :, :, 0] + q[:, :, :, 1]
-        return (rows[..., 0] + rows[..., 1]).mul_(0.25)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = grad.shape
-        return (grad * 0.25)[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
-
-
-def _avg_pool(x: torch.Tensor) -> torch.Tensor:
-    from .layers import avg_pool_same
-
-    if x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0 and x.is_contiguous():
-        return _AvgPool2x2.apply(x)
-    return avg_pool_same(x)
-
-
-# --- the residual: 1.1x on a block's tail (fp32, F0 stage-2 block, train and eval) ------------------
+# --- the residual: 2.3x without grad (in place), 2.0x forward+backward (8x1536x16x16) ---------------
 class _Residual(torch.autograd.Function):
     """shortcut + out * gate, gate (N, C, 1, 1): addcmul's own backward spends a full pass on out * 1."""
 
@@ -419,12 +346,14 @@ def _residual(shortcut: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> 
 # --- whole blocks: gammas and beta folded into the next conv's standardisation (free) -----------------
 def nf_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`NFBlock.forward`; the caller has checked that no hook looks inside the block."""
+    from .layers import avg_pool_same  # layers imports this module
+
     gamma = block.act1.gamma
     out = _activation(block.act1, x)  # times gamma * beta: applied by conv1 and the shortcut conv
     scale = gamma * block.beta
     shortcut = x
     if block.downsample is not None:
-        pooled = _avg_pool(out) if block.downsample.stride > 1 else out
+        pooled = avg_pool_same(out) if block.downsample.stride > 1 else out
         shortcut = ws_conv2d(block.downsample.conv, pooled, scale)
     out = ws_conv2d(block.conv1, out, scale)
     out = _act_conv(block.act2, block.conv2, out, gamma)
