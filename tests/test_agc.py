@@ -15,12 +15,21 @@ from torch import nn
 from timm.optim import create_optimizer_v2
 from timm.utils.agc import adaptive_clip_grad as timm_adaptive_clip_grad
 
-from nfnet_zoo import (NFNetZooError, adaptive_clip_grad_, assert_agc_supported, clipped_parameters,
+from nfnet_zoo import (NFNetZooError, adaptive_clip_grad_, fast_kernels, assert_agc_supported, clipped_parameters,
                        prepare_for_fsdp2, unscale_and_clip_, weight_decay_groups)
 from nfnet_zoo.convert import convert_haiku_checkpoint, load_haiku_checkpoint, timm_keys, to_torch_layout
-from nfnet_zoo.layers import WS_STATS, WSConv2d
+from nfnet_zoo.cpu_kernels import WS_STATS
+from nfnet_zoo.layers import WSConv2d
 
 DATA = Path(__file__).parent / "data" / "deepmind"
+
+
+@pytest.fixture(params=[True, False], ids=["fast", "reference"])
+def kernels(request):
+    """With the CPU kernels (rows of few clipped units rewritten alone, weight norms from the forward
+    pass) and without (one multiply per tensor: the branch accelerators take)."""
+    with fast_kernels(request.param):
+        yield request.param
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +63,7 @@ def _assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: 
     assert err < tol, f"{what}: relative error {err:.2e} >= {tol:.0e}"
 
 
+@pytest.mark.usefixtures("kernels")
 def test_two_sgd_agc_steps_match_deepmind(deepmind, converted_dir):
     steps, ref, hyper, _ = deepmind
     model = _converted(converted_dir)
@@ -75,6 +85,7 @@ def test_two_sgd_agc_steps_match_deepmind(deepmind, converted_dir):
                         f"momentum {step + 1} {name}")
 
 
+@pytest.mark.usefixtures("kernels")
 def test_optax_agc_on_all_params_matches_deepmind(deepmind):
     steps, ref, hyper, _ = deepmind
     for step in (0, 1):
@@ -95,6 +106,7 @@ def test_optax_agc_on_all_params_matches_deepmind(deepmind):
         assert (tensors[gain].grad - want[gain]).abs().max() > 1e-3 * want[gain].abs().max()
 
 
+@pytest.mark.usefixtures("kernels")
 def test_model_backward_reproduces_deepmind_gradients(deepmind, converted_dir):
     # The whole chain: converted weights -> our forward/backward -> DeepMind's step-0 gradients.
     steps, ref, hyper, _ = deepmind
@@ -133,6 +145,7 @@ def test_partition_matches_deepmind(deepmind, converted_dir):
 
 @pytest.mark.parametrize("top", [2.0, 1.1])  # about half the units clipped; a few (rows rewritten alone)
 @pytest.mark.parametrize("shape", [(16, 8, 3, 3), (16, 1, 3, 3), (32, 16, 1, 1), (10, 64), (7, 3, 5), "cl"])
+@pytest.mark.usefixtures("kernels")
 def test_matches_timm_on_weights(shape, top):
     # Where both define the unit (one per slice of dim 0), DeepMind's AGC and timm's coincide.
     torch.manual_seed(0)
@@ -153,6 +166,7 @@ def test_matches_timm_on_weights(shape, top):
     assert stats.clipped.item() == changed.sum().item() and stats.units == shape[0]
 
 
+@pytest.mark.usefixtures("kernels")
 def test_one_call_over_many_tensors_matches_timm_per_tensor():
     # Units of all tensors are clipped in one pass; each tensor must get exactly its own scales back,
     # whether it has no clipped unit, a few (rows rewritten), most, all, or no unit at all.
@@ -182,6 +196,7 @@ def test_one_call_over_many_tensors_matches_timm_per_tensor():
     assert changed[-1] == 1 and stats.clipped.item() == sum(changed) and stats.units == sum(units)
 
 
+@pytest.mark.usefixtures("kernels")
 def test_low_precision_gradients_use_float32_norms():
     torch.manual_seed(0)
     w = torch.randn(64, 32, 3, 3)
@@ -194,6 +209,38 @@ def test_low_precision_gradients_use_float32_norms():
     torch.testing.assert_close(low.grad.float(), ref.grad, rtol=1.6e-2, atol=1e-5)
 
 
+@pytest.mark.usefixtures("kernels")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("clipping,clipped", [(1e4, "none"), (0.02, "a few"), (1e-9, "all")])
+def test_low_precision_model_matches_the_float32_computation(dtype, clipping, clipped):
+    # A model cast to bf16/fp16 (pure low-precision training, FSDP2 mixed precision): real
+    # low-precision parameters and gradients, clipped against the float32 clipping of the same values.
+    model = _tiny().to(dtype)
+    x, y = _batch()
+    F.cross_entropy(model(x.to(dtype)).float(), y).backward()
+    params = clipped_parameters(model)
+    wide = []
+    for p in params:
+        w = p.detach().float()
+        w.grad = p.grad.float()
+        wide.append(w)
+    moving = sum(int(p.grad.flatten(1).any(1).sum()) if p.ndim > 1 and p.numel() > len(p) else int(p.grad.any())
+                 for p in params)  # units with a gradient: clipping can only rescale those
+    stats = adaptive_clip_grad_(params, clipping)
+    want = adaptive_clip_grad_(wide, clipping)
+    assert stats.clipped.item() == want.clipped.item() and stats.units == want.units
+    count = stats.clipped.item()
+    assert {"none": count == 0, "a few": 0 < count < moving / 2, "all": count == moving}[clipped], (count, moving)
+    few_in_a_tensor = any(0 < int((p.grad.float() != w.grad).flatten(1).any(1).sum()) < len(p) / 4
+                          for p, w in zip(params, wide) if p.ndim > 1)
+    assert few_in_a_tensor or clipped != "a few"  # the row-rewrite case that crashed
+    for p, w in zip(params, wide):
+        assert p.grad.dtype == dtype
+        torch.testing.assert_close(p.grad, w.grad.to(dtype), rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10,
+                                   atol=0)
+
+
+@pytest.mark.usefixtures("kernels")
 def test_stats_count_units_without_sync():
     w, b, gain, skip = torch.ones(4, 2), torch.ones(4), torch.ones(4, 1, 1, 1), torch.ones(())
     for t in (w, b, gain, skip):
@@ -270,6 +317,7 @@ def _sgd(model):
     return torch.optim.SGD(weight_decay_groups(model, 1e-4), lr=0.2, momentum=0.9, nesterov=True)
 
 
+@pytest.mark.usefixtures("kernels")
 def test_fp16_grad_scaler_unscales_first_and_keeps_skipped_steps():
     x, y = _batch()
     reference, scaled = _tiny(), _tiny()
@@ -299,6 +347,7 @@ def test_fp16_grad_scaler_unscales_first_and_keeps_skipped_steps():
     assert all(torch.equal(p, before[n]) for n, p in scaled.named_parameters())
 
 
+@pytest.mark.usefixtures("kernels")
 def test_accelerate_accumulation_clips_once_on_the_accumulated_gradient():
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -360,6 +409,7 @@ def test_refuses_fsdp1_and_deepspeed():
     assert_agc_supported(_tiny())  # a plain model is fine; FSDP1-wrapped: tests/test_agc_distributed.py
 
 
+@pytest.mark.usefixtures("kernels")
 def test_prepare_for_fsdp2_keeps_timm_state_dict():
     # Sharded state dicts (0-d again) are checked in tests/test_agc_distributed.py.
     model, reference = _tiny(), _tiny()

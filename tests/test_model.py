@@ -1,4 +1,7 @@
-"""timm's model interface on our NFNet, the eval-mode weight cache, compile/export, stochastic depth."""
+"""timm's model interface on our NFNet, the eval-mode weight cache, compile/export, stochastic depth.
+
+Every test that runs the model runs it twice: with the CPU kernels and with the reference layers.
+"""
 import copy
 
 import pytest
@@ -7,7 +10,15 @@ import timm.optim
 import torch
 
 import nfnet_zoo  # noqa: F401
-from nfnet_zoo.layers import StochDepth, WSConv2d
+from nfnet_zoo import fast_kernels
+from nfnet_zoo.cpu_kernels import cache_entries
+from nfnet_zoo.layers import StochDepth
+
+
+@pytest.fixture(params=[True, False], ids=["fast", "reference"], autouse=True)
+def kernels(request):
+    with fast_kernels(request.param):
+        yield request.param
 
 
 @pytest.fixture()
@@ -72,25 +83,23 @@ def test_features_only_and_intermediates(model):
     assert [o.shape[1] for o in outs] == info.channels() == [64, 32, 64, 128, 512]
     assert [64 // o.shape[-1] for o in outs] == info.reduction() == [2, 4, 8, 16, 32]
     final, inter = model.forward_intermediates(x)
-    assert len(inter) == 5 and torch.allclose(final, model.forward_features(x))
+    assert len(inter) == 5
+    torch.testing.assert_close(final, model.forward_features(x))
     last2 = model.forward_intermediates(x, indices=2, intermediates_only=True)
     assert [t.shape[1] for t in last2] == [128, 512]
     sub = timm.create_model("nfnet_zoo_tiny", features_only=True, out_indices=(1, 3))
     assert [o.shape[1] for o in sub(x)] == [32, 128]
 
 
-def test_eval_cache_follows_parameter_changes(model):
+def test_eval_cache_follows_parameter_changes(model, kernels):
     x = torch.randn(2, 3, 64, 64)
     conv = model.stem.conv1
     with torch.no_grad():
         y0 = model(x)
-        assert conv._cache is not None  # eval + no_grad: standardised weight kept
+        assert len(cache_entries(conv)) == int(kernels)  # eval + no_grad: standardised weight kept
         assert torch.equal(model(x), y0)
         conv.weight.mul_(1.5).add_(0.1)  # in-place, as an optimizer step does
-        fresh = copy.deepcopy(model)
-        for m in fresh.modules():
-            if isinstance(m, WSConv2d):
-                m._cache = None
+        fresh = copy.deepcopy(model)  # a new module: nothing cached
         assert torch.equal(model(x), fresh(x))
         assert not torch.equal(model(x), y0)
         state = copy.deepcopy(fresh.state_dict())
@@ -102,7 +111,7 @@ def test_eval_cache_follows_parameter_changes(model):
         torch.testing.assert_close(y64.float(), model.float()(x), rtol=1e-4, atol=1e-5)
     model.train()
     y = model.stem.conv1(x)
-    assert y.requires_grad and model.stem.conv1._cache is None  # training never uses the cache
+    assert y.requires_grad and not cache_entries(model.stem.conv1)  # training never uses the cache
 
 
 def test_compile_fullgraph_and_export(model):
@@ -154,26 +163,28 @@ def test_beta_resets_per_stage():
     assert betas[3] == pytest.approx([1 / (1 + 3 * a2) ** 0.5])
 
 
-def test_autocast_keeps_a_low_precision_cache(model):
+def test_autocast_keeps_a_low_precision_cache(model, kernels):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         y = model(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             yb = model(x)
-        assert model.stem.conv1._cache[1].dtype == torch.bfloat16
-        assert model(x).dtype == torch.float32 and model.stem.conv1._cache[1].dtype == torch.float32
+        dtypes = {t.dtype for t in cache_entries(model.stem.conv1)}
+        assert dtypes == ({torch.bfloat16, torch.float32} if kernels else set())  # one entry per dtype
+        assert model(x).dtype == torch.float32
     assert (yb.float() - y).abs().max() < 0.05 * y.abs().max()
 
 
-def test_optimize_for_inference_computes_the_same(model):
+def test_optimize_for_inference_computes_the_same(model, kernels):
     from nfnet_zoo import optimize_for_inference
 
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         y = model(x)
     fast = optimize_for_inference(model)
-    out = fast(x)  # no torch.no_grad(): frozen parameters still use the cache
-    assert not any(p.requires_grad for p in model.parameters()) and model.stem.conv1._cache is not None
+    out = fast(x.requires_grad_())  # no torch.no_grad() needed: the prepared module enters it
+    assert not out.requires_grad and not any(p.requires_grad for p in model.parameters())
+    assert len(cache_entries(model.stem.conv1)) == int(kernels)
     assert model.stem.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, y, rtol=1e-4, atol=1e-5)
     low = optimize_for_inference(model, dtype=torch.bfloat16)(x)

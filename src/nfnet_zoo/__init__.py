@@ -25,7 +25,7 @@ _PUBLIC = {
     "NFNet": "nfnet", "NFNetCfg": "nfnet",
     "VARIANTS": "variants", "DM_ACCURACY": "variants", "list_pretrained_names": "variants",
     "convert_haiku_checkpoint": "convert", "load_haiku_checkpoint": "convert",
-    "optimize_for_inference": "inference",
+    "optimize_for_inference": "inference", "fast_kernels": "cpu_kernels",
     "AGCStats": "agc", "adaptive_clip_grad_": "agc", "assert_agc_supported": "agc", "clipped_parameters": "agc",
     "prepare_for_fsdp2": "agc", "unscale_and_clip_": "agc", "weight_decay_groups": "agc",
     "push_to_hub": "hub", "publish_checkpoint": "hub", "PushResult": "hub", "write_model_card": "hub",

@@ -3,7 +3,6 @@
 Parameter names and shapes are those of timm's `dm_nfnet_*` (strict state-dict compatibility);
 the computation is DeepMind's (see `layers.py` for where that differs from timm).
 """
-from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -15,8 +14,8 @@ from timm.layers import ClassifierHead
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
-from .layers import (NONLINEARITY_GAMMA, GammaAct, SqueezeExcite, StochDepth, WSConv2d, activate_and_conv,
-                     avg_pool_same, bottleneck_width, hidden_width)
+from . import cpu_kernels
+from .layers import GammaAct, SqueezeExcite, StochDepth, WSConv2d, avg_pool_same, bottleneck_width, hidden_width
 
 
 @dataclass(frozen=True)
@@ -52,103 +51,76 @@ class NFNetCfg:
 class DownsampleAvg(nn.Module):
     """Shortcut: 2x2 average pool (SAME, padding not counted) when strided, then a 1x1 WSConv."""
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int):
+    def __init__(self, in_ch: int, out_ch: int, stride: int, device=None, dtype=None):
         super().__init__()
         if stride not in (1, 2):
             raise ValueError(f"DownsampleAvg supports strides 1 and 2, got {stride}")
         self.stride = stride
-        self.conv = WSConv2d(in_ch, out_ch, 1)
+        self.conv = WSConv2d(in_ch, out_ch, 1, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(avg_pool_same(x) if self.stride > 1 else x)
 
 
-class _Residual(torch.autograd.Function):
-    """shortcut + out * gate, gate (N, C, 1, 1): addcmul's own backward spends a full pass on out * 1."""
-
-    @staticmethod
-    def forward(ctx, shortcut: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(out, gate)
-        return torch.addcmul(shortcut, out, gate)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        out, gate = ctx.saved_tensors
-        d_out = grad * gate if ctx.needs_input_grad[1] else None
-        d_gate = (grad * out).sum((2, 3), keepdim=True) if ctx.needs_input_grad[2] else None
-        return grad, d_out, d_gate
-
-
 class _Stem(nn.Sequential):
-    """conv1, then (activation, conv) pairs: strided convs get their SAME-padded input from the activation."""
+    """conv1, then (activation, conv) pairs; on a CPU the gammas fold into the convs (`cpu_kernels.stem`)."""
 
-    def forward(self, x: torch.Tensor, taps: Optional[list] = None) -> torch.Tensor:
-        x = self[0](x)
-        for i in range(1, len(self), 2):
-            act, conv = self[i], self[i + 1]
-            if taps is not None and i + 2 == len(self):  # the activated input of the last conv, gamma applied
-                x = act(x)
-                taps.append(x * act.gamma)
-                x = conv(x)
-            else:
-                x = activate_and_conv(act, conv, x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():  # TorchScript compiles only the other branch
+            if cpu_kernels.block_active(self, x):
+                return cpu_kernels.stem(self, x)
+        for layer in self:
+            x = layer(x)
         return x
 
 
 class NFBlock(nn.Module):
-    """h_{i+1} = h_i + alpha * skip_gain * f(h_i / beta_i), f a bottleneck with two grouped 3x3s and SE."""
+    """h_{i+1} = h_i + alpha * skip_gain * f(h_i / beta_i), f a bottleneck with two grouped 3x3s and SE.
+
+    `beta` is stored as DeepMind's multiplier 1 / beta_i (the expected std of h_i); the shortcut of
+    a transition block (stride or width change) starts from the scaled activation, as DeepMind's.
+    """
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, beta: float, cfg: NFNetCfg,
-                 group_width: int, stochdepth_rate: float):
+                 group_width: int, stochdepth_rate: float, device=None, dtype=None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.alpha, self.beta = cfg.alpha, beta
         mid = bottleneck_width(out_ch, in_ch, cfg.expansion, group_width, cfg.big_width)
         groups = mid // group_width
-        self.downsample = (DownsampleAvg(in_ch, out_ch, stride)
+        self.downsample = (DownsampleAvg(in_ch, out_ch, stride, **dd)
                            if stride > 1 or in_ch != out_ch else None)
-        # Every activation here feeds a conv: its gamma (and beta) live in that conv's input_scale.
-        self.act1 = GammaAct(cfg.activation, folded=True)
-        self.conv1 = WSConv2d(in_ch, mid, 1)
-        self.act2 = GammaAct(cfg.activation, folded=True)
-        self.conv2 = WSConv2d(mid, mid, 3, stride=stride, groups=groups)
+        self.act1 = GammaAct(cfg.activation)
+        self.conv1 = WSConv2d(in_ch, mid, 1, **dd)
+        self.act2 = GammaAct(cfg.activation)
+        self.conv2 = WSConv2d(mid, mid, 3, stride=stride, groups=groups, **dd)
         if cfg.use_two_convs:
-            self.act2b = GammaAct(cfg.activation, folded=True)
-            self.conv2b = WSConv2d(mid, mid, 3, groups=groups)
+            self.act2b = GammaAct(cfg.activation)
+            self.conv2b = WSConv2d(mid, mid, 3, groups=groups, **dd)
         else:
             self.act2b = self.conv2b = None
-        self.act3 = GammaAct(cfg.activation, folded=True)
-        self.conv3 = WSConv2d(mid, out_ch, 1)
-        gamma = self.act1.gamma
-        for conv in (self.conv2, self.conv2b, self.conv3):
-            if conv is not None:
-                conv.input_scale = gamma
-        self.conv1.input_scale = gamma * beta
-        if self.downsample is not None:  # the average pool is linear, so beta passes through it
-            self.downsample.conv.input_scale = gamma * beta
-        self.attn_last = SqueezeExcite(out_ch, hidden_width(out_ch, cfg.se_ratio))
+        self.act3 = GammaAct(cfg.activation)
+        self.conv3 = WSConv2d(mid, out_ch, 1, **dd)
+        self.attn_last = SqueezeExcite(out_ch, hidden_width(out_ch, cfg.se_ratio), **dd)
         self.drop_path = StochDepth(stochdepth_rate)
         # SkipInit: the residual branch starts switched off.
-        self.skipinit_gain = nn.Parameter(torch.zeros(()))
+        self.skipinit_gain = nn.Parameter(torch.zeros((), **dd))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.act1(x)  # times gamma * beta, applied by conv1 and the shortcut conv
-        shortcut = self.downsample(out) if self.downsample is not None else x
+        if not torch.jit.is_scripting():  # TorchScript compiles only the other branch
+            if cpu_kernels.block_active(self, x):
+                return cpu_kernels.nf_block(self, x)
+        out = self.act1(x) * self.beta
+        shortcut = x
+        if self.downsample is not None:
+            shortcut = self.downsample(out)
         out = self.conv1(out)
-        out = activate_and_conv(self.act2, self.conv2, out)
-        if self.conv2b is not None:
+        out = self.conv2(self.act2(out))
+        if self.conv2b is not None and self.act2b is not None:
             out = self.conv2b(self.act2b(out))
         out = self.conv3(self.act3(out))
-        # SE gate, stochastic depth (per sample), skip gain and alpha are all per (sample, channel):
-        # combine them on the small gate, then one fused multiply-add on the full tensor.
-        gate = self.drop_path(self.attn_last(out)) * (self.skipinit_gain * self.alpha)
-        if torch.compiler.is_compiling():
-            return torch.addcmul(shortcut, out, gate)
-        if torch.is_grad_enabled() and (out.requires_grad or gate.requires_grad or shortcut.requires_grad):
-            return _Residual.apply(shortcut, out, gate)
-        if self.conv3._forward_hooks:
-            return torch.addcmul(shortcut, out, gate)
-        # No autograd: reuse conv3's fresh output (no one else holds it) rather than allocate a new one.
-        return torch.addcmul(shortcut, out, gate, out=out)
+        out = self.drop_path(self.attn_last(out) * out)
+        return shortcut + self.alpha * self.skipinit_gain * out
 
 
 class NFNet(nn.Module):
@@ -156,8 +128,9 @@ class NFNet(nn.Module):
 
     def __init__(self, cfg: NFNetCfg, num_classes: int = 1000, in_chans: int = 3,
                  global_pool: str = "avg", drop_rate: Optional[float] = None,
-                 drop_path_rate: Optional[float] = None, **kwargs):
+                 drop_path_rate: Optional[float] = None, device=None, dtype=None, **kwargs):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         if kwargs:
             raise TypeError(f"NFNet got unexpected arguments: {sorted(kwargs)}")
         self.cfg = cfg
@@ -170,11 +143,9 @@ class NFNet(nn.Module):
         stem, ch = [], in_chans
         for i, w in enumerate(stem_widths):
             if i:
-                stem.append((f"act{i + 1}", GammaAct(cfg.activation, folded=True)))
+                stem.append((f"act{i + 1}", GammaAct(cfg.activation)))
             stride = 2 if i in (0, len(stem_widths) - 1) else 1
-            conv = WSConv2d(ch, w, 3, stride=stride)
-            conv.input_scale = NONLINEARITY_GAMMA[cfg.activation] if i else 1.0
-            stem.append((f"conv{i + 1}", conv))
+            stem.append((f"conv{i + 1}", WSConv2d(ch, w, 3, stride=stride, **dd)))
             ch = w
         self.stem = _Stem(OrderedDict(stem))
         self.feature_info = [dict(num_chs=stem_widths[-2], reduction=2, module=f"stem.act{len(stem_widths)}")]
@@ -187,7 +158,7 @@ class NFNet(nn.Module):
             blocks = []
             for b in range(depth):
                 blocks.append(NFBlock(ch, width, stride if b == 0 else 1, 1.0 / expected_std, cfg, gw,
-                                      stochdepth_rate * index / num_blocks))
+                                      stochdepth_rate * index / num_blocks, **dd))
                 ch, index = width, index + 1
                 if b == 0:
                     expected_std = 1.0
@@ -199,11 +170,11 @@ class NFNet(nn.Module):
         self.stages = nn.Sequential(*stages)
 
         self.num_features = self.head_hidden_size = cfg.num_features
-        self.final_conv = WSConv2d(ch, self.num_features, 1)
+        self.final_conv = WSConv2d(ch, self.num_features, 1, **dd)
         self.final_act = GammaAct(cfg.activation)
         self.feature_info.append(dict(num_chs=self.num_features, reduction=reduction, module="final_act"))
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool,
-                                   drop_rate=self.drop_rate)
+                                   drop_rate=self.drop_rate, **dd)
         if num_classes:
             nn.init.normal_(self.head.fc.weight, std=0.01)  # DeepMind's fc_init N(0, 0.01)
             nn.init.zeros_(self.head.fc.bias)
@@ -267,9 +238,14 @@ class NFNet(nn.Module):
         if output_fmt != "NCHW":
             raise ValueError("NFNet intermediates are NCHW only")
         take, max_index = feature_take_indices(len(self.feature_info), indices)
-        taps: list[torch.Tensor] = []
-        x = self.stem(x, taps)
-        intermediates = [taps[0]] if 0 in take else []
+        intermediates = []
+        if 0 in take:  # the stem's last activation, the input of its last (strided) conv
+            for layer in self.stem[:-1]:
+                x = layer(x)
+            intermediates.append(x)
+            x = self.stem[-1](x)
+        else:
+            x = self.stem(x)
         n_stages = len(self.cfg.depths)  # not len(self.stages): pruning shortens it
         for s, stage in enumerate(self.stages):
             if stop_early and s + 1 > max_index:

@@ -14,6 +14,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
 
+from . import nfnet_zoo as _timm_module
 from .errors import NFNetZooError
 from .nfnet import NFNet, NFNetCfg
 
@@ -112,7 +113,7 @@ def _entrypoint(name: str):
     def fn(pretrained: bool = False, **kwargs: Any) -> NFNet:
         return _create(name, pretrained=pretrained, **kwargs)
     fn.__name__ = fn.__qualname__ = name
-    fn.__module__ = __name__
+    fn.__module__ = _timm_module.__name__  # timm's module name for these models (see nfnet_zoo.py)
     v = VARIANTS[name]
     fn.__doc__ = (f"{name}: depths {v.depths}, widths {v.widths}, train {v.train_size}px, "
                   f"test {v.test_size}px.")
@@ -120,12 +121,13 @@ def _entrypoint(name: str):
 
 
 def _register_all() -> None:
+    _timm_module.default_cfgs = default_cfgs  # register_model reads the pretrained configs there
     # timm ships weightless nfnet_f0..f7 entries; replacing them is the point, so only that
     # overwrite warning is silenced.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Overwriting nfnet_f\d in registry", category=UserWarning)
         for name in VARIANTS:
-            globals()[name] = register_model(_entrypoint(name))
+            setattr(_timm_module, name, register_model(_entrypoint(name)))
 
 
 _register_all()
