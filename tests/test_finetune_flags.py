@@ -166,6 +166,9 @@ def test_aa_deepmind_builds_the_variants_randaugment(data_dir):
     (["--aa", "rand-q9"], "--aa rand-q9 is not a timm augmentation policy"),
     (["--opt", "sgd", "--opt-kwargs", "bogus=1"], "--opt sgd: .*--opt-kwargs"),
     (["--aa", "deepmind"], "--aa deepmind needs an NFNet-F variant"),
+    (["--sched", "step", "--decay-epochs", "0"], "--decay-epochs must be > 0, got 0"),
+    (["--opt", "adamw", "--opt-kwargs", "betas=oops"], "--opt adamw: .*not supported.*; check --opt-kwargs"),
+    (["--torchcompile", "nonsense"], "'NONSENSE' is not a valid DynamoBackend.*--torchcompile"),
 ])
 def test_unknown_timm_names_are_one_line_errors(flags, words, data_dir, tmp_path, capsys):
     code = cli_main(["finetune", "--model", "nfnet_zoo_tiny", "--data-dir", str(data_dir), "--output",

@@ -243,7 +243,7 @@ def _accelerator(cfg: FinetuneConfig, run: Path):
                                                                       logging_dir=str(run / "logs")))
     except (ValueError, ImportError, RuntimeError) as e:
         raise NFNetZooError(f"cannot set up training ({str(e).splitlines()[0]}); check --mixed-precision, "
-                            f"--report-to and the accelerate config") from None
+                            f"--torchcompile, --report-to and the accelerate config") from None
     if cfg.report_to and not accelerator.log_with:  # Accelerate only warns, and the curves would be lost
         raise NFNetZooError(f"--report-to {cfg.report_to}: the tracker's package is not installed; "
                             f"pip install {cfg.report_to if cfg.report_to != 'all' else 'tensorboard'}, "
