@@ -166,7 +166,7 @@ def test_aa_deepmind_builds_the_variants_randaugment(data_dir):
     (["--aa", "rand-q9"], "--aa rand-q9 is not a timm augmentation policy"),
     (["--opt", "sgd", "--opt-kwargs", "bogus=1"], "--opt sgd: .*--opt-kwargs"),
     (["--aa", "deepmind"], "--aa deepmind needs an NFNet-F variant"),
-    (["--sched", "step", "--decay-epochs", "0"], "--decay-epochs must be > 0, got 0"),
+    (["--sched", "step", "--decay-epochs", "0"], "--decay-epochs must be a number in .0, 100000., got 0.0"),
     (["--opt", "adamw", "--opt-kwargs", "betas=oops"], "--opt adamw: .*not supported.*; check --opt-kwargs"),
     (["--torchcompile", "nonsense"], "'NONSENSE' is not a valid DynamoBackend.*--torchcompile"),
 ])

@@ -159,7 +159,8 @@ def _resolve(config: Optional[FinetuneConfig], resume: Optional[str], overrides:
 # What a run writes before its first saved state; a folder holding only these is started again by the same
 # command (and `--resume` says so): the arguments and file list, temporary files a kill left, and, once
 # args.json is there, the exports of an epoch whose state a kill prevented.
-_RUN_START = ("args.json", "data.json", ".args.json.*.tmp", ".data.json.*.tmp", "state.tmp", "logs")
+_RUN_START = ("args.json", "data.json", ".args.json.*.tmp", ".data.json.*.tmp", "state.tmp", "logs",
+              ".shared-*")  # the shared-folder probe, if a kill came before its removal
 _RUN_EXPORTS = ("model.safetensors", "config.json", "last", "metrics.jsonl", ".metrics.jsonl.*.tmp", ".export-*")
 
 

@@ -43,6 +43,7 @@ class Range:
 _SIZE = Range(int, 8, 8192, optional=True)
 _FRACTION = Range(float, 0, 1, open="hi")
 _RATE = Range(float, 0, 1, open="hi", optional=True)
+_MILESTONE = Range(int, 1, 100_000)
 
 FINETUNE: dict[str, Range] = {
     "epochs": Range(int, 1, 100_000),
@@ -70,6 +71,8 @@ FINETUNE: dict[str, Range] = {
     "val_split": _FRACTION,
     "save_every": Range(int, 0, 10 ** 12),      # 0: at epoch ends only
     "log_interval": Range(int, 1, 10 ** 12),
+    "decay_epochs": Range(float, 0, 100_000, open="lo"),  # --sched step
+    "decay_rate": Range(float, 0, 1000, open="lo"),      # step/multistep factor, poly power
 }
 _SCALE = Range(float, 0, 1, open="lo")          # --scale MIN MAX, 0 < MIN <= MAX <= 1
 
@@ -92,6 +95,11 @@ def check_finetune(values: dict[str, Any], where: Callable[[str], str] = flag) -
             problem = FINETUNE[name].problem(value)
             if problem:
                 raise NFNetZooError(f"{where(name)} {problem}")
+        elif name == "decay_milestones":
+            items = value if isinstance(value, (list, tuple)) and value else [value]
+            problem = next((p for p in map(_MILESTONE.problem, items) if p), None)
+            if problem:
+                raise NFNetZooError(f"{where(name)} takes epochs; each {problem}")
         elif name == "scale":
             pair = tuple(value) if isinstance(value, (tuple, list)) else ()
             problems = [_SCALE.problem(v) for v in pair] if len(pair) == 2 else ["two values"]

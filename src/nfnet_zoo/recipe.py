@@ -312,12 +312,6 @@ def check_timm_names(cfg: FinetuneConfig) -> None:
     from timm.optim import create_optimizer_v2, list_optimizers
     if cfg.sched not in SCHEDULES:
         raise NFNetZooError(f"--sched {cfg.sched} is not supported; pass one of {', '.join(SCHEDULES)}")
-    for ok, msg in [(cfg.decay_epochs > 0, f"--decay-epochs must be > 0, got {cfg.decay_epochs}"),
-                    (cfg.decay_rate > 0, f"--decay-rate must be > 0, got {cfg.decay_rate}"),
-                    (all(m > 0 for m in cfg.decay_milestones), f"--decay-milestones must be epochs > 0, got "
-                     f"{' '.join(map(str, cfg.decay_milestones))}")]:
-        if not ok:
-            raise NFNetZooError(msg)
     try:
         create_optimizer_v2([torch.zeros(1, requires_grad=True)], opt=cfg.opt, lr=0.1, **cfg.opt_kwargs)
     except (ValueError, AssertionError, TypeError, ImportError) as e:
