@@ -328,6 +328,8 @@ DAMAGE = {
         lambda t: t.update({"head.fc.bias": t["head.fc.bias"][:2].clone()})), True, "does not fit this model"),
     "foreign progress": ("progress.json", _rewrite_json(lambda o: o.update(epoch="one")), True,
                          "progress.json does not fit this run"),
+    "a null running sum": ("progress.json", _rewrite_json(lambda o: o.update(loss_sum=None)), True,
+                           "progress.json does not fit this run"),
     "a step beyond the epoch": ("progress.json", _rewrite_json(lambda o: o.update(step=10 ** 6)), True,
                                 "progress.json does not fit this run"),
     "another optimizer": ("optimizer.json", _rewrite_json(lambda o: o["param_groups"].pop()), True,

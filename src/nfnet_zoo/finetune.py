@@ -1,8 +1,9 @@
 """Fine-tune an NFNet on the user's images with Accelerate and AGC (`nfnet-zoo finetune`).
 
-One function, `finetune`, reads top to bottom: accelerator, data, model, optimizer and schedule,
-`prepare`, then a loop of forward, backward, AGC on the accumulated gradient, step; validation with
-`gather_for_metrics`; best/last exports and a resumable state (runstate.py) for `--resume`.
+`finetune` reads as Accelerate's examples do, on one screen: `_setup` (accelerator, data, model, optimizer
+and schedule, `prepare`), then per epoch `_train_one_epoch` (forward, backward, AGC on the accumulated
+gradient, step), `_validate` (`gather_for_metrics`), `_end_of_epoch` (metrics, best/last exports) and `_save`
+(the resumable state, runstate.py, for `--resume`).
 
 The run folder RUN:
   model.safetensors, config.json   best epoch by val top-1 (timm `save_for_hf`; loads with
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,6 +40,7 @@ import torch
 from torch import nn
 
 from ._files import write_json_atomic
+from .agc import assert_agc_supported, clipped_parameters, prepare_for_fsdp2, unscale_and_clip_
 from .data import ImageData, load_image_data
 from .errors import NFNetZooError
 from .evaluate import check_checkpoint, evaluate, predict, topk_correct
@@ -52,27 +55,69 @@ METRIC_KEYS = ("epoch", "train_loss", "val_loss", "top1", "top5", "lr", "images_
 
 
 class _Progress:
-    """Where the run is; saved as RUN/state/progress.json (runstate.py)."""
+    """Where the run is, and this epoch's running totals; saved as RUN/state/progress.json (runstate.py).
 
-    def __init__(self):
+    The sums stay on the device and become numbers only in `state_dict` (at a save, at the epoch's end):
+    an `.item()` a step would make every step wait for the device."""
+
+    FIELDS = ("epoch", "step", "global_step", "loss_sum", "loss_count", "clip_sum", "clip_count", "images",
+              "epoch_time", "train_time", "history", "best")
+
+    def __init__(self, device: torch.device):
+        self.device = device
         self.epoch = 0            # current epoch (0-based)
         self.step = 0             # batches of this epoch already trained
         self.global_step = 0      # optimizer updates so far
-        self.loss_sum = 0.0       # this epoch so far (this process)
+        self.loss_sum = self._sum(0.0)  # this epoch so far (this process)
         self.loss_count = 0
-        self.clip_sum = 0.0
+        self.clip_sum = self._sum(0.0)
         self.clip_count = 0
         self.images = 0           # this epoch, all processes
-        self.epoch_time = 0.0
+        self.epoch_time = 0.0     # seconds of this epoch before the clock last started
         self.train_time = 0.0
         self.history: list[dict] = []
         self.best: Optional[dict] = None
+        self._clock: Optional[float] = None  # perf_counter() when this stretch of training started
+
+    def _sum(self, value: float) -> torch.Tensor:
+        return torch.tensor(value, dtype=torch.float64, device=self.device)
+
+    def start_clock(self) -> None:
+        self._clock = time.perf_counter()
+
+    def stop_clock(self) -> None:
+        self.epoch_time = self.elapsed()
+        self._clock = None
+
+    def elapsed(self) -> float:
+        """Training seconds of this epoch so far (across resumes)."""
+        return self.epoch_time + (time.perf_counter() - self._clock if self._clock is not None else 0.0)
+
+    def add_step(self, loss: torch.Tensor, images: int) -> None:
+        self.loss_sum += loss.double()
+        self.loss_count += 1
+        self.images += images
+        self.step += 1
+
+    def add_clip(self, clipped_fraction: torch.Tensor) -> None:
+        self.clip_sum += clipped_fraction
+        self.clip_count += 1
+
+    def next_epoch(self) -> None:
+        self.train_time += self.epoch_time
+        self.epoch += 1
+        self.step = self.loss_count = self.clip_count = self.images = 0
+        self.loss_sum, self.clip_sum, self.epoch_time = self._sum(0.0), self._sum(0.0), 0.0
 
     def state_dict(self) -> dict:
-        return dict(vars(self))
+        d = {k: getattr(self, k) for k in self.FIELDS}
+        d.update(loss_sum=self.loss_sum.item(), clip_sum=self.clip_sum.item(), epoch_time=self.elapsed())
+        return d
 
     def load_state_dict(self, d: dict) -> None:
-        vars(self).update(d)
+        for k in self.FIELDS:
+            setattr(self, k, d[k])
+        self.loss_sum, self.clip_sum = self._sum(d["loss_sum"]), self._sum(d["clip_sum"])
 
 
 class _StopRequest:
@@ -116,7 +161,7 @@ def _resolve(config: Optional[FinetuneConfig], resume: Optional[str], overrides:
             if not isinstance(saved, dict):
                 raise ValueError("not a JSON object")
             cfg = FinetuneConfig.from_json(saved)
-            _validate(cfg)
+            _check_config(cfg)
         except (ValueError, TypeError, UnicodeDecodeError, NFNetZooError) as e:
             raise NFNetZooError(f"{run}/args.json is damaged or foreign ({str(e).splitlines()[0][:120]}); restore "
                                 f"it, or start a new run") from None
@@ -137,7 +182,7 @@ def _resolve(config: Optional[FinetuneConfig], resume: Optional[str], overrides:
         raise TypeError(f"finetune() got unknown arguments {sorted(unknown)}")
     for k, v in overrides.items():
         setattr(cfg, k, v)
-    _validate(cfg)
+    _check_config(cfg)
     if cfg.checkpoint:
         check_checkpoint(cfg.checkpoint)
     if cfg.output is None:
@@ -170,7 +215,7 @@ def _restartable(run: Path) -> bool:
     return all(any(fnmatch.fnmatchcase(n, pattern) for pattern in allowed) for n in names)
 
 
-def _validate(cfg: FinetuneConfig) -> None:
+def _check_config(cfg: FinetuneConfig) -> None:
     if not isinstance(cfg.data_dir, str) or not cfg.data_dir:
         raise NFNetZooError("no data: pass --data-dir DIR with DIR/<class>/<image> (or DIR/train and DIR/val)")
     if not isinstance(cfg.model or cfg.checkpoint, str):
@@ -285,23 +330,6 @@ def _is_fsdp2(accelerator) -> bool:
     return plugin is not None and getattr(plugin, "fsdp_version", 1) == 2
 
 
-def _evaluate(model: nn.Module, loader, accelerator, num_classes: int) -> dict:
-    """Val loss, top-1 and top-5 (%), each sample counted once across processes."""
-    model.eval()
-    loss_fn = nn.CrossEntropyLoss(reduction="none")
-    rows = []
-    with torch.no_grad():
-        for x, y in loader:
-            with accelerator.autocast():
-                out = model(x)
-            c1, c5 = topk_correct(out.float(), y, (1, min(5, num_classes)))
-            per_sample = torch.stack([loss_fn(out.float(), y), c1.float(), c5.float()], 1)
-            rows.append(accelerator.gather_for_metrics(per_sample))
-    model.train()
-    m = torch.cat(rows).double().mean(0).tolist()
-    return {"val_loss": m[0], "top1": 100 * m[1], "top5": 100 * m[2]}
-
-
 def _summary_table(history: list[dict], best_epoch: Optional[int]) -> str:
     cols = [("epoch", "{:d}"), ("train_loss", "{:.4f}"), ("val_loss", "{:.4f}"), ("top1", "{:.2f}"),
             ("top5", "{:.2f}"), ("lr", "{:.2e}"), ("images_per_sec", "{:.1f}"), ("clipped_fraction", "{:.3f}")]
@@ -321,29 +349,70 @@ def finetune(config: Optional[FinetuneConfig] = None, *, resume: Optional[str] =
     its saved state (only `RESUMABLE_OVERRIDES` may then change). Raises NFNetZooError on bad input.
     """
     cfg, run, resuming = _resolve(config, resume, overrides)
+    t = _setup(cfg, run, resuming)  # accelerator, data, model, optimizer, schedule; prepare; EMA
+    if resuming:
+        _resume(t)  # weights, optimizer, schedule, EMA, generators and progress from RUN/state
+    elif t.accelerator.is_main_process:
+        write_json_atomic(run / "args.json", cfg.to_json())
+    _announce(t)
+    with _StopRequest() as stop:
+        while t.progress.epoch < cfg.epochs:
+            _train_one_epoch(t, stop)  # saves every --save-every updates; on Ctrl-C saves and stops
+            metrics = _validate(t.eval_model, t.val_loader, t.accelerator, len(t.data.classes))
+            _end_of_epoch(t, metrics)  # metrics.jsonl, last (and best) exports, the epoch line
+            _save(t)
+    if t.accelerator.is_main_process:
+        _finish(cfg, run, t.data, t.progress, t.train_size)
+    if cfg.report_to:
+        t.accelerator.end_training()
+    t.accelerator.wait_for_everyone()
+    return run
+
+
+@dataclass
+class _Training:
+    """What `_setup` builds, after `accelerator.prepare`: everything the loop reads."""
+
+    cfg: FinetuneConfig
+    run: Path
+    accelerator: Any
+    data: ImageData
+    sampler: Any                  # data.py's EpochSampler: its epoch seeds the shuffle
+    train_loader: Any
+    val_loader: Any               # None without a val split
+    model: nn.Module              # as prepared (DDP, FSDP2, compiled)
+    unwrapped: nn.Module          # the module itself, which the EMA follows
+    optimizer: Any                # Accelerate's wrapper; `.optimizer` is timm's
+    scheduler: Any                # timm's, stepped once per optimizer update
+    mixup: Any                    # timm Mixup, or None
+    train_loss_fn: nn.Module
+    ema: Any                      # timm ModelEmaV3 (--model-ema), or None
+    clip_params: Optional[list]   # AGC's parameters (clipped_parameters), None with --clipping 0
+    lr: float
+    model_args: dict
+    data_config: dict
+    train_size: int
+    test_size: int
+    progress: _Progress
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights validated and exported: the EMA's when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def state(self) -> dict:
+        """The objects whose state runstate.py saves and restores (with `progress`)."""
+        return dict(model=self.model, optimizer=self.optimizer.optimizer, scheduler=self.scheduler, ema=self.ema)
+
+
+def _setup(cfg: FinetuneConfig, run: Path, resuming: bool) -> _Training:
+    """Accelerator, data, model, losses, optimizer and schedule; `prepare`; then EMA and AGC's parameters."""
     accelerator = _accelerator(cfg, run)
     from accelerate.utils import set_seed
-    main = accelerator.is_main_process
     if cfg.clipping > 0:
-        from .agc import assert_agc_supported
         assert_agc_supported(accelerator)
     set_seed(cfg.seed)
-
-    # data: every process scans the folder and checks its share of the images (results gathered);
-    # the main process writes RUN/data.json, which a resumed run reads
-    if main:
-        run.mkdir(parents=True, exist_ok=True)
-    _require_shared_run_folder(accelerator, run)
-    if resuming:
-        data = _load_data(run, resuming)
-    else:
-        from accelerate.utils import gather_object
-        accelerator.print(f"checking images in {cfg.data_dir} ({cfg.check_images}) ...")
-        data = load_image_data(cfg.data_dir, cfg.val_split, cfg.bad_images, cfg.workers, cfg.check_images,
-                               accelerator.process_index, accelerator.num_processes, gather_object)
-        if main:
-            data.save(run / "data.json")
-    cfg.dataset = data.name
+    data = _image_data(cfg, run, resuming, accelerator)
 
     model, model_args, base_model = build_model(cfg, data.classes, accelerator.print)
     if not resuming:
@@ -360,7 +429,6 @@ def finetune(config: Optional[FinetuneConfig] = None, *, resume: Optional[str] =
     optimizer = build_optimizer(cfg, model, lr)
 
     if _is_fsdp2(accelerator):
-        from .agc import prepare_for_fsdp2
         prepare_for_fsdp2(model)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
@@ -368,160 +436,178 @@ def finetune(config: Optional[FinetuneConfig] = None, *, resume: Optional[str] =
     if cfg.model_ema:  # copied from the prepared model: on its device, in its dtype and memory format
         from timm.utils import ModelEmaV3
         ema = ModelEmaV3(unwrapped, decay=cfg.model_ema_decay)
-    clip_params = None
-    if cfg.clipping > 0:
-        from .agc import clipped_parameters, unscale_and_clip_
-        clip_params = clipped_parameters(model)  # after prepare: FSDP2 replaces parameters
+    clip_params = clipped_parameters(model) if cfg.clipping > 0 else None  # after prepare: FSDP2 replaces them
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
     updates_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
     scheduler = build_scheduler(cfg, optimizer.optimizer, updates_per_epoch)
-    progress = _Progress()
-    # the run's state (runstate.py): what a resume restores, in files that cannot carry code
-    saved = dict(model=model, optimizer=optimizer.optimizer, scheduler=scheduler, ema=ema)
-    if main:  # a read-only or full disk: now, not at the first save after training up to it
+    if accelerator.is_main_process:  # a read-only or full disk: now, not at the first save after training up to it
         check_room(run, accelerator.unwrap_model(model), ema)
+    return _Training(cfg, run, accelerator, data, sampler, train_loader, val_loader, model, unwrapped, optimizer,
+                     scheduler, mixup, train_loss_fn, ema, clip_params, lr, model_args, data_config, train_size,
+                     test_size, _Progress(accelerator.device))
 
+
+def _image_data(cfg: FinetuneConfig, run: Path, resuming: bool, accelerator) -> ImageData:
+    """Every process scans the folder and checks its share of the images (results gathered); the main process
+    writes RUN/data.json, which a resumed run reads."""
+    if accelerator.is_main_process:
+        run.mkdir(parents=True, exist_ok=True)
+    _require_shared_run_folder(accelerator, run)
     if resuming:
-        if main:  # exports a kill interrupted: the files they were replacing are intact
-            for leftover in run.glob("**/.export-*"):
-                shutil.rmtree(leftover, ignore_errors=True)
-        progress.load_state_dict(load_run_state(accelerator, run, progress=progress.state_dict(), **saved))
-        if not (0 <= progress.epoch and 0 <= progress.step <= len(train_loader) and 0 <= progress.global_step):
-            raise NFNetZooError(f"{state_dir(run)}/progress.json does not fit this run (epoch {progress.epoch}, step "
-                                f"{progress.step} of {len(train_loader)}); restore the run folder from a copy, or "
-                                f"start a new run")
-        accelerator.print(f"resuming {run} at epoch {progress.epoch + 1}, step {progress.step}")
-    elif main:
-        write_json_atomic(run / "args.json", cfg.to_json())
+        data = _load_data(run, resuming)
+    else:
+        from accelerate.utils import gather_object
+        accelerator.print(f"checking images in {cfg.data_dir} ({cfg.check_images}) ...")
+        data = load_image_data(cfg.data_dir, cfg.val_split, cfg.bad_images, cfg.workers, cfg.check_images,
+                               accelerator.process_index, accelerator.num_processes, gather_object)
+        if accelerator.is_main_process:
+            data.save(run / "data.json")
+    cfg.dataset = data.name
+    return data
+
+
+def _resume(t: _Training) -> None:
+    run, progress = t.run, t.progress
+    if t.accelerator.is_main_process:  # exports a kill interrupted: the files they were replacing are intact
+        for leftover in run.glob("**/.export-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    saved = load_run_state(t.accelerator, run, progress=progress.state_dict(), **t.state())
+    # runstate.py checks the kinds of values but lets a null through (a value not set yet); these are always set
+    numbers = all(type(saved[k]) in (int, float) for k in _Progress.FIELDS if k not in ("history", "best"))
+    if not (numbers and 0 <= saved["epoch"] and 0 <= saved["step"] <= len(t.train_loader)
+            and 0 <= saved["global_step"]):
+        raise NFNetZooError(f"{state_dir(run)}/progress.json does not fit this run (epoch {saved['epoch']}, step "
+                            f"{saved['step']} of {len(t.train_loader)}); restore the run folder from a copy, or "
+                            f"start a new run")
+    progress.load_state_dict(saved)
+    t.accelerator.print(f"resuming {run} at epoch {progress.epoch + 1}, step {progress.step}")
+
+
+def _announce(t: _Training) -> None:
+    cfg, accelerator, data = t.cfg, t.accelerator, t.data
     if cfg.report_to:
         accelerator.init_trackers("nfnet-zoo", config={k: v for k, v in cfg.to_json().items()
                                                        if isinstance(v, (int, float, str, bool))})
-    if main:
+    if accelerator.is_main_process:
         accelerator.print(f"fine-tuning {cfg.model} on {len(data.train)} images ({len(data.classes)} classes), "
                           f"validating on {len(data.val)}; {accelerator.num_processes} process(es) on "
                           f"{accelerator.device.type}, global batch {cfg.global_batch(accelerator.num_processes)}, "
-                          f"lr {lr:.4g}, AGC {cfg.clipping or 'off'}, {train_size}px train / {test_size}px eval; "
-                          f"run folder {run}")
+                          f"lr {t.lr:.4g}, AGC {cfg.clipping or 'off'}, {t.train_size}px train / {t.test_size}px "
+                          f"eval; run folder {t.run}")
 
+
+def _train_one_epoch(t: _Training, stop: _StopRequest) -> None:
+    """Train epoch `progress.epoch` from batch `progress.step` on; save the state every --save-every updates;
+    on Ctrl-C / SIGTERM (agreed by all processes) save it and raise KeyboardInterrupt."""
     from tqdm.auto import tqdm
+    cfg, accelerator, progress = t.cfg, t.accelerator, t.progress
+    t.sampler.epoch = progress.epoch
+    loader = accelerator.skip_first_batches(t.train_loader, progress.step) if progress.step else t.train_loader
+    bar = tqdm(total=len(t.train_loader), initial=progress.step, desc=f"epoch {progress.epoch + 1}/{cfg.epochs}",
+               disable=None if accelerator.is_local_main_process else True, leave=False, dynamic_ncols=True)
     images_per_step = cfg.batch_size * accelerator.num_processes
-    nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
-    with _StopRequest() as stop:
-        while progress.epoch < cfg.epochs:
-            epoch = progress.epoch
-            sampler.epoch = epoch
-            loader = (accelerator.skip_first_batches(train_loader, progress.step) if progress.step
-                      else train_loader)
-            bar = tqdm(total=len(train_loader), initial=progress.step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       disable=None if accelerator.is_local_main_process else True, leave=False, dynamic_ncols=True)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-            clip_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-            clip_count = 0
-            t0, step0 = time.perf_counter(), progress.step
-            scheduler.step_update(progress.global_step)
-            model.train()
-            for x, y in loader:
-                with accelerator.accumulate(model):
-                    if mixup is not None:
-                        x, y = mixup(x, y)
-                    if cfg.channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    loss = train_loss_fn(model(x), y)
-                    accelerator.backward(loss)
-                    if clip_params is not None:
-                        stats = unscale_and_clip_(accelerator, clip_params, cfg.clipping)
-                        if stats is not None:  # None on accumulation micro-steps
-                            clip_sum += stats.clipped / stats.units
-                            clip_count += 1
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                d = loss.detach()
-                nonfinite |= ~torch.isfinite(d)
-                loss_sum += d.double()
-                progress.step += 1
-                bar.update(1)
-                if not accelerator.sync_gradients:
-                    continue
-                progress.global_step += 1
-                scheduler.step_update(progress.global_step)
-                if ema is not None:
-                    ema.update(unwrapped, step=progress.global_step)
-                check = progress.global_step % cfg.log_interval == 0 or (
-                    cfg.save_every and progress.global_step % cfg.save_every == 0)
-                if check or accelerator.num_processes == 1 and stop.requested:
-                    _raise_if_diverged(nonfinite, accelerator, progress, run)
-                    if check and bar.disable is False:
-                        rate = (progress.step - step0) * images_per_step / (time.perf_counter() - t0)
-                        bar.set_postfix(loss=f"{d.item():.3f}", img_s=f"{rate:.0f}")
-                    stopping = _stop_agreed(stop, accelerator, check)
-                    if stopping or (cfg.save_every and progress.global_step % cfg.save_every == 0):
-                        _fold(progress, loss_sum, clip_sum, clip_count, images_per_step, step0, t0)
-                        loss_sum.zero_(); clip_sum.zero_(); clip_count = 0
-                        t0, step0 = time.perf_counter(), progress.step
-                        save_run_state(accelerator, run, progress=progress.state_dict(), **saved)
-                        if stopping:
-                            bar.close()
-                            accelerator.print(f"stopped at epoch {epoch + 1}, step {progress.step}; state saved in "
-                                              f"{run}/state; continue with: nfnet-zoo finetune --resume {run}",
-                                              file=sys.stderr)
-                            raise KeyboardInterrupt
-            bar.close()
-            _raise_if_diverged(nonfinite, accelerator, progress, run)
-            _fold(progress, loss_sum, clip_sum, clip_count, images_per_step, step0, t0)
-
-            _end_of_epoch(accelerator, cfg, run, progress, ema.module if ema is not None else model, val_loader,
-                          optimizer.param_groups[0]["lr"], data.classes, model_args, data_config)
-            save_run_state(accelerator, run, progress=progress.state_dict(), **saved)
-
-    if main:
-        _finish(cfg, run, data, progress, train_size)
-    if cfg.report_to:
-        accelerator.end_training()
-    accelerator.wait_for_everyone()
-    return run
+    nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # checked only at log steps: no sync
+    progress.start_clock()
+    t.scheduler.step_update(progress.global_step)
+    t.model.train()
+    for x, y in loader:
+        loss = _train_step(t, x, y)
+        nonfinite |= ~torch.isfinite(loss)
+        progress.add_step(loss, images_per_step)
+        bar.update(1)
+        if not accelerator.sync_gradients:
+            continue
+        progress.global_step += 1
+        t.scheduler.step_update(progress.global_step)
+        if t.ema is not None:
+            t.ema.update(t.unwrapped, step=progress.global_step)
+        saving = bool(cfg.save_every) and progress.global_step % cfg.save_every == 0
+        check = progress.global_step % cfg.log_interval == 0 or saving
+        if check or accelerator.num_processes == 1 and stop.requested:
+            _raise_if_diverged(nonfinite, accelerator, progress, t.run)
+            if check and bar.disable is False:
+                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{progress.images / progress.elapsed():.0f}")
+            stopping = _stop_agreed(stop, accelerator, check)
+            if stopping or saving:
+                _save(t)
+            if stopping:
+                bar.close()
+                accelerator.print(f"stopped at epoch {progress.epoch + 1}, step {progress.step}; state saved in "
+                                  f"{t.run}/state; continue with: nfnet-zoo finetune --resume {t.run}",
+                                  file=sys.stderr)
+                raise KeyboardInterrupt
+    bar.close()
+    _raise_if_diverged(nonfinite, accelerator, progress, t.run)
+    progress.stop_clock()
 
 
-def _end_of_epoch(accelerator, cfg: FinetuneConfig, run: Path, progress: _Progress, eval_model: nn.Module,
-                  val_loader, lr: float, classes: list[str], model_args: dict, data_config: dict) -> None:
-    """Validate, export last (and best) weights, log the epoch's metrics, move `progress` to the next epoch
-    (the caller then saves the state)."""
-    metrics = (_evaluate(eval_model, val_loader, accelerator, len(classes)) if val_loader is not None
-               else {"val_loss": None, "top1": None, "top5": None})
-    train_loss = accelerator.reduce(torch.tensor([progress.loss_sum, progress.loss_count],
-                                                 dtype=torch.float64, device=accelerator.device), "sum")
-    row = {"epoch": progress.epoch + 1, "train_loss": (train_loss[0] / train_loss[1]).item(), **metrics, "lr": lr,
-           "images_per_sec": progress.images / max(progress.epoch_time, 1e-9),
-           "clipped_fraction": progress.clip_sum / progress.clip_count if progress.clip_count else None}
+def _train_step(t: _Training, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Forward, backward, AGC on the accumulated gradient, step (Accelerate skips the step and AGC on
+    accumulation micro-steps); returns the detached loss."""
+    with t.accelerator.accumulate(t.model):
+        if t.mixup is not None:
+            x, y = t.mixup(x, y)
+        if t.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        loss = t.train_loss_fn(t.model(x), y)
+        t.accelerator.backward(loss)
+        if t.clip_params is not None:
+            stats = unscale_and_clip_(t.accelerator, t.clip_params, t.cfg.clipping)
+            if stats is not None:  # None on accumulation micro-steps
+                t.progress.add_clip(stats.clipped / stats.units)
+        t.optimizer.step()
+        t.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def _validate(model: nn.Module, loader, accelerator, num_classes: int) -> dict:
+    """Val loss, top-1 and top-5 (%), each sample counted once across processes (None without a val split)."""
+    if loader is None:
+        return {"val_loss": None, "top1": None, "top5": None}
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    rows = []
+    with torch.no_grad():
+        for x, y in loader:
+            with accelerator.autocast():
+                out = model(x)
+            c1, c5 = topk_correct(out.float(), y, (1, min(5, num_classes)))
+            per_sample = torch.stack([loss_fn(out.float(), y), c1.float(), c5.float()], 1)
+            rows.append(accelerator.gather_for_metrics(per_sample))
+    model.train()
+    m = torch.cat(rows).double().mean(0).tolist()
+    return {"val_loss": m[0], "top1": 100 * m[1], "top5": 100 * m[2]}
+
+
+def _end_of_epoch(t: _Training, metrics: dict) -> None:
+    """Log the epoch's row (metrics.jsonl, trackers, one line), export last (and best) weights, and move
+    `progress` to the next epoch (the caller then saves the state)."""
+    accelerator, cfg, progress = t.accelerator, t.cfg, t.progress
+    train_loss = accelerator.reduce(torch.stack([progress.loss_sum, progress.loss_sum.new_tensor(progress.loss_count)]), "sum")
+    clipped = progress.clip_sum.item() / progress.clip_count if progress.clip_count else None
+    row = {"epoch": progress.epoch + 1, "train_loss": (train_loss[0] / train_loss[1]).item(), **metrics,
+           "lr": t.optimizer.param_groups[0]["lr"], "images_per_sec": progress.images / max(progress.epoch_time, 1e-9),
+           "clipped_fraction": clipped}
     progress.history.append({k: row[k] for k in METRIC_KEYS})
     # best by val top-1 (the first of equals); without a val split the last epoch is the best
     improved = progress.best is None or row["top1"] is None or row["top1"] > progress.best["top1"]
     if improved:
         progress.best = dict(row)
-    export = accelerator.unwrap_model(eval_model, keep_torch_compile=False)
+    export = accelerator.unwrap_model(t.eval_model, keep_torch_compile=False)
     if accelerator.is_main_process:
-        _save_model_folder(export, run / "last", classes, model_args, data_config)
+        _save_model_folder(export, t.run / "last", t.data.classes, t.model_args, t.data_config)
         if improved:
-            _save_model_folder(export, run, classes, model_args, data_config)
-        write_json_atomic(run / "metrics.jsonl", progress.history, lines=True)
+            _save_model_folder(export, t.run, t.data.classes, t.model_args, t.data_config)
+        write_json_atomic(t.run / "metrics.jsonl", progress.history, lines=True)
     if cfg.report_to:
         accelerator.log({k: v for k, v in row.items() if v is not None and k != "epoch"}, step=progress.epoch + 1)
     accelerator.print(_epoch_line(row, cfg.epochs))
-    progress.train_time += progress.epoch_time
-    progress.epoch += 1
-    progress.step = progress.loss_count = progress.clip_count = progress.images = 0
-    progress.loss_sum = progress.clip_sum = progress.epoch_time = 0.0
+    progress.next_epoch()
 
 
-def _fold(progress: _Progress, loss_sum, clip_sum, clip_count: int, images_per_step: int, step0: int,
-          t0: float) -> None:
-    """Move the device-side running sums of this stretch of steps into the saved progress."""
-    progress.loss_sum += loss_sum.item()
-    progress.loss_count += progress.step - step0
-    progress.clip_sum += clip_sum.item()
-    progress.clip_count += clip_count
-    progress.images += (progress.step - step0) * images_per_step
-    progress.epoch_time += time.perf_counter() - t0
+def _save(t: _Training) -> None:
+    save_run_state(t.accelerator, t.run, progress=t.progress.state_dict(), **t.state())
 
 
 def _stop_agreed(stop: _StopRequest, accelerator, at_check: bool) -> bool:
