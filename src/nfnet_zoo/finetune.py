@@ -401,7 +401,7 @@ class _Training:
         return self.ema.module if self.ema is not None else self.model
 
     def state(self) -> dict:
-        """The objects whose state runstate.py saves and restores (with `progress`)."""
+        """What a resume restores (with `progress`): runstate.py saves it in files that cannot carry code."""
         return dict(model=self.model, optimizer=self.optimizer.optimizer, scheduler=self.scheduler, ema=self.ema)
 
 
