@@ -190,6 +190,22 @@ def test_export_gives_the_eager_logits():
         torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+def test_compile_fullgraph_and_export():
+    # Under compile the model takes the reference layers whatever the switch: one run suffices.
+    model = _create("nfnet_zoo_tiny", num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y = model(x)
+        compiled = torch.compile(model, fullgraph=True, backend="eager")  # fullgraph: no graph breaks
+        torch.testing.assert_close(compiled(x), y)
+    model.train()
+    torch.compile(model, fullgraph=True, backend="eager")(x).sum().backward()
+    model.eval()
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), y)
+
+
 # --- Inductor ------------------------------------------------------------------------------------
 def _inductor_code(fn, x):
     from torch._inductor.utils import run_and_get_code

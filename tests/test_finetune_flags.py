@@ -328,17 +328,18 @@ def test_checkpoint_starts_from_its_weights(baseline, data_dir, tmp_path):
     assert _max_diff(_weights(fresh / "last"), start) > 1e-2
 
 
-@pytest.mark.slow
-def test_torchcompile_inductor_trains_the_compiled_model_like_eager(data_dir, tmp_path):
+def test_torchcompile_trains_the_compiled_model_like_eager(data_dir, tmp_path):
     from torch._dynamo.utils import counters
     counters.clear()
-    # batch 4: 12 training steps and 3 validation batches of one shape each, so Inductor compiles twice
-    # (training forward and backward, evaluation forward) and no shape recompiles
+    # aot_eager: the graphs dynamo and AOT autograd hand Inductor, run without Inductor's C++ codegen,
+    # which took over 10 minutes for this training graph on the 2-core CI machine. Inductor itself is
+    # tested on the model (test_inductor_computes_the_eager_logits, optimize_for_inference's freezing).
+    # batch 4: 12 training steps and 3 validation batches of one shape each (no shape recompiles)
     small = dict(img_size=16, batch_size=4)
     eager = _run(data_dir, tmp_path / "eager", **small)
-    compiled = _run(data_dir, tmp_path / "compiled", torchcompile="inductor", **small)
+    compiled = _run(data_dir, tmp_path / "compiled", torchcompile="aot_eager", **small)
     assert counters["stats"]["unique_graphs"] > 0  # dynamo captured the training model
-    assert json.loads((compiled / "args.json").read_text())["torchcompile"] == "inductor"
+    assert json.loads((compiled / "args.json").read_text())["torchcompile"] == "aot_eager"
     _assert_close(_weights(compiled / "last"), _weights(eager / "last"), rtol=1e-3, atol=1e-4)
     # the export is the plain module's state dict (no `_orig_mod.` prefix) and loads with timm
     model = timm.create_model(f"local-dir:{compiled}", pretrained=True)

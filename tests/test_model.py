@@ -114,20 +114,6 @@ def test_eval_cache_follows_parameter_changes(model, kernels):
     assert y.requires_grad and not cache_entries(model.stem.conv1)  # training never uses the cache
 
 
-def test_compile_fullgraph_and_export(model):
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        y = model(x)
-        compiled = torch.compile(model, fullgraph=True, backend="eager")  # fullgraph: no graph breaks
-        torch.testing.assert_close(compiled(x), y)
-    model.train()
-    torch.compile(model, fullgraph=True, backend="eager")(x).sum().backward()
-    model.eval()
-    exported = torch.export.export(model, (x,))
-    with torch.no_grad():
-        torch.testing.assert_close(exported.module()(x), y)
-
-
 def test_channels_last(model):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():

@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 # FX symbolic tracing (is_fx_tracing also answers for torch.export, and logs a warning saying so).
 _fx_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", _symbolic_trace.is_fx_tracing)
+_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # older torch: export shows as fake tensors
 _ENABLED = os.environ.get("NFNET_ZOO_FAST_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
@@ -60,7 +61,7 @@ def active(x: torch.Tensor) -> bool:
     data-dependent control flow; then only plain CPU tensors qualify.
     """
     if (not _ENABLED or _fx_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling()
-            or torch.compiler.is_exporting() or torch._C._are_functorch_transforms_active()
+            or _exporting() or torch._C._are_functorch_transforms_active()
             or _get_current_dispatch_mode() is not None):
         return False
     return type(x) is torch.Tensor and x.device.type == "cpu"
