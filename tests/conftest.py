@@ -47,3 +47,14 @@ def _image_check_cache(tmp_path_factory):
         os.environ.pop("NFNET_ZOO_CACHE", None)
     else:
         os.environ["NFNET_ZOO_CACHE"] = old
+
+
+# --- torch.compile state ------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch: shapes an earlier test compiled make dynamo retrace the same code
+    with dynamic shapes, whose symbolic reasoning took over ten minutes for a training graph here."""
+    import sys
+    yield
+    if "torch._dynamo" in sys.modules:
+        sys.modules["torch._dynamo"].reset()

@@ -330,6 +330,7 @@ def test_checkpoint_starts_from_its_weights(baseline, data_dir, tmp_path):
 
 def test_torchcompile_trains_the_compiled_model_like_eager(data_dir, tmp_path):
     from torch._dynamo.utils import counters
+    torch._dynamo.reset()  # shapes compiled by earlier tests would make dynamo trace this one dynamic (slow)
     counters.clear()
     # aot_eager: the graphs dynamo and AOT autograd hand Inductor, run without Inductor's C++ codegen,
     # which took over 10 minutes for this training graph on the 2-core CI machine. Inductor itself is
