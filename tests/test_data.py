@@ -479,7 +479,7 @@ def test_epoch_sampler_is_a_function_of_seed_and_epoch():
 
 # --- Hugging Face datasets saved on disk -------------------------------------------------------
 def test_saved_hf_dataset_with_a_corrupt_row(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # the test extra
     from _images import class_image
     rng = np.random.default_rng(0)
     names = ["bright", "dark", "mid"]
@@ -507,7 +507,7 @@ def test_saved_hf_dataset_with_a_corrupt_row(tmp_path):
 
 
 def test_saved_dataset_without_the_datasets_package_is_one_line(tmp_path, monkeypatch):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # the test extra
     from _images import class_image
     rng = np.random.default_rng(0)
     features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
