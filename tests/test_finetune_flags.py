@@ -345,3 +345,13 @@ def test_torchcompile_trains_the_compiled_model_like_eager(data_dir, tmp_path):
     # the export is the plain module's state dict (no `_orig_mod.` prefix) and loads with timm
     model = timm.create_model(f"local-dir:{compiled}", pretrained=True)
     assert set(model.state_dict()) == set(_weights(compiled))
+
+
+def test_fast_kernels_off_trains_what_the_kernels_train(baseline, data_dir, tmp_path):
+    """The reference layers (what GPUs, compile and torch.func run) and the CPU kernels fine-tune alike."""
+    with nfnet_zoo.fast_kernels(False):
+        reference = _run(data_dir, tmp_path / "reference")
+    _assert_close(_weights(reference / "last"), _weights(baseline / "last"), rtol=1e-3, atol=1e-4)
+    ours, theirs = (json.loads((r / "metrics.jsonl").read_text()) for r in (baseline, reference))
+    assert ours["clipped_fraction"] == pytest.approx(theirs["clipped_fraction"], abs=0.02)
+    assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-3)
