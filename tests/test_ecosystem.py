@@ -190,6 +190,18 @@ def test_export_gives_the_eager_logits():
         torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+def test_dynamo_onnx_export_gives_the_eager_logits(tmp_path):
+    """torch.onnx.export(dynamo=True), run by onnxruntime (the `onnx` extra, part of the test extra)."""
+    import onnxruntime
+    model = _create("nfnet_zoo_tiny").eval()
+    x = _input(2)
+    torch.onnx.export(model, (x,), dynamo=True).save(str(tmp_path / "tiny.onnx"))
+    session = onnxruntime.InferenceSession(str(tmp_path / "tiny.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(logits), model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_compile_fullgraph_and_export():
     # Under compile the model takes the reference layers whatever the switch: one run suffices.
     model = _create("nfnet_zoo_tiny", num_classes=5).eval()

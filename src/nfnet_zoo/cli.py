@@ -63,7 +63,7 @@ def _kwarg(text: str) -> tuple[str, object]:
 
 
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
-    from .image_check import CHECK_LEVELS
+    from .flags import CHECK_LEVELS
     from .recipe import BAD_IMAGES, MIXED_PRECISION, default
 
     p = sub.add_parser(

@@ -44,8 +44,7 @@ from .agc import assert_agc_supported, clipped_parameters, prepare_for_fsdp2, un
 from .data import ImageData, load_image_data
 from .errors import NFNetZooError
 from .evaluate import check_checkpoint, evaluate, predict, topk_correct
-from .flags import check_finetune
-from .image_check import CHECK_LEVELS
+from .flags import CHECK_LEVELS, check_finetune
 from .recipe import (MIXED_PRECISION, BAD_IMAGES, RESUMABLE_OVERRIDES, FinetuneConfig, build_loaders, build_losses,
                      build_model, build_optimizer, build_scheduler, check_timm_names, image_sizes)
 from .runstate import check_room, load_run_state, save_run_state, state_dir

@@ -43,6 +43,8 @@ class Range:
 _SIZE = Range(int, 8, 8192, optional=True)
 _FRACTION = Range(float, 0, 1, open="hi")
 _RATE = Range(float, 0, 1, open="hi", optional=True)
+# --check-images: decode every image, read headers and end markers only, or check nothing (image_check.py)
+CHECK_LEVELS = ("full", "header", "none")
 _MILESTONE = Range(int, 1, 100_000)
 
 FINETUNE: dict[str, Range] = {
@@ -124,4 +126,4 @@ def argtype(name: str) -> Callable[[str], Any]:
     return parse
 
 
-__all__ = ["Range", "FINETUNE", "OTHER", "check_finetune", "argtype", "flag"]
+__all__ = ["Range", "FINETUNE", "OTHER", "CHECK_LEVELS", "check_finetune", "argtype", "flag"]

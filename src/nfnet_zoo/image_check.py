@@ -27,8 +27,8 @@ from PIL import Image, ImageFile
 
 from ._files import write_json_atomic
 from .errors import NFNetZooError
+from .flags import CHECK_LEVELS
 
-CHECK_LEVELS = ("full", "header", "none")
 _CACHE_FORMAT = "nfnet-zoo image check 1"
 _END_MARKERS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND"}
 _TAIL = 1024  # writers pad some files after the end marker; look for it this far from the end
