@@ -64,9 +64,9 @@ def _assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: 
 
 
 @pytest.mark.usefixtures("kernels")
-def test_two_sgd_agc_steps_match_deepmind(deepmind, converted_dir):
+def test_two_sgd_agc_steps_match_deepmind(deepmind, converted_dir, device):
     steps, ref, hyper, _ = deepmind
-    model = _converted(converted_dir)
+    model = _converted(converted_dir).to(device)
     params = dict(model.named_parameters())
     optimizer = torch.optim.SGD(weight_decay_groups(model, hyper["weight_decay"]), lr=hyper["lr"],
                                 momentum=0.9, nesterov=True)
@@ -74,51 +74,51 @@ def test_two_sgd_agc_steps_match_deepmind(deepmind, converted_dir):
     for step in (0, 1):
         grads = ref(f"step{step}.grad")  # DeepMind's gradients: the optimizer alone is under test
         for name, p in params.items():
-            p.grad = grads[name].clone()
+            p.grad = grads[name].to(device, copy=True)
         stats = adaptive_clip_grad_(clipped, hyper["clipping"], hyper["eps"])
         assert 0 < stats.clipped_fraction() < 1
         optimizer.step()
         want_p, want_m = ref(f"step{step + 1}.param"), ref(f"step{step + 1}.momentum")
         for name, p in params.items():
-            _assert_rel(p.detach(), want_p[name], 2e-6, f"step {step + 1} {name}")
-            _assert_rel(optimizer.state[p]["momentum_buffer"], want_m[name], 2e-6,
+            _assert_rel(p.detach().cpu(), want_p[name], 2e-6, f"step {step + 1} {name}")
+            _assert_rel(optimizer.state[p]["momentum_buffer"].cpu(), want_m[name], 2e-6,
                         f"momentum {step + 1} {name}")
 
 
 @pytest.mark.usefixtures("kernels")
-def test_optax_agc_on_all_params_matches_deepmind(deepmind):
+def test_optax_agc_on_all_params_matches_deepmind(deepmind, device):
     steps, ref, hyper, _ = deepmind
     for step in (0, 1):
         params, grads = ref(f"step{step}.param"), ref(f"step{step}.grad")
         want = ref(f"step{step}.agc_optax_clipped_grad_all")
         tensors = {}
         for name, value in params.items():
-            tensors[name] = value.clone()
-            tensors[name].grad = grads[name].clone()
+            tensors[name] = value.to(device, copy=True)
+            tensors[name].grad = grads[name].to(device, copy=True)
         adaptive_clip_grad_(tensors.values(), hyper["clipping"], hyper["eps"])
         for name, t in tensors.items():
-            _assert_rel(t.grad, want[name], 2e-6, f"optax AGC step {step} {name}")
+            _assert_rel(t.grad.cpu(), want[name], 2e-6, f"optax AGC step {step} {name}")
         # The reference distinguishes semantics: timm's clips gains element-wise, not as one unit.
         for name, t in tensors.items():
-            t.grad = grads[name].clone()
+            t.grad = grads[name].to(device, copy=True)
         timm_adaptive_clip_grad(list(tensors.values()), hyper["clipping"], hyper["eps"])
-        gain = next(n for n in tensors if n.endswith(".gain") and not torch.equal(tensors[n].grad, want[n]))
-        assert (tensors[gain].grad - want[gain]).abs().max() > 1e-3 * want[gain].abs().max()
+        gain = next(n for n in tensors if n.endswith(".gain") and not torch.equal(tensors[n].grad.cpu(), want[n]))
+        assert (tensors[gain].grad.cpu() - want[gain]).abs().max() > 1e-3 * want[gain].abs().max()
 
 
 @pytest.mark.usefixtures("kernels")
-def test_model_backward_reproduces_deepmind_gradients(deepmind, converted_dir):
+def test_model_backward_reproduces_deepmind_gradients(deepmind, converted_dir, device):
     # The whole chain: converted weights -> our forward/backward -> DeepMind's step-0 gradients.
     steps, ref, hyper, _ = deepmind
-    model = _converted(converted_dir).eval()  # DeepMind ran is_training=False
-    x = torch.from_numpy(steps["data.x_nhwc"]).permute(0, 3, 1, 2)
-    labels = torch.from_numpy(steps["data.labels"]).long()
+    model = _converted(converted_dir).eval().to(device)  # DeepMind ran is_training=False
+    x = torch.from_numpy(steps["data.x_nhwc"]).permute(0, 3, 1, 2).to(device)
+    labels = torch.from_numpy(steps["data.labels"]).long().to(device)
     loss = F.cross_entropy(model(x), labels, label_smoothing=hyper["label_smoothing"])
     loss.backward()
     assert loss.item() == pytest.approx(float(steps["step0.loss"]), rel=1e-6)
     want = ref("step0.grad")
     for name, p in model.named_parameters():
-        _assert_rel(p.grad, want[name], 3e-5, f"gradient of {name}")
+        _assert_rel(p.grad.cpu(), want[name], 3e-5, f"gradient of {name}")
 
 
 def test_partition_matches_deepmind(deepmind, converted_dir):
@@ -146,7 +146,7 @@ def test_partition_matches_deepmind(deepmind, converted_dir):
 @pytest.mark.parametrize("top", [2.0, 1.1])  # about half the units clipped; a few (rows rewritten alone)
 @pytest.mark.parametrize("shape", [(16, 8, 3, 3), (16, 1, 3, 3), (32, 16, 1, 1), (10, 64), (7, 3, 5), "cl"])
 @pytest.mark.usefixtures("kernels")
-def test_matches_timm_on_weights(shape, top):
+def test_matches_timm_on_weights(shape, top, device):
     # Where both define the unit (one per slice of dim 0), DeepMind's AGC and timm's coincide.
     torch.manual_seed(0)
     fmt = torch.channels_last if shape == "cl" else torch.contiguous_format
@@ -156,6 +156,7 @@ def test_matches_timm_on_weights(shape, top):
     g = (torch.randn(shape) * 0.01 * ratio.view(-1, *(1,) * (len(shape) - 1)))
     g = g.contiguous(memory_format=fmt) if len(shape) == 4 else g
     w[0] = 0  # a zero unit: eps floors its norm
+    w, g = w.to(device), g.to(device)
     ours, theirs = w.clone(), w.clone()
     ours.grad, theirs.grad = g.clone(), g.clone()
     stats = adaptive_clip_grad_([ours], 0.01, 1e-3)
@@ -212,11 +213,11 @@ def test_low_precision_gradients_use_float32_norms():
 @pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("clipping,clipped", [(1e4, "none"), (0.02, "a few"), (1e-9, "all")])
-def test_low_precision_model_matches_the_float32_computation(dtype, clipping, clipped):
+def test_low_precision_model_matches_the_float32_computation(dtype, clipping, clipped, device):
     # A model cast to bf16/fp16 (pure low-precision training, FSDP2 mixed precision): real
     # low-precision parameters and gradients, clipped against the float32 clipping of the same values.
-    model = _tiny().to(dtype)
-    x, y = _batch()
+    model = _tiny().to(device=device, dtype=dtype)
+    x, y = (t.to(device) for t in _batch())
     F.cross_entropy(model(x.to(dtype)).float(), y).backward()
     params = clipped_parameters(model)
     wide = []
