@@ -589,3 +589,22 @@ def test_convert_replaces_only_the_files_it_wrote(tmp_path):
     r = run_cli(["convert", tiny, "--out", theirs], tmp_path)
     assert "already holds model.safetensors" in one_line_error(r, "convert")
     assert (theirs / "model.safetensors").read_bytes() == b"a user's model" and not (theirs / "config.json").exists()
+
+
+# --- misleading runs: refused or said in one line ----------------------------------------------------
+def test_fp16_on_the_cpu_is_refused_not_trained_in_float32(tmp_path, capsys):
+    from _images import make_folder
+    data = make_folder(tmp_path / "data", n_train=4, n_val=1)
+    line = _refused_in_process(["finetune", *TINY_RUN, "--data-dir", data, "--output", tmp_path / "o",
+                                "--mixed-precision", "fp16", "--cpu"], capsys)
+    assert "--mixed-precision fp16 needs a GPU" in line and "bf16" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_accelerate_launch_cpu_says_it_starts_one_process(tmp_path, monkeypatch):
+    from nfnet_zoo.finetune import _accelerator
+    from nfnet_zoo.recipe import FinetuneConfig
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # what `accelerate launch --cpu ...` sets
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.warns(UserWarning, match="accelerate launch --cpu` starts only one.*torchrun"):
+        _accelerator(FinetuneConfig(cpu=True), tmp_path)

@@ -130,7 +130,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     _add_timm_recipe(p, d)
     g = p.add_argument_group("running")
     g.add_argument("--grad-accum-steps", type=int, help=f"micro-batches per optimizer step (default: {d('grad_accum_steps')})")
-    g.add_argument("--mixed-precision", choices=MIXED_PRECISION, help=f"autocast dtype (default: {d('mixed_precision')})")
+    g.add_argument("--mixed-precision", choices=MIXED_PRECISION, help="autocast dtype; fp16 (with loss scaling) "
+                   f"needs a GPU, bf16 runs on CPUs too (default: {d('mixed_precision')})")
     g.add_argument("--channels-last", action="store_true", help="channels-last memory layout (faster on GPUs)")
     g.add_argument("--torchcompile", nargs="?", const="inductor", metavar="BACKEND",
                    help="compile the training model with torch.compile (timm's flag; BACKEND default: inductor); "

@@ -289,6 +289,14 @@ def _accelerator(cfg: FinetuneConfig, run: Path):
     except (ValueError, ImportError, RuntimeError) as e:
         raise NFNetZooError(f"cannot set up training ({str(e).splitlines()[0]}); check --mixed-precision, "
                             f"--torchcompile, --report-to and the accelerate config") from None
+    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
+        # Accelerate has no fp16 autocast or loss scaling on the CPU: it would train in float32 unasked
+        raise NFNetZooError("--mixed-precision fp16 needs a GPU (on the CPU Accelerate trains in float32, the "
+                            "same as --mixed-precision no); use --mixed-precision bf16 on the CPU")
+    if os.environ.get("ACCELERATE_USE_CPU") == "True" and not several:
+        # `accelerate launch --cpu` starts one process, whatever --num_processes says
+        warnings.warn("one training process: `accelerate launch --cpu` starts only one; for several CPU "
+                      "processes use torchrun --nproc-per-node N -m nfnet_zoo.cli finetune --cpu ...")
     if cfg.report_to and not accelerator.log_with:  # Accelerate only warns, and the curves would be lost
         raise NFNetZooError(f"--report-to {cfg.report_to}: the tracker's package is not installed; "
                             f"pip install {cfg.report_to if cfg.report_to != 'all' else 'tensorboard'}, "
