@@ -16,21 +16,14 @@ import torch.nn.functional as F
 
 import nfnet_zoo  # noqa: F401
 from nfnet_zoo import cpu_kernels, fast_kernels
+from _weights import pretrained_like_
 
 CL = torch.channels_last
 
 
 def _model(dtype=torch.float32, **kwargs):
     torch.manual_seed(0)
-    m = timm.create_model("nfnet_zoo_tiny", num_classes=5, drop_path_rate=0.5, **kwargs)
-    with torch.no_grad():  # residual branches on and gains off 1, as in a trained model
-        for n, p in m.named_parameters():
-            if n.endswith("skipinit_gain"):
-                p.fill_(1.0)
-            elif n.endswith(".gain"):
-                p.mul_(1 + 0.2 * torch.randn_like(p))
-            elif n.endswith(".bias"):
-                p.normal_(0, 0.1)
+    m = pretrained_like_(timm.create_model("nfnet_zoo_tiny", num_classes=5, drop_path_rate=0.5, **kwargs))
     return m.to(dtype)
 
 

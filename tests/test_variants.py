@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 import nfnet_zoo
 from nfnet_zoo import NFNetZooError
 from nfnet_zoo.variants import VARIANTS
+from _weights import pretrained_like_
 
 F_NAMES = [f"nfnet_f{i}" for i in range(8)]
 ALL_NAMES = F_NAMES + [f"nfnet_f{i}_plus" for i in range(8)] + ["nfnet_zoo_tiny"]
@@ -56,15 +57,7 @@ def test_timm_dm_nfnet_differs_only_by_the_documented_numerics():
     from timm.models.nfnet import GammaAct
 
     torch.manual_seed(0)
-    theirs = timm.create_model("dm_nfnet_f0").eval()
-    with torch.no_grad():  # pretrained-like: residual branches on, gains and biases away from init
-        for n, p in theirs.named_parameters():
-            if n.endswith("skipinit_gain"):
-                p.fill_(1.0)
-            elif n.endswith(".gain"):
-                p.mul_(1 + 0.2 * torch.randn_like(p))
-            elif n.endswith(".bias"):
-                p.normal_(0, 0.1)
+    theirs = pretrained_like_(timm.create_model("dm_nfnet_f0").eval())
     ours = timm.create_model("nfnet_f0").eval()
     ours.load_state_dict(theirs.state_dict())
     x = torch.randn(2, 3, 96, 96)
