@@ -39,3 +39,4 @@ else:
     data = load_image_data(data_dir, 0.2, "skip", 1, "full", rank, accelerator.num_processes, gather_object)
     result = {"checked": checked, "train": data.train, "val": data.val, "skipped": data.skipped}
 (out / f"{tag}-{rank}.json").write_text(json.dumps(result))
+accelerator.end_training()  # without it gloo's threads may abort the process at exit

@@ -260,6 +260,20 @@ def test_two_processes_match_one_process_on_the_same_global_batch(data_dir, tmp_
     assert m1["train_loss"] == pytest.approx(m2["train_loss"], rel=1e-5)
 
 
+def test_a_refusal_under_torchrun_leaves_the_process_group(tmp_path, capsys):
+    # a process that exits with its gloo group alive can abort at exit (seen in CI: SIGABRT,
+    # "terminate called without an active exception"), so every exit path of the CLI destroys it
+    import torch.distributed as dist
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        assert cli_main(["finetune", "--resume"]) == 2
+        assert "--resume needs the run folder" in capsys.readouterr().err
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 @pytest.mark.filterwarnings("ignore:`log_with=tensorboard`")
 def test_missing_tracker_package_is_an_error_not_lost_curves(data_dir, tmp_path, capsys, monkeypatch):
     import accelerate.tracking

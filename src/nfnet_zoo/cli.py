@@ -375,7 +375,17 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a fault of the machine (disk full, read-only, permissions): exit 1
         print(f"nfnet-zoo {args.command}: error: {machine_fault(e)}", file=sys.stderr)
         return 1
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """A torchrun process that exits with its gloo group alive can abort ("terminate called without
+    an active exception"), turning a one-line refusal into a crash report."""
+    dist = sys.modules.get("torch.distributed")  # never imported by --help or usage errors
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -370,9 +370,8 @@ def finetune(config: Optional[FinetuneConfig] = None, *, resume: Optional[str] =
             _save(t)
     if t.accelerator.is_main_process:
         _finish(cfg, run, t.data, t.progress, t.train_size)
-    if cfg.report_to:
-        t.accelerator.end_training()
     t.accelerator.wait_for_everyone()
+    t.accelerator.end_training()  # trackers, then the process group (gloo's threads may abort an exit without it)
     return run
 
 
