@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-hub1 gpu-check bench cards clean
+.PHONY: setup demo test test-hub1 gpu-check bench reproduce cards clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,11 @@ gpu-check:
 
 bench: $(STAMP)  ## writes BENCHMARKS.md (about 10 minutes on 2 cores)
 	$(BIN)/python benchmarks/bench.py
+
+# The paper's AGC batch-size ablation at toy scale (about 25 minutes on 2 cores): REPRODUCTION.md and
+# reproduction/*.png. QUICK=1 runs a tiny grid into reproduce-quick/ (seconds; CI runs it in tests).
+reproduce: $(STAMP)
+	$(BIN)/python experiments/reproduce.py $(if $(QUICK),--quick)
 
 cards: $(STAMP)
 	$(BIN)/nfnet-zoo cards
