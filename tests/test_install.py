@@ -101,7 +101,8 @@ def test_every_import_is_declared_in_pyproject():
     package = _declared(project["dependencies"]) | {d for reqs in extras.values() for d in _declared(reqs)}
     tests = _declared(project["dependencies"]) | _declared(extras["test"])
     # this project's own modules: the package and the helper files beside the tests and benchmarks
-    local = {"nfnet_zoo"} | {f.stem for d in ("tests", "benchmarks") for f in (ROOT / d).glob("*.py")}
+    local = {"nfnet_zoo"} | {f.stem for d in ("tests", "benchmarks", "experiments") for f in (ROOT / d).glob("*.py")}
     as_dist = lambda names: {DISTRIBUTION.get(n, n).lower().replace("_", "-") for n in names - local}
     assert as_dist(_top_level_imports(ROOT / "src")) <= package
     assert as_dist(_top_level_imports(ROOT / "tests")) <= tests
+    assert as_dist(_top_level_imports(ROOT / "experiments")) <= tests  # make reproduce runs in the tests
