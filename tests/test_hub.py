@@ -196,6 +196,30 @@ def test_push_round_trip_and_unchanged_repush(hub, run, tmp_path, in_process, ca
     _assert_token_nowhere(hub, tmp_path, [dry, pushed.stdout, pushed.stderr, again, err])
 
 
+def test_push_uploads_the_training_curves_and_the_card_shows_them(hub, run, in_process):
+    from PIL import Image
+
+    from nfnet_zoo.curves import write_curves
+
+    assert "![" not in (run / "README.md").read_text() and "curves.png" not in (run / "README.md").read_text()
+    dry = push_to_hub(run, f"{hub.user}/x", endpoint=hub.endpoint, dry_run=True)
+    assert [f.path for f in dry.files] == ["model.safetensors", "config.json", "README.md"]  # none drawn: none sent
+
+    write_curves(run)  # `nfnet-zoo curves RUN` after the run: RUN/README.md is still the draft without the image
+    repo, before = f"{hub.user}/with-curves", _tree_hashes(run)
+    result = push_to_hub(run, repo, endpoint=hub.endpoint)
+    assert result.uploaded == ["model.safetensors", "config.json", "README.md", "curves.png"]
+    files = hub.files(repo)
+    assert files["curves.png"] == (run / "curves.png").read_bytes()
+    card = ModelCard(files["README.md"].decode())
+    assert "![Training curves](curves.png)" in card.text  # relative: the Hub shows the repo's file
+    assert f'"hf-hub:{repo}"' in card.text  # still recognised as the draft, filled in with the repo id
+    with Image.open(run / "curves.png") as im:
+        assert im.format == "PNG" and im.size == (1000, 700)
+    assert _tree_hashes(run) == before  # push never writes into RUN
+    assert not push_to_hub(run, repo, endpoint=hub.endpoint).uploaded  # unchanged: no new commit
+
+
 @pytest.mark.parametrize("fault, words", [
     ("commit_500", ("HTTP 500", "re-run `nfnet-zoo push")),
     ("drop_commit", ("re-run `nfnet-zoo push",)),

@@ -76,8 +76,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
         "the classifier weight, the variant's dropout and stochastic depth, DeepMind's evaluation "
         "preprocessing (squash to S+32, centre crop S) at the variant's test size. Runs on CPU, one GPU, "
         "or many GPUs through `accelerate launch` or `torchrun` (several CPU processes: torchrun). Writes RUN/model.safetensors + config.json (best epoch by "
-        "val top-1), RUN/last/, metrics.jsonl, curves.png (with matplotlib: the `plots` extra), summary.json, README.md, "
-        "args.json and a resumable state.",
+        "val top-1), RUN/last/, metrics.jsonl, curves.png (with matplotlib: the `plots` extra), summary.json, "
+        "README.md, args.json and a resumable state.",
         argument_default=argparse.SUPPRESS)
     d = default
     g = p.add_argument_group("model and data")
@@ -301,7 +301,8 @@ def _add_push(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "push", help="upload a fine-tuned run folder (weights, config, model card, curves) to the Hugging Face Hub",
         description="Upload RUN/model.safetensors, RUN/config.json, the model card and RUN/curves.png (when "
-        "drawn; the card shows it) to a Hub model repo, creating it if needed. Nothing else leaves the machine (no training state, no pickles). Only files "
+        "drawn; the card shows it) to a Hub model repo, creating it if needed. Nothing else leaves the machine "
+        "(no training state, no pickles). Only files "
         "that differ from the Hub's copy are committed, so pushing an unchanged folder makes no commit. An "
         "edited RUN/README.md is uploaded as it is; the untouched draft is filled in with the repo id. RUN is "
         "never modified. Load the result with timm.create_model('hf-hub:NAMESPACE/NAME', pretrained=True) "

@@ -68,7 +68,8 @@ def _series(rows: list[dict], key: str) -> tuple[list[float], list[float], list[
     xs, ys, bad = [], [], []
     for i, row in enumerate(rows):
         epoch = row.get("epoch")
-        x = epoch if isinstance(epoch, (int, float)) and not isinstance(epoch, bool) else i + 1
+        number = isinstance(epoch, (int, float)) and not isinstance(epoch, bool) and math.isfinite(epoch)
+        x = epoch if number else i + 1
         v = row.get(key)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
@@ -96,7 +97,7 @@ def curves_figure(rows: list[dict], title: str = "", clipping: Optional[float] =
 
     fig = Figure(figsize=(10, 7), dpi=100, layout="constrained")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title.replace("$", r"\$"))  # a folder named a$b$ is a name, not math for matplotlib to parse
     epochs = _series(rows, "epoch")[0] or [1]
     for ax, (name, ylabel, lines) in zip(fig.subplots(2, 2).flat, PANELS):
         agc = lines[0][0] == "clipped_fraction"
@@ -133,12 +134,14 @@ def curves_figure(rows: list[dict], title: str = "", clipping: Optional[float] =
 
 def curves_png(rows: list[dict], title: str = "", clipping: Optional[float] = None) -> bytes:
     """The PNG bytes of `curves_figure` (Agg renderer)."""
+    from matplotlib import rc_context
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    fig = curves_figure(rows, title, clipping)
-    FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    with rc_context({"text.usetex": False}):  # a matplotlibrc asking for LaTeX would need a TeX installation
+        fig = curves_figure(rows, title, clipping)
+        FigureCanvasAgg(fig)
+        fig.savefig(buf, format="png")
     return buf.getvalue()
 
 
