@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -158,6 +160,21 @@ def test_figure_labels_legends_and_data_with_non_finite_and_missing_values(tmp_p
     assert [list(c.get_xdata()) for c in crosses] == [[2, 3]]
     assert "clipped epoch 4" in _texts(panels["Adaptive Gradient Clipping"])
     assert "not finite" not in _texts(panels["Learning rate"])  # a missing key is no point, not an error
+
+
+def test_curves_command_says_nothing_about_matplotlibs_own_cache(tmp_path):
+    """With no writable config folder matplotlib logs two warnings per process (and builds its font cache in a
+    temporary one); the command's output stays its one line."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps(dict(epoch=1, train_loss=1.0, lr=0.1)) + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MPL", "XDG_"))}
+    env.update(HOME=str(tmp_path / "no-home"), XDG_CONFIG_HOME="/proc/no-config", XDG_CACHE_HOME="/proc/no-cache",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    r = subprocess.run([sys.executable, "-m", "nfnet_zoo.cli", "curves", str(run)], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"wrote {run / 'curves.png'}\n", "")
+    assert (run / "curves.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_a_panel_without_values_says_so():

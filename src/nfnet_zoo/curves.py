@@ -7,8 +7,10 @@ no display, safe beside a training loop.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -28,10 +30,24 @@ PANELS = (
 )
 
 
+@contextlib.contextmanager
+def _quiet_matplotlib():
+    """matplotlib's notes about its own caches (an unwritable config folder, building the font cache) would add
+    lines to every command that draws; the figure does not depend on them."""
+    logger = logging.getLogger("matplotlib")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def plotting_available() -> bool:
     """True when matplotlib can be imported (the `plots` extra)."""
     try:
-        import matplotlib  # noqa: F401
+        with _quiet_matplotlib():
+            import matplotlib  # noqa: F401
     except ImportError:
         return False
     return True
@@ -134,14 +150,15 @@ def curves_figure(rows: list[dict], title: str = "", clipping: Optional[float] =
 
 def curves_png(rows: list[dict], title: str = "", clipping: Optional[float] = None) -> bytes:
     """The PNG bytes of `curves_figure` (Agg renderer)."""
-    from matplotlib import rc_context
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
     buf = io.BytesIO()
-    with rc_context({"text.usetex": False}):  # a matplotlibrc asking for LaTeX would need a TeX installation
-        fig = curves_figure(rows, title, clipping)
-        FigureCanvasAgg(fig)
-        fig.savefig(buf, format="png")
+    with _quiet_matplotlib():
+        from matplotlib import rc_context
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        with rc_context({"text.usetex": False}):  # a matplotlibrc asking for TeX would need a TeX installation
+            fig = curves_figure(rows, title, clipping)
+            FigureCanvasAgg(fig)
+            fig.savefig(buf, format="png")
     return buf.getvalue()
 
 
