@@ -177,6 +177,19 @@ def test_curves_command_says_nothing_about_matplotlibs_own_cache(tmp_path):
     assert (run / "curves.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_matplotlib_settings_it_cannot_honour_are_one_line(tmp_path, monkeypatch, capsys):
+    import matplotlib
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps(dict(epoch=1, train_loss=1.0)) + "\n")
+    monkeypatch.setitem(matplotlib.rcParams, "text.usetex", True)  # as a user's matplotlibrc may ask
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))  # and no TeX to be found
+    assert cli_main(["curves", str(run)]) == 2
+    line = _one_line_error(capsys, "curves")
+    assert "matplotlib could not draw" in line and "latex" in line and "matplotlibrc" in line
+    assert not (run / "curves.png").exists()
+
+
 def test_a_panel_without_values_says_so():
     fig = curves_figure([{"epoch": 1, "train_loss": 1.0}], clipping=None)
     panels = _panels(fig)

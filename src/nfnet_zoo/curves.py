@@ -2,7 +2,7 @@
 
 Loss (train and val), val top-1 and top-5, the learning rate, and the fraction of units AGC clipped.
 matplotlib is an optional extra (`pip install 'nfnet-zoo[plots]'`) and is imported only here, only
-when a figure is drawn. The figure is a `matplotlib.figure.Figure` rendered by Agg: no pyplot state,
+when a figure is drawn (or its presence checked). The figure is a `matplotlib.figure.Figure` rendered by Agg: no pyplot state,
 no display, safe beside a training loop.
 """
 from __future__ import annotations
@@ -152,13 +152,11 @@ def curves_png(rows: list[dict], title: str = "", clipping: Optional[float] = No
     """The PNG bytes of `curves_figure` (Agg renderer)."""
     buf = io.BytesIO()
     with _quiet_matplotlib():
-        from matplotlib import rc_context
         from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-        with rc_context({"text.usetex": False}):  # a matplotlibrc asking for TeX would need a TeX installation
-            fig = curves_figure(rows, title, clipping)
-            FigureCanvasAgg(fig)
-            fig.savefig(buf, format="png")
+        fig = curves_figure(rows, title, clipping)
+        FigureCanvasAgg(fig)  # its own canvas: no pyplot, no global backend
+        fig.savefig(buf, format="png")
     return buf.getvalue()
 
 
@@ -171,13 +169,14 @@ def _run_args(run: Path) -> dict[str, Any]:
 
 
 def run_title(run: Path, args: dict) -> str:
+    """The figure's title from a run's arguments (args.json): model, dataset and the run folder's name."""
     model = args.get("model") or args.get("checkpoint") or "model"
     dataset = f" on {args['dataset']}" if isinstance(args.get("dataset"), str) else ""
     return f"{model}{dataset} ({Path(run).name})"
 
 
-def write_curves(run: Union[str, os.PathLike], rows: Optional[list[dict]] = None) -> Path:
-    """Draw RUN/curves.png (written atomically) from `rows`, default RUN/metrics.jsonl; returns its path.
+def write_curves(run: Union[str, os.PathLike]) -> Path:
+    """Draw RUN/curves.png (written atomically) from RUN/metrics.jsonl; returns its path (`nfnet-zoo curves`).
 
     The title and the AGC panel come from RUN/args.json when it is there.
     """
@@ -186,12 +185,18 @@ def write_curves(run: Union[str, os.PathLike], rows: Optional[list[dict]] = None
         raise NFNetZooError(f"{run} is not a folder; pass a run folder written by `nfnet-zoo finetune`")
     if not plotting_available():
         raise NFNetZooError(f"matplotlib is not installed, so {run / CURVES} cannot be drawn: {INSTALL}")
-    if rows is None:
-        rows = read_metrics(run)
+    rows = read_metrics(run)
     args = _run_args(run)
     clipping = args.get("clipping") if isinstance(args.get("clipping"), (int, float)) else None
-    write_bytes_atomic(run / CURVES, curves_png(rows, run_title(run, args), clipping))
+    try:
+        png = curves_png(rows, run_title(run, args), clipping)
+    except (RuntimeError, ValueError) as e:  # e.g. a matplotlibrc with text.usetex and no TeX installed
+        raise NFNetZooError(f"matplotlib could not draw {run / CURVES} ({type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); check the "
+                            f"settings of your matplotlibrc (matplotlib.matplotlib_fname())") from None
+    write_bytes_atomic(run / CURVES, png)
     return run / CURVES
 
 
-__all__ = ["write_curves", "curves_figure", "curves_png", "read_metrics", "plotting_available", "CURVES"]
+__all__ = ["write_curves", "curves_figure", "curves_png", "read_metrics", "plotting_available", "run_title",
+           "CURVES"]
