@@ -90,6 +90,21 @@ def test_curves_command_without_matplotlib_is_one_line(bare_run, monkeypatch, ca
     assert not (run / "curves.png").exists()
 
 
+def test_a_broken_matplotlib_install_is_one_line(bare_run, monkeypatch, capsys):
+    class Broken:  # an install whose import fails inside matplotlib, not with ImportError
+        def find_spec(self, name, path=None, target=None):
+            if name == "matplotlib":
+                raise RuntimeError("Could not find the matplotlib data files\nsecond line")
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])
+    run, _ = bare_run
+    assert cli_main(["curves", str(run)]) == 2
+    line = _one_line_error(capsys, "curves")
+    assert "matplotlib cannot be imported (RuntimeError: Could not find the matplotlib data files second line)" in line
+    assert INSTALL in line and not (run / "curves.png").exists()
+
+
 # --- drawing a run ------------------------------------------------------------------------------
 def test_curves_command_draws_a_one_epoch_run_with_visible_points(bare_run, capsys):
     run, _ = bare_run

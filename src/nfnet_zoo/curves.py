@@ -43,14 +43,16 @@ def _quiet_matplotlib():
         logger.setLevel(level)
 
 
-def plotting_available() -> bool:
-    """True when matplotlib can be imported (the `plots` extra)."""
+def plotting_problem() -> Optional[str]:
+    """None when matplotlib (the `plots` extra) can be imported, else why not, in a few words."""
     try:
         with _quiet_matplotlib():
             import matplotlib  # noqa: F401
     except ImportError:
-        return False
-    return True
+        return "matplotlib is not installed"
+    except Exception as e:  # noqa: BLE001 - a broken install: no curves, never a failed command or run
+        return f"matplotlib cannot be imported ({type(e).__name__}: {str(e).strip()[:120]})".replace("\n", " ")
+    return None
 
 
 def read_metrics(run: Union[str, os.PathLike]) -> list[dict]:
@@ -183,8 +185,9 @@ def write_curves(run: Union[str, os.PathLike]) -> Path:
     run = Path(run)
     if not run.is_dir():
         raise NFNetZooError(f"{run} is not a folder; pass a run folder written by `nfnet-zoo finetune`")
-    if not plotting_available():
-        raise NFNetZooError(f"matplotlib is not installed, so {run / CURVES} cannot be drawn: {INSTALL}")
+    problem = plotting_problem()
+    if problem:
+        raise NFNetZooError(f"{problem}, so {run / CURVES} cannot be drawn: {INSTALL}")
     rows = read_metrics(run)
     args = _run_args(run)
     clipping = args.get("clipping") if isinstance(args.get("clipping"), (int, float)) else None
@@ -198,5 +201,5 @@ def write_curves(run: Union[str, os.PathLike]) -> Path:
     return run / CURVES
 
 
-__all__ = ["write_curves", "curves_figure", "curves_png", "read_metrics", "plotting_available", "run_title",
+__all__ = ["write_curves", "curves_figure", "curves_png", "read_metrics", "plotting_problem", "run_title",
            "CURVES"]

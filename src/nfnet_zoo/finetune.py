@@ -43,7 +43,7 @@ from torch import nn
 
 from ._files import write_bytes_atomic, write_json_atomic
 from .agc import assert_agc_supported, clipped_parameters, prepare_for_fsdp2, unscale_and_clip_
-from .curves import CURVES, INSTALL, curves_png, plotting_available, run_title
+from .curves import CURVES, INSTALL, curves_png, plotting_problem, run_title
 from .data import ImageData, load_image_data
 from .errors import NFNetZooError
 from .evaluate import check_checkpoint, evaluate, predict, topk_correct
@@ -500,10 +500,11 @@ def _announce(t: _Training) -> None:
     if cfg.report_to:
         accelerator.init_trackers("nfnet-zoo", config={k: v for k, v in cfg.to_json().items()
                                                        if isinstance(v, (int, float, str, bool))})
-    if accelerator.is_main_process and not plotting_available():
+    problem = plotting_problem() if accelerator.is_main_process else None
+    if problem:
         t.draw_curves = False
-        warnings.warn(f"{CURVES} will not be drawn: matplotlib is not installed ({INSTALL}; then "
-                      f"`nfnet-zoo curves {t.run}` draws it for this run)")
+        warnings.warn(f"{CURVES} will not be drawn: {problem} ({INSTALL}; then `nfnet-zoo curves {t.run}` draws "
+                      f"it for this run)")
     if accelerator.is_main_process:
         accelerator.print(f"fine-tuning {cfg.model} on {len(data.train)} images ({len(data.classes)} classes), "
                           f"validating on {len(data.val)}; {accelerator.num_processes} process(es) on "
