@@ -289,6 +289,8 @@ def test_branch_pull_request_and_edited_card(hub, run, in_process):
     ("other_namespace", "HTTP 403"),
     ("bad_card_metadata", "model card metadata"),
     ("no_token", "hf auth login"),
+    ("curves_link", "curves.png is not a PNG file"),
+    ("curves_not_png", "curves.png is not a PNG file"),
 ])
 def test_push_refuses_bad_input_with_one_line(hub, run, in_process, monkeypatch, tmp_path, case, words):
     repo, token = f"{hub.user}/bad", hub.token
@@ -303,6 +305,11 @@ def test_push_refuses_bad_input_with_one_line(hub, run, in_process, monkeypatch,
     elif case == "bad_card_metadata":
         text = (run / "README.md").read_text().replace("value: 70.0", "value: high")
         (run / "README.md").write_text(text)
+    elif case == "curves_link":  # a run folder from someone else, linking to a file of yours
+        (tmp_path / "secret.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"private")
+        (run / "curves.png").symlink_to(tmp_path / "secret.png")
+    elif case == "curves_not_png":
+        (run / "curves.png").write_text("not an image")
     elif case == "no_token":
         token = None
         monkeypatch.delenv("HF_TOKEN", raising=False)

@@ -20,7 +20,7 @@ import shlex
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Union
@@ -116,6 +116,17 @@ def _check_weights(path: Path, folder: Path) -> None:
         raise NFNetZooError(f"{path} is not a readable safetensors file ({e}); re-export the model") from None
 
 
+def _check_curves(path: Path) -> None:
+    """A PNG file, not a link: a link in a run folder someone sent you could point at any file of yours."""
+    with suppress(OSError):
+        if not path.is_symlink() and path.is_file():
+            with path.open("rb") as f:
+                if f.read(8) == b"\x89PNG\r\n\x1a\n":
+                    return
+    raise NFNetZooError(f"{path} is not a PNG file (a link, a folder or another file) and is not pushed that way; "
+                        f"redraw it with `nfnet-zoo curves {path.parent}`, or remove it")
+
+
 def _run_files(run: Path, repo_id: str) -> tuple[list[_File], list[str]]:
     if not run.is_dir():
         raise NFNetZooError(f"{run} is not a folder; pass a run folder written by `nfnet-zoo finetune`")
@@ -129,7 +140,8 @@ def _run_files(run: Path, repo_id: str) -> tuple[list[_File], list[str]]:
     else:  # missing, or the untouched draft: fill in the repo id for the usage snippet
         card = _File("README.md", str(build_model_card(run, repo_id)).encode(), "(model card built from the run)")
     files = [_File("model.safetensors", run / "model.safetensors"), _File("config.json", run / "config.json"), card]
-    if curves.is_file():
+    if curves.exists() or curves.is_symlink():
+        _check_curves(curves)
         files.append(_File(CURVES, curves, "(training curves, shown by the card)"))
     skipped = sorted(p.name + ("/" if p.is_dir() else "") for p in run.iterdir() if p.name not in UPLOADED)
     return files, skipped
