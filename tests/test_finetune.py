@@ -115,6 +115,20 @@ def test_run_folder_contract(run, data_dir):
         assert _same(_weights(run), _weights(run / "last"))
 
 
+def test_run_folder_has_its_training_curves(run):
+    from PIL import Image
+    from nfnet_zoo.curves import curves_png, run_title
+
+    with Image.open(run / "curves.png") as im:
+        assert im.format == "PNG" and im.size == (1000, 700)
+    # drawn from the last epoch's rows: the same picture as the rows on disk make (tests/test_curves.py checks
+    # what a picture of given rows holds)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    args = json.loads((run / "args.json").read_text())
+    assert (run / "curves.png").read_bytes() == curves_png(rows, run_title(run, args), args["clipping"])
+    assert "![Training curves](curves.png)" in (run / "README.md").read_text()
+
+
 def test_result_loads_with_timm_local_dir(run):
     import timm
     model = timm.create_model(f"local-dir:{run}", pretrained=True)
@@ -188,6 +202,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
         finetune(data_dir=str(data_dir), output=str(out), epochs=3, save_every=0, log_interval=1, **TINY)
     assert "\n" not in str(e.value)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert (out / "curves.png").read_bytes().startswith(b"\x89PNG")  # drawn at the end of epoch 1, not of the run
     for path in (out, out / "last", out / "state"):
         assert all(torch.isfinite(t).all() for t in _weights(path).values()), path
 
@@ -313,7 +328,9 @@ def test_a_run_stopped_before_its_first_save_starts_again(data_dir, tmp_path, ca
     out.mkdir()
     (out / "data.json").write_text("{}")  # what a run interrupted while checking images leaves
     (out / "args.json").write_text("{}")
+    (out / "curves.png").write_bytes(b"")  # drawn at the end of an epoch whose state a kill prevented
     assert cli_main(["finetune", "--resume", str(out)]) == 2
     assert "start it again with the same command" in capsys.readouterr().err
     finetune(data_dir=str(data_dir), output=str(out), epochs=1, **TINY)
     assert (out / "model.safetensors").is_file()
+    assert (out / "curves.png").read_bytes().startswith(b"\x89PNG")  # replaced by this run's

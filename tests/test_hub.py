@@ -196,6 +196,30 @@ def test_push_round_trip_and_unchanged_repush(hub, run, tmp_path, in_process, ca
     _assert_token_nowhere(hub, tmp_path, [dry, pushed.stdout, pushed.stderr, again, err])
 
 
+def test_push_uploads_the_training_curves_and_the_card_shows_them(hub, run, in_process):
+    from PIL import Image
+
+    from nfnet_zoo.curves import write_curves
+
+    assert "![" not in (run / "README.md").read_text() and "curves.png" not in (run / "README.md").read_text()
+    dry = push_to_hub(run, f"{hub.user}/x", endpoint=hub.endpoint, dry_run=True)
+    assert [f.path for f in dry.files] == ["model.safetensors", "config.json", "README.md"]  # none drawn: none sent
+
+    write_curves(run)  # `nfnet-zoo curves RUN` after the run: RUN/README.md is still the draft without the image
+    repo, before = f"{hub.user}/with-curves", _tree_hashes(run)
+    result = push_to_hub(run, repo, endpoint=hub.endpoint)
+    assert result.uploaded == ["model.safetensors", "config.json", "README.md", "curves.png"]
+    files = hub.files(repo)
+    assert files["curves.png"] == (run / "curves.png").read_bytes()
+    card = ModelCard(files["README.md"].decode())
+    assert "![Training curves](curves.png)" in card.text  # relative: the Hub shows the repo's file
+    assert f'"hf-hub:{repo}"' in card.text  # still recognised as the draft, filled in with the repo id
+    with Image.open(run / "curves.png") as im:
+        assert im.format == "PNG" and im.size == (1000, 700)
+    assert _tree_hashes(run) == before  # push never writes into RUN
+    assert not push_to_hub(run, repo, endpoint=hub.endpoint).uploaded  # unchanged: no new commit
+
+
 @pytest.mark.parametrize("fault, words", [
     ("commit_500", ("HTTP 500", "re-run `nfnet-zoo push")),
     ("drop_commit", ("re-run `nfnet-zoo push",)),
@@ -265,6 +289,8 @@ def test_branch_pull_request_and_edited_card(hub, run, in_process):
     ("other_namespace", "HTTP 403"),
     ("bad_card_metadata", "model card metadata"),
     ("no_token", "hf auth login"),
+    ("curves_link", "curves.png is not a PNG file"),
+    ("curves_not_png", "curves.png is not a PNG file"),
 ])
 def test_push_refuses_bad_input_with_one_line(hub, run, in_process, monkeypatch, tmp_path, case, words):
     repo, token = f"{hub.user}/bad", hub.token
@@ -279,6 +305,11 @@ def test_push_refuses_bad_input_with_one_line(hub, run, in_process, monkeypatch,
     elif case == "bad_card_metadata":
         text = (run / "README.md").read_text().replace("value: 70.0", "value: high")
         (run / "README.md").write_text(text)
+    elif case == "curves_link":  # a run folder from someone else, linking to a file of yours
+        (tmp_path / "secret.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"private")
+        (run / "curves.png").symlink_to(tmp_path / "secret.png")
+    elif case == "curves_not_png":
+        (run / "curves.png").write_text("not an image")
     elif case == "no_token":
         token = None
         monkeypatch.delenv("HF_TOKEN", raising=False)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "torchvision", "timm", "accelerate", "huggingface_hub", "PIL", "numpy", "safetensors")
+HEAVY = ("torch", "torchvision", "timm", "accelerate", "huggingface_hub", "PIL", "numpy", "safetensors", "matplotlib")
 # what the `nfnet-zoo` console script runs (pyproject.toml: nfnet_zoo.cli:main)
 CONSOLE_SCRIPT = "import sys; from nfnet_zoo.cli import main; sys.exit(main())"
 
@@ -33,6 +33,7 @@ def _imported_modules(args: list[str]) -> tuple[subprocess.CompletedProcess, set
     (["--help"], 0, "finetune"),
     (["finetune", "--help"], 0, "default: 0.1, the paper's"),
     (["push", "--help"], 0, "--repo-id"),
+    (["curves", "--help"], 0, "pip install 'nfnet-zoo[plots]'"),
     (["finetune", "--no-such-flag"], 2, "unrecognized arguments: --no-such-flag"),
     (["evaluate", "runs/x"], 2, "the following arguments are required: --data-dir"),
     (["no-such-command"], 2, "invalid choice"),
@@ -48,7 +49,7 @@ def test_help_and_usage_errors_import_no_heavy_library(args, code, says):
 _LATER = """
 import importlib.util, sys
 import nfnet_zoo
-assert not {"torch", "timm", "huggingface_hub", "PIL"} & set(sys.modules), sorted(sys.modules)
+assert not {"torch", "timm", "huggingface_hub", "PIL", "matplotlib"} & set(sys.modules), sorted(sys.modules)
 assert importlib.util.find_spec("timm") is not None and "timm" not in sys.modules  # a check imports nothing
 import timm
 names = timm.list_models("nfnet_*")

@@ -7,20 +7,26 @@ from pathlib import Path
 from typing import Any
 
 
-def write_text_atomic(path: Path, text: str) -> bool:
-    """Write `text` to `path` atomically; False (and no write) when the file already holds it."""
+def write_bytes_atomic(path: Path, data: bytes) -> bool:
+    """Write `data` to `path` atomically; False (and no write) when the file already holds it."""
     path = Path(path)
-    if path.is_file() and path.read_bytes() == text.encode():
+    if path.is_file() and path.read_bytes() == data:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # beside the target: os.replace stays atomic
     try:
-        tmp.write_text(text, encoding="utf-8", newline="")
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return True
+
+
+def write_text_atomic(path: Path, text: str) -> bool:
+    """Write `text` (UTF-8, newlines as given) to `path` atomically; False (and no write) when the file already
+    holds it."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path: Path, obj: Any, indent: int = 2, lines: bool = False) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Optional, Union
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ._files import write_text_atomic
+from .curves import CURVES
 from .errors import NFNetZooError
 from .variants import DM_ACCURACY, ORIGIN, PAPER_NAME, RANDAUG_LEVEL, VARIANTS, list_pretrained_names
 
@@ -141,10 +142,13 @@ def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def build_model_card(run_dir: Union[str, os.PathLike], repo_id: Optional[str] = None) -> ModelCard:
+def build_model_card(run_dir: Union[str, os.PathLike], repo_id: Optional[str] = None, *,
+                     curves: Optional[bool] = None) -> ModelCard:
     """The model card of a fine-tuning run folder, from its config.json, args.json, summary.json, metrics.jsonl.
 
     `repo_id` names the Hub repo in the usage snippet; without it the snippet loads the local folder.
+    `curves`: show RUN/curves.png (a relative link, which the Hub renders from the repo); default: when the
+    file is there.
     """
     run = Path(run_dir)
     info = _run_info(run)
@@ -219,6 +223,9 @@ def build_model_card(run_dir: Union[str, os.PathLike], repo_id: Optional[str] = 
                         f"| {_fmt(m.get('top1'), '.2f')} | {_fmt(m.get('top5'), '.2f')} | {_fmt(m.get('lr'), '.3g')} "
                         f"| {_fmt(m.get('clipped_fraction'), '.3f')} |" for m in metrics))
         sections.append(res)
+    if curves if curves is not None else (run / CURVES).is_file():
+        sections.append(f"## Training curves\n\n![Training curves]({CURVES})\n\nPer epoch: training and validation "
+                        "loss, validation top-1 and top-5, the learning rate and the fraction of units AGC clipped.")
     model_id = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{run.name}"
     sections.append(_usage(model_id, 'labels = model.pretrained_cfg["label_names"]' if labels
                            else "labels = [str(i) for i in range(probs.numel())]"))

@@ -76,7 +76,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
         "the classifier weight, the variant's dropout and stochastic depth, DeepMind's evaluation "
         "preprocessing (squash to S+32, centre crop S) at the variant's test size. Runs on CPU, one GPU, "
         "or many GPUs through `accelerate launch` or `torchrun` (several CPU processes: torchrun). Writes RUN/model.safetensors + config.json (best epoch by "
-        "val top-1), RUN/last/, metrics.jsonl, summary.json, README.md, args.json and a resumable state.",
+        "val top-1), RUN/last/, metrics.jsonl, curves.png (with matplotlib: the `plots` extra), summary.json, "
+        "README.md, args.json and a resumable state.",
         argument_default=argparse.SUPPRESS)
     d = default
     g = p.add_argument_group("model and data")
@@ -191,6 +192,23 @@ def _run_finetune(args: argparse.Namespace) -> None:
         finetune(resume=resume, **options)
 
 
+def _add_curves(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "curves", help="draw a run's training curves (RUN/curves.png) from its metrics.jsonl",
+        description="Draw RUN/curves.png from RUN/metrics.jsonl: loss (train and val), val top-1 and top-5, "
+        "the learning rate and the fraction of units AGC clipped, per epoch. `finetune` draws it at the end of "
+        "each epoch when matplotlib is installed; this command draws it for a run trained without, or redraws "
+        "it. Needs matplotlib: pip install 'nfnet-zoo[plots]'. An existing RUN/curves.png is replaced.")
+    p.add_argument("run", metavar="RUN", help="run folder written by `nfnet-zoo finetune`")
+    p.set_defaults(func=_run_curves)
+
+
+def _run_curves(args: argparse.Namespace) -> None:
+    from .curves import write_curves
+
+    print(f"wrote {write_curves(args.run)}")
+
+
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate", help="top-1, top-5 and per-class accuracy of a model on an image folder",
@@ -281,9 +299,10 @@ def _hub_kwargs(args: argparse.Namespace) -> dict:
 
 def _add_push(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "push", help="upload a fine-tuned run folder (weights, config, model card) to the Hugging Face Hub",
-        description="Upload RUN/model.safetensors, RUN/config.json and the model card to a Hub model repo, "
-        "creating it if needed. Nothing else leaves the machine (no training state, no pickles). Only files "
+        "push", help="upload a fine-tuned run folder (weights, config, model card, curves) to the Hugging Face Hub",
+        description="Upload RUN/model.safetensors, RUN/config.json, the model card and RUN/curves.png (when "
+        "drawn; the card shows it) to a Hub model repo, creating it if needed. Nothing else leaves the machine "
+        "(no training state, no pickles). Only files "
         "that differ from the Hub's copy are committed, so pushing an unchanged folder makes no commit. An "
         "edited RUN/README.md is uploaded as it is; the untouched draft is filled in with the repo id. RUN is "
         "never modified. Load the result with timm.create_model('hf-hub:NAMESPACE/NAME', pretrained=True) "
@@ -340,7 +359,7 @@ def _run_cards(args: argparse.Namespace) -> None:
 
 # --- (other commands register themselves below: one _add_<command> function each) ------------
 
-_COMMANDS = [_add_convert, _add_finetune, _add_evaluate, _add_predict, _add_demo, _add_push, _add_publish,
+_COMMANDS = [_add_convert, _add_finetune, _add_curves, _add_evaluate, _add_predict, _add_demo, _add_push, _add_publish,
              _add_cards]
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from ._owned import check_manifest, remove_owned, write_manifest
+from .curves import CURVES
 from .errors import NFNetZooError
 
 DEMO_MODEL = "nfnet_zoo_tiny"
@@ -113,7 +114,9 @@ def run_demo(output: str | Path = "runs/demo", workers: int = 2) -> Path:
     write_manifest(run)  # what a later demo may replace: exactly these files
     print()
     print(format_evaluation(result))
-    print(f"\nThe fine-tuned model is in {run}/ (model.safetensors, config.json, README.md, metrics.jsonl).")
+    files = ["model.safetensors", "config.json", "README.md", "metrics.jsonl"] + \
+        ([CURVES] if (run / CURVES).is_file() else [])
+    print(f"\nThe fine-tuned model is in {run}/ ({', '.join(files)}).")
     print(f"  nfnet-zoo predict {run} {data}/val/3/*.png | head")
     print(f"  python -c \"import nfnet_zoo, timm; m = timm.create_model('local-dir:{run}', pretrained=True)\"")
     return run

@@ -10,6 +10,8 @@ The run folder RUN:
                                    timm.create_model("local-dir:RUN", pretrained=True))
   last/                            the same for the last epoch
   metrics.jsonl                    one JSON object per epoch
+  curves.png                       loss, top-1/top-5, learning rate and AGC clipped fraction per epoch (redrawn
+                                   each epoch; needs matplotlib: pip install 'nfnet-zoo[plots]')
   args.json, data.json             resolved arguments; the exact file list and split
   summary.json, README.md          results; model card draft (nfnet_zoo.hub.write_model_card)
   state/                           the resumable state, no pickles (runstate.py; every --save-every steps
@@ -39,8 +41,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ._files import write_json_atomic
+from ._files import write_bytes_atomic, write_json_atomic
 from .agc import assert_agc_supported, clipped_parameters, prepare_for_fsdp2, unscale_and_clip_
+from .curves import CURVES, INSTALL, curves_png, plotting_problem, run_title
 from .data import ImageData, load_image_data
 from .errors import NFNetZooError
 from .evaluate import check_checkpoint, evaluate, predict, topk_correct
@@ -205,7 +208,8 @@ def _resolve(config: Optional[FinetuneConfig], resume: Optional[str], overrides:
 # args.json is there, the exports of an epoch whose state a kill prevented.
 _RUN_START = ("args.json", "data.json", ".args.json.*.tmp", ".data.json.*.tmp", "state.tmp", "logs",
               ".shared-*")  # the shared-folder probe, if a kill came before its removal
-_RUN_EXPORTS = ("model.safetensors", "config.json", "last", "metrics.jsonl", ".metrics.jsonl.*.tmp", ".export-*")
+_RUN_EXPORTS = ("model.safetensors", "config.json", "last", "metrics.jsonl", ".metrics.jsonl.*.tmp", ".export-*",
+                CURVES, f".{CURVES}.*.tmp")
 
 
 def _restartable(run: Path) -> bool:
@@ -400,6 +404,7 @@ class _Training:
     train_size: int
     test_size: int
     progress: _Progress
+    draw_curves: bool = True      # RUN/curves.png each epoch (main process); off without matplotlib
 
     @property
     def eval_model(self) -> nn.Module:
@@ -495,6 +500,11 @@ def _announce(t: _Training) -> None:
     if cfg.report_to:
         accelerator.init_trackers("nfnet-zoo", config={k: v for k, v in cfg.to_json().items()
                                                        if isinstance(v, (int, float, str, bool))})
+    problem = plotting_problem() if accelerator.is_main_process else None
+    if problem:
+        t.draw_curves = False
+        warnings.warn(f"{CURVES} will not be drawn: {problem} ({INSTALL}; then `nfnet-zoo curves {t.run}` draws "
+                      f"it for this run)")
     if accelerator.is_main_process:
         accelerator.print(f"fine-tuning {cfg.model} on {len(data.train)} images ({len(data.classes)} classes), "
                           f"validating on {len(data.val)}; {accelerator.num_processes} process(es) on "
@@ -606,10 +616,26 @@ def _end_of_epoch(t: _Training, metrics: dict) -> None:
         if improved:
             _save_model_folder(export, t.run, t.data.classes, t.model_args, t.data_config)
         write_json_atomic(t.run / "metrics.jsonl", progress.history, lines=True)
+        _draw_curves(t)
     if cfg.report_to:
         accelerator.log({k: v for k, v in row.items() if v is not None and k != "epoch"}, step=progress.epoch + 1)
     accelerator.print(_epoch_line(row, cfg.epochs))
     progress.next_epoch()
+
+
+def _draw_curves(t: _Training) -> None:
+    """RUN/curves.png from the rows so far. A plotting fault warns once and training goes on without curves; a
+    disk fault while writing the file is a machine fault, as for metrics.jsonl."""
+    if not t.draw_curves:
+        return
+    try:
+        png = curves_png(t.progress.history, run_title(t.run, t.cfg.to_json()), t.cfg.clipping)
+    except Exception as e:  # noqa: BLE001 - whatever matplotlib raises, the run is worth more than its figure
+        t.draw_curves = False
+        warnings.warn(f"{CURVES} not drawn ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
+                      f"training goes on; `nfnet-zoo curves {t.run}` draws it later")
+        return
+    write_bytes_atomic(t.run / CURVES, png)
 
 
 def _save(t: _Training) -> None:

@@ -2,7 +2,8 @@
 
 Everything goes through huggingface_hub's `HfApi` (create_repo, create_branch, list_repo_tree,
 create_commit); this module decides what to upload and when not to:
-- only model.safetensors, config.json and README.md ever leave the machine (no state, no pickles);
+- only model.safetensors, config.json, README.md and curves.png (when the run has it) ever leave the
+  machine (no state, no pickles);
 - before committing it compares local hashes with the Hub's tree listing (sha256 for LFS files,
   git blob ids for the others) and commits only what changed, so an unchanged folder makes no commit;
 - huggingface_hub already retries preupload, LFS batch and LFS uploads with backoff, but not the
@@ -19,18 +20,19 @@ import shlex
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Union
 from urllib.parse import urlsplit
 
 from .cards import build_checkpoint_card, build_model_card, build_zoo_card, write_model_card, write_zoo_cards, zoo_tags
+from .curves import CURVES
 from .errors import NFNetZooError
 
 logger = logging.getLogger(__name__)
 
-UPLOADED = ("model.safetensors", "config.json", "README.md")
+UPLOADED = ("model.safetensors", "config.json", "README.md", CURVES)
 COMMIT_ATTEMPTS = 3
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
@@ -114,17 +116,33 @@ def _check_weights(path: Path, folder: Path) -> None:
         raise NFNetZooError(f"{path} is not a readable safetensors file ({e}); re-export the model") from None
 
 
+def _check_curves(path: Path) -> None:
+    """A PNG file, not a link: a link in a run folder someone sent you could point at any file of yours."""
+    with suppress(OSError):
+        if not path.is_symlink() and path.is_file():
+            with path.open("rb") as f:
+                if f.read(8) == b"\x89PNG\r\n\x1a\n":
+                    return
+    raise NFNetZooError(f"{path} is not a PNG file (a link, a folder or another file) and is not pushed that way; "
+                        f"redraw it with `nfnet-zoo curves {path.parent}`, or remove it")
+
+
 def _run_files(run: Path, repo_id: str) -> tuple[list[_File], list[str]]:
     if not run.is_dir():
         raise NFNetZooError(f"{run} is not a folder; pass a run folder written by `nfnet-zoo finetune`")
     _check_weights(run / "model.safetensors", run)
-    draft = str(build_model_card(run))  # also checks config.json
+    curves = run / CURVES
+    # the untouched draft; `nfnet-zoo curves` may have drawn curves.png after finetune wrote it
+    drafts = {str(build_model_card(run, curves=shown)).encode() for shown in {curves.is_file(), False}}
     readme = run / "README.md"
-    if readme.is_file() and readme.read_bytes() != draft.encode():
+    if readme.is_file() and readme.read_bytes() not in drafts:
         card = _File("README.md", readme, "(your edited model card)")
     else:  # missing, or the untouched draft: fill in the repo id for the usage snippet
         card = _File("README.md", str(build_model_card(run, repo_id)).encode(), "(model card built from the run)")
     files = [_File("model.safetensors", run / "model.safetensors"), _File("config.json", run / "config.json"), card]
+    if curves.exists() or curves.is_symlink():
+        _check_curves(curves)
+        files.append(_File(CURVES, curves, "(training curves, shown by the card)"))
     skipped = sorted(p.name + ("/" if p.is_dir() else "") for p in run.iterdir() if p.name not in UPLOADED)
     return files, skipped
 
@@ -320,7 +338,7 @@ def _push_files(files: list[_File], skipped: list[str], repo_id: str, *, folder:
 def push_to_hub(run_dir: Union[str, os.PathLike], repo_id: str, *, private: bool = False,
                 revision: Optional[str] = None, create_pr: bool = False, commit_message: Optional[str] = None,
                 token: Optional[str] = None, endpoint: Optional[str] = None, dry_run: bool = False) -> PushResult:
-    """Upload a run folder's model.safetensors, config.json and model card to the Hub repo `repo_id`.
+    """Upload a run folder's model.safetensors, config.json, model card and curves.png (if drawn) to `repo_id`.
 
     Creates the repo (and the `revision` branch) if needed and commits only the files that differ from
     the Hub's copy, so pushing an unchanged folder makes no commit. RUN/README.md is uploaded as it is
