@@ -126,4 +126,5 @@ def train(arm: Arm, setup: Setup, data: tuple[torch.Tensor, ...]) -> dict:
     if clipped is not None:
         record["clipped_fraction"] = clip_sum / max(step, 1)
     record["seconds"] = time.perf_counter() - start
+    record["finished"] = time.time()  # with seconds: the grid's wall clock, across interrupted invocations
     return record

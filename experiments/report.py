@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 CHANCE = 10.0
+QUICK_BANNER = "**This is a `--quick` run: a grid too small to be evidence; it only shows that the script works.**\n\n"
 ARMS = (("nf", None, "NF, no AGC", "tab:red", "o", "-"),
         ("nf", "agc", "NF + AGC (best threshold, beside each point)", "tab:blue", "s", "-"),
         ("bn", None, "BN-ResNet (timm)", "tab:gray", "^", "--"))
@@ -145,15 +146,25 @@ def _machine() -> str:
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
         else platform.processor()
     try:
+        here = Path(__file__).parent
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
+                                cwd=here).stdout.strip()
+        if commit and subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", "../src"], cwd=here).returncode:
+            commit += " with uncommitted changes"
     except OSError:
         commit = ""
     return (f"{cpu}, {len(os.sched_getaffinity(0))} cores; Python {platform.python_version()}, "
             f"torch {torch.__version__}, timm {timm.__version__}" + (f"; commit {commit}" if commit else ""))
 
 
-def write_report(records, grid, out: Path, args, wall: float) -> Path:
+def _wall_minutes(records) -> str:
+    """From the first training's start to the last one's end (across interrupted invocations)."""
+    if not all("finished" in r for r in records):
+        return "unknown (records from before their end times were kept)"
+    return f"{(max(r['finished'] for r in records) - min(r['finished'] - r['seconds'] for r in records)) / 60:.1f}"
+
+
+def write_report(records, grid, out: Path, quick: bool) -> Path:
     folder = out / "reproduction"
     figure_batch(records, grid, folder / "accuracy_vs_batch.png")
     figure_clipping(records, grid, folder / "accuracy_vs_clipping.png")
@@ -170,14 +181,12 @@ def write_report(records, grid, out: Path, args, wall: float) -> Path:
     for c in grid.clippings:
         crows.append(f"| {c:g} | " + " | ".join(_cell(_select(records, "nf", c, b)) for b in grid.batches) + " |")
     crows.append("| off | " + " | ".join(_cell(_select(records, "nf", None, b)) for b in grid.batches) + " |")
-    command = "python experiments/reproduce.py" + (" --quick" if args.quick else "") + \
-        (f" --workers {args.workers}" if args.workers != 2 else "")
+    command = "python experiments/reproduce.py" + (" --quick" if quick else "")
     trained = sum(r["seconds"] for r in records)
+    workers = " or ".join(sorted({str(r.get("workers", "?")) for r in records}))
     text = f"""# Reproducing the paper's batch-size ablation of AGC, on a CPU
 
-{'**This is a `--quick` run: a grid too small to be evidence; it only shows that the script works.**' if args.quick else ''}
-
-The paper ([Brock et al. 2021](https://arxiv.org/abs/2102.06171), section 4.1, figure 2) trains
+{QUICK_BANNER if quick else ''}The paper ([Brock et al. 2021](https://arxiv.org/abs/2102.06171), section 4.1, figure 2) trains
 NF-ResNet-50 on ImageNet for 90 epochs at batch sizes 256 to 4096 and finds that (1) without
 normalization, training becomes unstable at large batch sizes, and Adaptive Gradient Clipping (AGC) lets the
 NF network match a batch-normalised ResNet there; (2) the larger the batch, the smaller the best clipping
@@ -218,9 +227,9 @@ Final top-1 on {s.val_images:,} held-out images, mean over seeds {', '.join(map(
 - **AGC's column** in the first table and figure takes, at each batch size, the threshold of the sweep
   ({', '.join(f'{c:g}' for c in grid.clippings)}) with the best mean top-1. The pick is made on the
   validation set, as a sweep in the paper is, which flatters that column by the noise of the pick.
-- **Run**: `{command}` (or `make reproduce`); {len(records)} trainings, {trained / 60:.1f} minutes of training
-  on {args.workers} process(es), {wall / 60:.1f} minutes wall clock for this invocation (arms finished by an
-  earlier, interrupted invocation are reused from `reproduction/results.jsonl`).
+- **Run**: `{command}` (or `make reproduce{' QUICK=1' if quick else ''}`); {len(records)} trainings on {workers} process(es)
+  of one thread: {trained / 60:.1f} minutes of training in all, {_wall_minutes(records)} minutes of wall clock. Arms are
+  kept in `reproduction/results.jsonl` as they finish; a rerun retrains only the missing ones.
 - **Machine**: {_machine()}; {datetime.date.today().isoformat()}.
 
 ## What differs from the paper
@@ -229,7 +238,8 @@ Final top-1 on {s.val_images:,} held-out images, mean over seeds {', '.join(map(
   on ImageNet for 90 epochs. At the same number of epochs, the largest batch here makes only
   {s.train_images // grid.batches[-1] * s.epochs} updates, so every arm loses accuracy at large batch sizes
   for lack of steps; the paper's largest batch still makes about 28,000.
-- Batch sizes are 4 times smaller than the paper's (the learning rates at the largest batch are alike).
+- Batch sizes {grid.batches[0]}-{grid.batches[-1]} against the paper's 256-4096; the learning rate at the
+  largest batch is {s.base_lr * grid.batches[-1] / 256:g} here, 1.6 in the paper (0.1 x 4096 / 256).
 - Each point has {len(grid.seeds)} seeds; the bars show their spread, not a confidence interval.
 """
     path = out / "REPRODUCTION.md"

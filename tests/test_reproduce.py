@@ -48,6 +48,8 @@ def test_quick_grid_writes_the_report_and_figures_then_resumes(tmp_path):
     again = _reproduce("--quick", "--out", str(out), "--workers", "1", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{len(arms) - 1} already in" in again.stdout and "training 1 on 1 process(es)" in again.stdout
+    assert sorted(reproduce._load(results, reproduce.QUICK.setup)) == sorted(a.key for a in arms)  # all on disk
+    assert "on 1 or 2 process(es)" in (out / "REPRODUCTION.md").read_text()
 
 
 @pytest.mark.parametrize("args, prelude, message", [
