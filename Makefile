@@ -42,7 +42,7 @@ gpu-check:
 bench: $(STAMP)  ## writes BENCHMARKS.md (about 10 minutes on 2 cores)
 	$(BIN)/python benchmarks/bench.py
 
-# The paper's AGC batch-size ablation at toy scale (about 20 minutes on 2 cores): REPRODUCTION.md and
+# The paper's AGC batch-size ablation at toy scale (about 18 minutes on 2 cores): REPRODUCTION.md and
 # reproduction/*.png. QUICK=1 runs a tiny grid into reproduce-quick/ (seconds; CI runs it in tests).
 reproduce: $(STAMP)
 	$(BIN)/python experiments/reproduce.py $(if $(QUICK),--quick)

@@ -53,13 +53,27 @@ def test_quick_grid_writes_the_report_and_figures_then_resumes(tmp_path):
 
 
 @pytest.mark.parametrize("args, prelude, message", [
-    (("--quick", "--workers", "0"), "", "--workers must be 1 or more, got 0"),
+    (("--quick", "--workers", "0"), "", "--workers must be from 1 to this machine's"),
+    (("--quick", "--workers", "4096"), "", "got 4096"),
     (("--quick",), "sys.modules['matplotlib'] = None; ", "pip install 'nfnet-zoo[plots]'"),
 ])
 def test_bad_input_is_one_line_before_any_training(tmp_path, args, prelude, message):
     r = _reproduce(*args, "--out", str(tmp_path / "o"), cwd=tmp_path, prelude=prelude)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_users_files_are_never_replaced(tmp_path):
+    (tmp_path / "o").mkdir()
+    mine = tmp_path / "o" / "REPRODUCTION.md"
+    mine.write_text("# my own notes\n")
+    r = _reproduce("--quick", "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert r.returncode == 2 and "is not a report this script wrote" in r.stderr and "Traceback" not in r.stderr
+    assert mine.read_text() == "# my own notes\n" and not (tmp_path / "o" / "reproduction").exists()
+    (tmp_path / "f").write_text("a file, not a folder")
+    r = _reproduce("--quick", "--out", str(tmp_path / "f"), cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Not a directory" in r.stderr
+    assert (tmp_path / "f").read_text() == "a file, not a folder"
 
 
 def test_jittered_digits_are_deterministic_balanced_and_held_out():
