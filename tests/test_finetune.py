@@ -289,6 +289,16 @@ def test_a_refusal_under_torchrun_leaves_the_process_group(tmp_path, capsys):
             dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("torchrun", [False, True])
+def test_the_command_keeps_its_status_and_output_when_it_skips_teardown(tmp_path, torchrun):
+    env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_RUN_ID"}
+    env.update(PYTHONPATH=os.pathsep.join(sys.path), **({"TORCHELASTIC_RUN_ID": "t"} if torchrun else {}))
+    r = subprocess.run([sys.executable, "-m", "nfnet_zoo.cli", "finetune", "--resume"], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr == "nfnet-zoo finetune: error: --resume needs the run folder: " \
+        "--resume RUN (or --output RUN --resume)\n"
+
+
 @pytest.mark.filterwarnings("ignore:`log_with=tensorboard`")
 def test_missing_tracker_package_is_an_error_not_lost_curves(data_dir, tmp_path, capsys, monkeypatch):
     import accelerate.tracking
