@@ -48,7 +48,11 @@ def _figure():
     return fig, fig.add_subplot()
 
 
-def _finish(ax, title: str) -> None:
+def _diverged(runs_per_x) -> bool:
+    return any(r["diverged_at"] is not None for runs in runs_per_x for r in runs)
+
+
+def _finish(ax, title: str, diverged: bool) -> None:
     from matplotlib.lines import Line2D
     ax.axhline(CHANCE, color="black", linewidth=0.8, linestyle=":")
     ax.set_ylim(-3, 100)
@@ -56,9 +60,11 @@ def _finish(ax, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
-    handles += [Line2D([], [], color="black", marker="x", linestyle="", markersize=8),
-                Line2D([], [], color="black", linestyle=":")]
-    labels += ["a seed that diverged (scored 0)", f"chance ({CHANCE:.0f}%)"]
+    if diverged:  # the cross is explained only where one is drawn
+        handles.append(Line2D([], [], color="black", marker="x", linestyle="", markersize=8))
+        labels.append("a seed that diverged (scored 0)")
+    handles.append(Line2D([], [], color="black", linestyle=":"))
+    labels.append(f"chance ({CHANCE:.0f}%)")
     ax.legend(handles, labels, fontsize=8, loc="best")
 
 
@@ -72,10 +78,12 @@ def _series(records, grid, arm) -> list[list[dict]]:
     return [_select(records, net, best_clipping(records, grid, b) if agc else None, b) for b in grid.batches]
 
 
-def figure_batch(records, grid, path: Path) -> None:
+def figure_batch(records, grid, path: Path):
     fig, ax = _figure()
+    diverged = False
     for arm in ARMS:
         runs = _series(records, grid, arm)
+        diverged |= _diverged(runs)
         _draw(ax, grid.batches, runs, arm[2], *arm[3:])
         if arm[1]:  # name the threshold each point used
             for b, r in zip(grid.batches, runs):
@@ -84,16 +92,19 @@ def figure_batch(records, grid, path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(grid.batches, [str(b) for b in grid.batches])
     ax.set_xlabel(f"batch size (learning rate {grid.setup.base_lr} x batch / 256, {grid.setup.epochs} epoch(s) each)")
-    _finish(ax, f"Accuracy against batch size (mean of {len(grid.seeds)} seeds, bars: lowest to highest)")
+    _finish(ax, f"Accuracy against batch size (mean of {len(grid.seeds)} seeds, bars: lowest to highest)", diverged)
     fig.savefig(path)
+    return fig
 
 
-def figure_clipping(records, grid, path: Path) -> None:
+def figure_clipping(records, grid, path: Path):
     from matplotlib import colormaps
     fig, ax = _figure()
     colors = colormaps["viridis"]
+    diverged = False
     for i, b in enumerate(grid.batches):
         runs = [_select(records, "nf", c, b) for c in grid.clippings]
+        diverged |= _diverged(runs)
         means = [_stats(r)[0] for r in runs]
         color = colors(i / max(len(grid.batches) - 1, 1) * 0.85)
         _draw(ax, grid.clippings, runs, f"batch {b}", color, "os^Dv"[i % 5], "-")
@@ -103,8 +114,9 @@ def figure_clipping(records, grid, path: Path) -> None:
     ax.set_xticks(grid.clippings, [f"{c:g}" for c in grid.clippings])
     ax.set_xlabel("AGC clipping threshold (lambda)")
     ax.scatter([], [], marker="*", s=150, color="white", edgecolor="black", label="best threshold of a batch size")
-    _finish(ax, f"NF network: accuracy against clipping threshold ({len(grid.seeds)} seeds)")
+    _finish(ax, f"NF network: accuracy against clipping threshold ({len(grid.seeds)} seeds)", diverged)
     fig.savefig(path)
+    return fig
 
 
 def _cell(runs) -> str:

@@ -127,3 +127,15 @@ def test_verdicts_follow_their_rules():
     assert "does not hold" in report._verdicts(no_gap, grid)[0]
     assert "does not hold" in report._verdicts([dict(r, final_top1=90) if r["network"] == "bn" else r
                                                  for r in paper_like], grid)[1]
+
+
+def test_figures_explain_the_cross_only_where_a_seed_diverged(tmp_path):
+    grid = reproduce.Grid(ablation.Setup(0.4, 1, 512, 100), batches=(64, 1024), clippings=(0.01, 0.04), seeds=(0, 1))
+    records = [_record(net, b, c, s, 50.0, diverged=(c is None and net == "nf" and b == 1024))
+               for b in (64, 1024) for s in (0, 1) for net, c in (("nf", None), ("nf", 0.01), ("nf", 0.04), ("bn", None))]
+    legend = lambda fig: [t.get_text() for t in fig.axes[0].get_legend().get_texts()]  # noqa: E731
+    batch = legend(report.figure_batch(records, grid, tmp_path / "b.png"))
+    clipping = legend(report.figure_clipping(records, grid, tmp_path / "c.png"))
+    assert "a seed that diverged (scored 0)" in batch and "a seed that diverged (scored 0)" not in clipping
+    assert "chance (10%)" in batch and "chance (10%)" in clipping and "batch 1024" in clipping
+    assert batch[0] == "NF, no AGC" and (tmp_path / "b.png").stat().st_size > 10_000
