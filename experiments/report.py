@@ -166,7 +166,7 @@ def _machine() -> str:
     except OSError:
         commit = ""
     return (f"{cpu}, {len(os.sched_getaffinity(0))} cores; Python {platform.python_version()}, "
-            f"torch {torch.__version__}, timm {timm.__version__}" + (f"; commit {commit}" if commit else ""))
+            f"torch {torch.__version__}, timm {timm.__version__}" + (f"; report drawn at commit {commit}" if commit else ""))
 
 
 def _wall_minutes(records) -> str:
