@@ -246,19 +246,22 @@ def _fmt_row(r: dict) -> str:
             f"timm/ours {r['ratio']:.2f}x (repeats {r['spread'][0]:.2f}-{r['spread'][1]:.2f}{faults}){dev}")
 
 
-def _machine(device) -> str:
-    import timm
-
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def _machine(device) -> str:
+    import timm
+
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "none"
-    return (f"CPU {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; GPU {gpu}; "
+    return (f"CPU {cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; GPU {gpu}; "
             f"Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}")
 
 

@@ -11,6 +11,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 
 CHANCE = 10.0
@@ -30,10 +31,9 @@ def _stats(runs) -> tuple[float, float, float, int]:
 
 
 def _draw(ax, x, runs_per_x, label, color, marker, style) -> None:
-    means = [_stats(runs)[0] for runs in runs_per_x]
-    lo = [means[i] - _stats(r)[1] for i, r in enumerate(runs_per_x)]
-    hi = [_stats(r)[2] - means[i] for i, r in enumerate(runs_per_x)]
-    ax.errorbar(x, means, yerr=[lo, hi], label=label, color=color, marker=marker, linestyle=style,
+    means, lows, highs, _ = zip(*map(_stats, runs_per_x))
+    spread = [[m - lo for m, lo in zip(means, lows)], [hi - m for m, hi in zip(means, highs)]]
+    ax.errorbar(x, means, yerr=spread, label=label, color=color, marker=marker, linestyle=style,
                 capsize=4, linewidth=2, markersize=7)
     for xi, runs in zip(x, runs_per_x):
         for r in runs:
@@ -154,9 +154,8 @@ def _verdicts(records, grid) -> list[str]:
 def _machine() -> str:
     import timm
     import torch
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
-        else platform.processor()
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from bench import cpu_name  # the machine line of BENCHMARKS.md names the CPU the same way
     try:
         here = Path(__file__).parent
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -165,7 +164,7 @@ def _machine() -> str:
             commit += " with uncommitted changes"
     except OSError:
         commit = ""
-    return (f"{cpu}, {len(os.sched_getaffinity(0))} cores; Python {platform.python_version()}, "
+    return (f"{cpu_name()}, {len(os.sched_getaffinity(0))} cores; Python {platform.python_version()}, "
             f"torch {torch.__version__}, timm {timm.__version__}" + (f"; report drawn at commit {commit}" if commit else ""))
 
 
