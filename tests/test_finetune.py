@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from _images import add_awkward_files, make_folder
+from _procs import wait
 import nfnet_zoo  # noqa: F401  (registers the variants)
 from nfnet_zoo import NFNetZooError
 from nfnet_zoo.cli import main as cli_main
@@ -50,18 +51,8 @@ def _cli(args: list[str], tmp_path: Path) -> subprocess.Popen:
     return _spawn([sys.executable, "-m", "nfnet_zoo.cli", *args], tmp_path)
 
 
-def _wait(p: subprocess.Popen, timeout: float = 240) -> subprocess.CompletedProcess:
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
-        pytest.fail(f"{' '.join(p.args[:6])} ... timed out:\n{err[-2000:]}")
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
-
-
 def _run_cli(args: list[str], tmp_path: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    return _wait(_cli(args, tmp_path), timeout)
+    return wait(_cli(args, tmp_path), timeout)
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -243,7 +234,7 @@ def test_ctrl_c_saves_state_exits_cleanly_and_resumes(uninterrupted, data_dir, t
               "--save-every", "4"], tmp_path)
     _wait_for_state(p, out)
     p.send_signal(signal.SIGINT)
-    err = _wait(p, timeout=120).stderr
+    err = wait(p, timeout=120).stderr
     assert p.returncode == 130 and "Traceback" not in err, err
     # the state appears at step 4 of a 3-epoch run: the interrupt lands long before its end
     assert "stopped at epoch" in err, err
@@ -262,7 +253,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(data_dir, tmp_
     assert one.returncode == 0, one.stderr
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
               "-m", "nfnet_zoo.cli", *common, "-b", "4", "--output", str(tmp_path / "two")]
-    two = _wait(_spawn(launch, tmp_path), timeout=300)
+    two = wait(_spawn(launch, tmp_path), timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 process(es)" in two.stdout
     a, b = _weights(tmp_path / "one" / "last"), _weights(tmp_path / "two" / "last")

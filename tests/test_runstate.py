@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from _images import make_folder
+from _procs import wait
 
 FLAGS = ["--model", "nfnet_zoo_tiny", "--img-size", "32", "-b", "4", "--epochs", "2", "--lr", "0.05", "--mixup", "0.4",
          "--drop", "0.2", "--drop-path", "0.1", "--seed", "5", "--clipping", "0.05", "-j", "0", "--no-pretrained"]
@@ -30,13 +31,9 @@ def _launch(args: list, tmp_path: Path) -> subprocess.Popen:
 
 
 def _finish(p: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
-    assert p.returncode == 0, err[-3000:]
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    r = wait(p, timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
 
 
 def _kill_tree(pid: int) -> None:
