@@ -139,3 +139,9 @@ def test_figures_explain_the_cross_only_where_a_seed_diverged(tmp_path):
     assert "a seed that diverged (scored 0)" in batch and "a seed that diverged (scored 0)" not in clipping
     assert "chance (10%)" in batch and "chance (10%)" in clipping and "batch 1024" in clipping
     assert batch[0] == "NF, no AGC" and (tmp_path / "b.png").stat().st_size > 10_000
+
+
+def test_wall_clock_spans_the_first_start_to_the_last_end():
+    records = [{"seconds": 60.0, "finished": 1000.0}, {"seconds": 30.0, "finished": 1200.0}]  # 940 s to 1200 s
+    assert report._wall_minutes(records) == f"{260 / 60:.1f}"
+    assert report._wall_minutes([{"seconds": 60.0}]).startswith("unknown")  # records kept from before end times
