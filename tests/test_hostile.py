@@ -494,7 +494,7 @@ def test_damaged_model_folders_are_one_line(saved_run, tmp_path, damage, command
         (model / "config.json").write_text("<html>not json</html>")
     else:
         cfg = json.loads((model / "config.json").read_text())
-        cfg["model_args"]["num_classes"] = 7
+        cfg["nfnet_zoo"] = {"architecture": "nfnet_f0", "model_args": {}}  # the exact architecture nfnet-zoo builds
         (model / "config.json").write_text(json.dumps(cfg))
     data = json.loads((saved_run / "args.json").read_text())["data_dir"]
     image = next(Path(data).rglob("*.png"))

@@ -21,6 +21,7 @@ import nfnet_zoo
 from nfnet_zoo import NFNetZooError, push_to_hub
 from nfnet_zoo.cards import build_zoo_card, measure_model, write_zoo_cards, zoo_tags
 from nfnet_zoo.hub import COMMIT_ATTEMPTS, publish_checkpoint
+from nfnet_zoo.shared_config import rewrite_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data" / "deepmind"
@@ -38,6 +39,7 @@ def run(tmp_path):
     model = timm.create_model("nfnet_zoo_tiny", num_classes=len(LABELS))
     save_for_hf(model, run, model_config={"label_names": LABELS}, model_args={"num_classes": len(LABELS)},
                 safe_serialization=True)
+    rewrite_shared(run / "config.json", eval_size=64, notes=["fine-tuned with nfnet-zoo"])  # as finetune does
     metrics = [dict(epoch=e, train_loss=1.2 / e, val_loss=1.1 / e, top1=50.0 + 10 * e, top5=100.0, lr=0.05 / e,
                     images_per_sec=120.0, clipped_fraction=0.02) for e in (1, 2)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
@@ -180,7 +182,8 @@ def test_push_round_trip_and_unchanged_repush(hub, run, tmp_path, in_process, ca
 
     loaded = _load_from_hub(env, tmp_path, repo, run / "model.safetensors")
     assert loaded["identical"] and loaded["labels"] == LABELS
-    assert loaded["library_name"] == "timm" and loaded["base_model"] == "timm/dm_nfnet_f0.dm_in1k"
+    # nfnet_zoo_tiny is not one of timm's architectures: no `library_name: timm`, whose Hub snippet lacks the import
+    assert loaded["library_name"] is None and loaded["base_model"] == "timm/dm_nfnet_f0.dm_in1k"
     summary = json.loads((run / "summary.json").read_text())
     assert loaded["results"] == [["accuracy", summary["top1"], "pets", "validation"],
                                  ["top_5_accuracy", summary["top5"], "pets", "validation"]]
@@ -289,8 +292,11 @@ def test_branch_pull_request_and_edited_card(hub, run, in_process):
     ("other_namespace", "HTTP 403"),
     ("bad_card_metadata", "model card metadata"),
     ("no_token", "hf auth login"),
-    ("curves_link", "curves.png is not a PNG file"),
+    ("curves_link", "curves.png is a link"),
     ("curves_not_png", "curves.png is not a PNG file"),
+    ("readme_link", "README.md is a link"),
+    ("config_link", "config.json is a link"),
+    ("weights_link", "model.safetensors is a link"),
 ])
 def test_push_refuses_bad_input_with_one_line(hub, run, in_process, monkeypatch, tmp_path, case, words):
     repo, token = f"{hub.user}/bad", hub.token
@@ -308,6 +314,13 @@ def test_push_refuses_bad_input_with_one_line(hub, run, in_process, monkeypatch,
     elif case == "curves_link":  # a run folder from someone else, linking to a file of yours
         (tmp_path / "secret.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"private")
         (run / "curves.png").symlink_to(tmp_path / "secret.png")
+    elif case.endswith("_link"):  # README.md -> ~/.aws/credentials (starting with --- to reach the YAML check) ...
+        name = {"readme": "README.md", "config": "config.json", "weights": "model.safetensors"}[case[:-5]]
+        secret = tmp_path / "secret"
+        secret.write_bytes(b"---\naws_secret_access_key: private\n---\n" if name == "README.md" else
+                           (run / name).read_bytes())
+        (run / name).unlink()
+        (run / name).symlink_to(secret)
     elif case == "curves_not_png":
         (run / "curves.png").write_text("not an image")
     elif case == "no_token":
@@ -321,6 +334,8 @@ def test_push_refuses_bad_input_with_one_line(hub, run, in_process, monkeypatch,
     assert words in str(e.value) and "\n" not in str(e.value)
     assert _tree_hashes(run) == before
     assert not _requests(hub, 0, "POST", "/commit/")
+    if case.endswith("_link"):  # refused before anything was sent (the card's YAML check included)
+        assert not hub.log
 
 
 def test_local_hub_answers_missing_things_as_the_hub_does(hub, run, in_process, tmp_path):
@@ -352,7 +367,9 @@ def test_publish_deepmind_checkpoint_round_trip(hub, tmp_path, in_process, capsy
     reference = nfnet_zoo.convert_haiku_checkpoint(DATA / "tiny_d1_haiku.npz", tmp_path / "converted")
     assert hub.files(repo)["config.json"] == (reference / "config.json").read_bytes()
     loaded = _load_from_hub(env, tmp_path, repo, reference / "model.safetensors")
-    assert loaded["identical"] and loaded["library_name"] == "timm" and loaded["results"] == []
+    # tiny_d1 is no shape timm's NFNet can express: `nfnet_zoo_custom`, no `library_name: timm`
+    assert json.loads(hub.files(repo)["config.json"])["architecture"] == "nfnet_zoo_custom"
+    assert loaded["identical"] and loaded["library_name"] is None and loaded["results"] == []
     assert len(loaded["usage_output"]) == 5
     _assert_token_nowhere(hub, tmp_path, [out, err])
 
@@ -409,5 +426,11 @@ def test_zoo_cards_carry_deepmind_results_and_measured_sizes():
             ("accuracy", nfnet_zoo.DM_ACCURACY[i][0]), ("top_5_accuracy", nfnet_zoo.DM_ACCURACY[i][1])]
         assert f"{params:,}" in card.text and f"{gmacs_test:.2f} at {cfg.test_size} x {cfg.test_size}" in card.text
         config = json.loads((ROOT / "hub_configs" / tag / "config.json").read_text())
-        assert config["architecture"] == tag.split(".")[0] and config["num_classes"] == 1000
-        assert config["pretrained_cfg"]["test_input_size"] == [3, cfg.test_size, cfg.test_size]
+        # plain timm loads the mirror as its own dm_nfnet_fN; nfnet-zoo builds the recorded exact architecture
+        assert config["architecture"] == "dm_" + tag.split(".")[0] and config["num_classes"] == 1000
+        assert config["nfnet_zoo"]["architecture"] == tag.split(".")[0]
+        assert config["model_args"] == {"std_conv_eps": 1e-10, "global_pool": "avg"}
+        # DeepMind's evaluation for every loader: test size, squash-resize to test + 32
+        size = [3, cfg.test_size, cfg.test_size]
+        assert config["pretrained_cfg"]["test_input_size"] == config["pretrained_cfg"]["input_size"] == size
+        assert "pip install nfnet-zoo" in card.text and card.data.datasets == ["imagenet-1k"]

@@ -31,6 +31,7 @@ _PUBLIC = {
     "push_to_hub": "hub", "publish_checkpoint": "hub", "PushResult": "hub", "write_model_card": "hub",
     "write_zoo_cards": "hub",
     "finetune": "finetune", "FinetuneConfig": "recipe", "evaluate": "evaluate", "predict": "evaluate",
+    "load_model": "evaluate",
 }
 __all__ = ["NFNetZooError", *_PUBLIC]
 _REGISTRY_MODULE = "variants"  # importing it registers the variants with timm

@@ -19,6 +19,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from ._files import write_text_atomic
 from .curves import CURVES
 from .errors import NFNetZooError
+from .shared_config import exact_architecture, rewrite_shared, shared_form, timm_native
 from .variants import DM_ACCURACY, ORIGIN, PAPER_NAME, RANDAUG_LEVEL, VARIANTS, list_pretrained_names
 
 ZOO_NAMESPACE = "nfnet-zoo"  # where the project publishes its zoo; `nfnet-zoo cards --namespace` changes it
@@ -91,24 +92,49 @@ def _size(s: int) -> str:
     return f"{s} x {s}"
 
 
-def _usage(model_id: str, labels: str) -> str:
+def _usage(source: str, labels: str, native: Optional[str]) -> str:
+    """How to load the model: with plain timm and transformers where config.json names timm's own architecture
+    (`native`), else (and for nfnet-zoo's exact network) with nfnet-zoo. The preprocessing is the evaluation's
+    (config.json's input size is the evaluation size)."""
+    hub = source.startswith("hf-hub:")
+    if native:
+        intro = (f"timm alone loads it (`pip install timm`), as transformers and the Hub's widget do: config.json "
+                 f"names timm's own `{native}`, whose logits agree with nfnet-zoo's within about 3e-5 (timm computes "
+                 "GELU exactly, DeepMind its tanh approximation).")
+        first = "model = timm.create_model(\"{0}\", pretrained=True).eval()"
+        exact = ("\n\nThe exact network it was trained as, with nfnet-zoo (`pip install nfnet-zoo`): "
+                 f"`import nfnet_zoo` and `model = nfnet_zoo.load_model(\"{source}\")`, then as above.")
+    else:
+        intro = ("This architecture is nfnet-zoo's, not timm's: install nfnet-zoo (`pip install nfnet-zoo`) and "
+                 "import it before loading; plain timm refuses the architecture's name.")
+        first = "import nfnet_zoo  # registers the architecture with timm\nmodel = timm.create_model(\"{0}\", pretrained=True).eval()"
+        exact = ""
+    transformers = ""
+    if hub:
+        repo = source[len("hf-hub:"):]
+        transformers = ("\n\nWith transformers" + ("" if native else ", after `import nfnet_zoo`") +
+                        f": `pipeline(\"image-classification\", model=\"{repo}\")`, or "
+                        f"`AutoModelForImageClassification.from_pretrained(\"{repo}\")` with "
+                        f"`AutoImageProcessor.from_pretrained(\"{repo}\")`.")
+    code = first.format(source if hub else f"local-dir:{source}")
     return f"""## Usage
 
+{intro}
+
 ```python
-import nfnet_zoo  # registers the NFNet architectures with timm
 import timm
 import torch
 from PIL import Image
 
-model = timm.create_model("{model_id}", pretrained=True).eval()
-transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
+{code}
+transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))  # the evaluation's
 image = Image.open("image.jpg").convert("RGB")
 with torch.no_grad():
     probs = model(transform(image).unsqueeze(0)).softmax(dim=-1)[0]
 {labels}
 for p, i in zip(*probs.topk(min(5, probs.numel()))):
     print(f"{{labels[i]}}: {{p:.3f}}")
-```"""
+```{exact}{transformers}"""
 
 
 def _citation() -> str:
@@ -134,7 +160,7 @@ def _run_info(run: Path) -> dict[str, Any]:
     if not isinstance(config, dict) or "architecture" not in config:
         raise NFNetZooError(f"{run}/config.json has no 'architecture'; it is not a timm config (write it with "
                             "timm.models.save_for_hf)")
-    return {"config": config, "args": _read_json(run / "args.json") or {},
+    return {"config": shared_form(config), "args": _read_json(run / "args.json") or {},
             "summary": _read_json(run / "summary.json") or {}, "metrics": _read_json(run / "metrics.jsonl") or []}
 
 
@@ -143,20 +169,22 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def build_model_card(run_dir: Union[str, os.PathLike], repo_id: Optional[str] = None, *,
-                     curves: Optional[bool] = None) -> ModelCard:
+                     curves: Optional[bool] = None, dataset_id: Optional[str] = None) -> ModelCard:
     """The model card of a fine-tuning run folder, from its config.json, args.json, summary.json, metrics.jsonl.
 
     `repo_id` names the Hub repo in the usage snippet; without it the snippet loads the local folder.
     `curves`: show RUN/curves.png (a relative link, which the Hub renders from the repo); default: when the
-    file is there.
+    file is there. `dataset_id`: the Hub dataset the run trained on, for the card's `datasets:` metadata
+    (a local folder's name is no dataset id, so without it the metadata names none).
     """
     run = Path(run_dir)
     info = _run_info(run)
     config, args, summary, metrics = info["config"], info["args"], info["summary"], info["metrics"]
-    arch = config["architecture"]
-    model_args = {k: v for k, v in config.get("model_args", {}).items() if k not in ("num_classes", "global_pool")}
+    arch, model_args = exact_architecture(config)
+    native = None if config["architecture"] in VARIANTS else config["architecture"]
     pcfg = config.get("pretrained_cfg", {})
     img = summary.get("img_size") or args.get("img_size") or pcfg.get("input_size", [3, 224])[-1]
+    eval_img = (pcfg.get("test_input_size") or pcfg.get("input_size") or [3, img])[-1]
     params, (gmacs,) = _measure_config(run / "config.json", arch, (img,), config, model_args)
     labels = config.get("label_names") or summary.get("label_names") or []
     base = summary.get("base_model", args.get("base_model"))
@@ -166,17 +194,18 @@ def build_model_card(run_dir: Union[str, os.PathLike], repo_id: Optional[str] = 
     top1, top5 = summary.get("top1"), summary.get("top5")
 
     results = []
-    if dataset and top1 is not None:
-        split = "validation"
-        common = dict(task_type="image-classification", task_name="Image Classification", dataset_type=dataset,
-                      dataset_name=dataset, dataset_split=split)
+    if (dataset or dataset_id) and top1 is not None:
+        # model-index wants a dataset type: a Hub id where there is one, else the generic `imagefolder`
+        common = dict(task_type="image-classification", task_name="Image Classification",
+                      dataset_type=dataset_id or "imagefolder", dataset_name=dataset_id or dataset,
+                      dataset_split="validation")
         results.append(EvalResult(metric_type="accuracy", metric_name="Top-1 accuracy", metric_value=top1, **common))
         if top5 is not None:
             results.append(EvalResult(metric_type="top_5_accuracy", metric_name="Top-5 accuracy",
                                       metric_value=top5, **common))
-    data = ModelCardData(library_name="timm", license=pcfg.get("license", "apache-2.0"), tags=TAGS,
-                         pipeline_tag="image-classification", base_model=base,
-                         datasets=[dataset] if dataset else None,
+    data = ModelCardData(library_name="timm" if native else None, license=pcfg.get("license", "apache-2.0"),
+                         tags=TAGS, pipeline_tag="image-classification", base_model=base,
+                         datasets=[dataset_id] if dataset_id else None,
                          model_name=name if results else None, eval_results=results or None)
 
     origin = (f"fine-tuned from [{base}](https://huggingface.co/{base})" if base
@@ -186,10 +215,12 @@ def build_model_card(run_dir: Union[str, os.PathLike], repo_id: Optional[str] = 
              f"{origin}{f' on `{dataset}`' if dataset else ''} with "
              "nfnet-zoo, a DeepMind-faithful NFNet implementation for timm.")
     details = "## Model details\n\n" + _table([
-        ("Architecture", _arch_line(arch, config.get("model_args", {}))),
+        ("Architecture", _arch_line(arch, model_args)),
+        ("timm architecture", f"`{native}` (timm's own; see Usage)" if native else "none: needs nfnet-zoo"),
         ("Parameters", f"{params / 1e6:.2f} M ({params:,})"),
         ("GMACs", f"{gmacs:.3f} at {_size(img)}"),
-        ("Image size", _size(img)),
+        ("Image size", f"trained at {_size(img)}, evaluated at {_size(eval_img)} (bicubic squash-resize to "
+                       f"{eval_img + 32}, centre crop)"),
         ("Classes", f"{len(labels) or config['num_classes']}{': ' + shown if shown else ''}"),
         ("Starting weights", f"[{base}](https://huggingface.co/{base})" if base else "none (random init)"),
         ("Paper", f"[{PAPER_NAME}]({PAPER_URL})"),
@@ -226,9 +257,8 @@ def build_model_card(run_dir: Union[str, os.PathLike], repo_id: Optional[str] = 
     if curves if curves is not None else (run / CURVES).is_file():
         sections.append(f"## Training curves\n\n![Training curves]({CURVES})\n\nPer epoch: training and validation "
                         "loss, validation top-1 and top-5, the learning rate and the fraction of units AGC clipped.")
-    model_id = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{run.name}"
-    sections.append(_usage(model_id, 'labels = model.pretrained_cfg["label_names"]' if labels
-                           else "labels = [str(i) for i in range(probs.numel())]"))
+    sections.append(_usage(f"hf-hub:{repo_id}" if repo_id else str(run), 'labels = model.pretrained_cfg["label_names"]'
+                           if labels else "labels = [str(i) for i in range(probs.numel())]", native))
     n_val = f" ({summary['num_val']} images)" if summary.get("num_val") else ""
     measured = (f"- Accuracy was measured once, on this run's own validation split{n_val}; expect lower accuracy "
                 "on images unlike the training data (other cameras, lighting, domains).\n" if top1 is not None else
@@ -243,36 +273,39 @@ def build_model_card(run_dir: Union[str, os.PathLike], repo_id: Optional[str] = 
     return _card(data, sections)
 
 
-def write_model_card(run_dir: Union[str, os.PathLike], repo_id: Optional[str] = None) -> Path:
+def write_model_card(run_dir: Union[str, os.PathLike], repo_id: Optional[str] = None,
+                     dataset_id: Optional[str] = None) -> Path:
     """Write RUN/README.md (atomically) from the run's files; returns its path."""
     path = Path(run_dir) / "README.md"
-    write_text_atomic(path, str(build_model_card(run_dir, repo_id)))
+    write_text_atomic(path, str(build_model_card(run_dir, repo_id, dataset_id=dataset_id)))
     return path
 
 
 # --- converted DeepMind checkpoints that are not a released variant -------------------------
 def build_checkpoint_card(config: dict, repo_id: str, source: str) -> ModelCard:
     """Card for a converted DeepMind checkpoint whose architecture is not one of the released variants."""
-    arch = config["architecture"]
-    model_args = {k: v for k, v in config.get("model_args", {}).items() if k not in ("num_classes", "global_pool")}
+    config = shared_form(config)
+    arch, model_args = exact_architecture(config)
+    native = None if config["architecture"] in VARIANTS else config["architecture"]
     pcfg = config.get("pretrained_cfg", {})
-    train, test = pcfg.get("input_size", [3, 224])[-1], pcfg.get("test_input_size", pcfg.get("input_size"))[-1]
-    params, gmacs = _measure_config(Path(source), arch, (train, test), config, model_args)
-    data = ModelCardData(library_name="timm", license=pcfg.get("license", "apache-2.0"), tags=TAGS,
-                         pipeline_tag="image-classification")
+    test = (pcfg.get("test_input_size") or pcfg.get("input_size") or [3, 224])[-1]
+    params, gmacs = _measure_config(Path(source), arch, (test,), config, model_args)
+    data = ModelCardData(library_name="timm" if native else None, license=pcfg.get("license", "apache-2.0"),
+                         tags=TAGS, pipeline_tag="image-classification")
     name = repo_id.split("/")[-1]
     sections = [
         f"# {name}\n\nAn NFNet converted from DeepMind's checkpoint `{source}` (JAX/Haiku) with "
         "`nfnet-zoo publish`; the architecture was read off the tensor shapes.",
         "## Model details\n\n" + _table([
-            ("Architecture", _arch_line(arch, config.get("model_args", {}))),
+            ("Architecture", _arch_line(arch, model_args)),
+            ("timm architecture", f"`{native}` (timm's own; see Usage)" if native else "none: needs nfnet-zoo"),
             ("Parameters", f"{params / 1e6:.2f} M ({params:,})"),
-            ("GMACs", f"{gmacs[0]:.3f} at {_size(train)}, {gmacs[1]:.3f} at {_size(test)}"),
+            ("GMACs", f"{gmacs[0]:.3f} at {_size(test)}"),
             ("Classes", str(config["num_classes"])),
             ("Weights", f"`{source}`, converted to timm's layout (HWIO to OIHW)"),
             ("Paper", f"[{PAPER_NAME}]({PAPER_URL})"),
         ]),
-        _usage(f"hf-hub:{repo_id}", "labels = [str(i) for i in range(probs.numel())]"),
+        _usage(f"hf-hub:{repo_id}", "labels = [str(i) for i in range(probs.numel())]", native),
         "## Limitations\n\nNo accuracy was measured for this checkpoint by nfnet-zoo; evaluate it on your data "
         "before use.",
         _citation(),
@@ -335,7 +368,8 @@ def build_zoo_card(tag: str, repo_id: Optional[str] = None) -> ModelCard:
             ("Regularization", f"dropout {cfg.drop_rate}, stochastic depth {cfg.stochdepth_rate}"),
             ("Gradient clipping", "AGC with clipping 0.01, not applied to the final linear layer"),
         ]),
-        _usage(f"hf-hub:{repo_id}", "labels = [timm.data.ImageNetInfo().index_to_description(i) for i in range(1000)]")
+        _usage(f"hf-hub:{repo_id}", "labels = [timm.data.ImageNetInfo().index_to_description(i) for i in range(1000)]",
+               (timm_native(name, {}) or (None,))[0])
         + f"\n\nThe registered name `timm.create_model(\"{tag}\", pretrained=True)` loads the same weights from "
           f"`timm/dm_nfnet_f{i}.dm_in1k`.",
         "## Limitations\n\n- Trained on ImageNet-1k only: 1000 everyday object classes, with ImageNet's known "
@@ -358,7 +392,8 @@ def build_hub_config(tag: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.json"
         save_config_for_hf(model, str(path), model_config={"source_checkpoint": f"F{_zoo_index(tag)}_haiku.npz"},
-                           model_args={"num_classes": 1000})
+                           model_args={})
+        rewrite_shared(path)
         return path.read_text()
 
 

@@ -20,8 +20,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         help="convert an official DeepMind checkpoint (F0_haiku.npz ...) into a timm model folder",
         description="Read an official DeepMind NFNet checkpoint safely (no code is executed), infer "
         "its architecture from the tensor shapes, and write DIR/model.safetensors and a timm "
-        "DIR/config.json. Load the result with timm.create_model('local-dir:DIR', pretrained=True) "
-        "after `import nfnet_zoo`.",
+        "DIR/config.json. Load the result with nfnet_zoo.load_model('DIR'), or with "
+        "timm.create_model('local-dir:DIR', pretrained=True) (timm's own NFNet where it can express the shape, "
+        "else after `import nfnet_zoo`).",
     )
     p.add_argument("src", help="DeepMind checkpoint, e.g. F0_haiku.npz (a dill/pickle file)")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
@@ -306,9 +307,15 @@ def _add_push(sub: argparse._SubParsersAction) -> None:
         "(no training state, no pickles). Only files "
         "that differ from the Hub's copy are committed, so pushing an unchanged folder makes no commit. An "
         "edited RUN/README.md is uploaded as it is; the untouched draft is filled in with the repo id. RUN is "
-        "never modified. Load the result with timm.create_model('hf-hub:NAMESPACE/NAME', pretrained=True) "
-        "after `import nfnet_zoo`.")
+        "never modified, and no file of it that is a link is read or sent. config.json goes up in the shared "
+        "form: where timm's own NFNet can express the architecture (the F family), plain timm, transformers and "
+        "the Hub's widget load it (timm.create_model('hf-hub:NAMESPACE/NAME', pretrained=True)); other "
+        "architectures need `import nfnet_zoo` first; nfnet_zoo.load_model('hf-hub:NAMESPACE/NAME') builds the "
+        "exact network.")
     p.add_argument("run", help="run folder written by `nfnet-zoo finetune` (or any timm save_for_hf folder)")
+    p.add_argument("--dataset", dest="dataset_id", metavar="ID",
+                   help="the Hub dataset id the run trained on (e.g. beans), listed in the card's metadata; a local "
+                   "folder's name is not a dataset id, so by default the card names none there")
     _add_hub_target(p)
     p.set_defaults(func=_run_push)
 
@@ -316,7 +323,7 @@ def _add_push(sub: argparse._SubParsersAction) -> None:
 def _run_push(args: argparse.Namespace) -> None:
     from .hub import push_to_hub
 
-    print(push_to_hub(args.run, args.repo_id, **_hub_kwargs(args)))
+    print(push_to_hub(args.run, args.repo_id, dataset_id=args.dataset_id, **_hub_kwargs(args)))
 
 
 def _add_publish(sub: argparse._SubParsersAction) -> None:

@@ -4,7 +4,8 @@ Despite the name, a released checkpoint is a dill pickle of `{haiku_module: {par
 Unpickling runs code chosen by the file, so `load_haiku_checkpoint` uses an allow-listing unpickler
 that builds only numpy arrays and (Haiku) mappings. The architecture is then read off the shapes,
 the layouts are converted (HWIO -> OIHW, (in, out) -> (out, in)), and the result is written as a
-timm model folder that `timm.create_model("local-dir:DIR", pretrained=True)` rebuilds.
+timm model folder (config.json in the shared form of shared_config.py) that `nfnet_zoo.load_model(DIR)`
+and `timm.create_model("local-dir:DIR", pretrained=True)` rebuild.
 """
 from __future__ import annotations
 
@@ -371,11 +372,13 @@ def convert_haiku_checkpoint(src: Union[str, os.PathLike], out_dir: Union[str, o
     """Convert a DeepMind checkpoint into `out_dir/model.safetensors` + timm `out_dir/config.json`.
 
     The model is rebuilt and loaded strictly before anything is written; files land atomically.
-    Load the result with `timm.create_model("local-dir:OUT_DIR", pretrained=True)` after
-    `import nfnet_zoo`.
+    Load the result with `nfnet_zoo.load_model(OUT_DIR)` (the exact network), or with
+    `timm.create_model("local-dir:OUT_DIR", pretrained=True)`.
     """
     import timm
     from timm.models import save_for_hf
+
+    from .shared_config import rewrite_shared
 
     variant, model_args, state_dict = haiku_to_timm(load_haiku_checkpoint(src), activation, alpha)
     # A shape that matches no paper variant must not inherit that variant's weight notes.
@@ -395,6 +398,7 @@ def convert_haiku_checkpoint(src: Union[str, os.PathLike], out_dir: Union[str, o
     with tempfile.TemporaryDirectory(dir=out, prefix=".convert-") as tmp:
         save_for_hf(model, tmp, model_config={"source_checkpoint": Path(src).name},
                     model_args=arch_args, safe_serialization=True)
+        rewrite_shared(Path(tmp) / "config.json")  # loadable by plain timm and transformers (shared_config.py)
         for name in _OUTPUTS:
             os.replace(Path(tmp) / name, out / name)
     write_json_atomic(out / _WRITTEN, {name: sha256(out / name) for name in _OUTPUTS})

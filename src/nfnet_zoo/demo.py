@@ -118,7 +118,7 @@ def run_demo(output: str | Path = "runs/demo", workers: int = 2) -> Path:
         ([CURVES] if (run / CURVES).is_file() else [])
     print(f"\nThe fine-tuned model is in {run}/ ({', '.join(files)}).")
     print(f"  nfnet-zoo predict {run} {data}/val/3/*.png | head")
-    print(f"  python -c \"import nfnet_zoo, timm; m = timm.create_model('local-dir:{run}', pretrained=True)\"")
+    print(f"  python -c \"import nfnet_zoo; m = nfnet_zoo.load_model('{run}')\"")
     return run
 
 

@@ -7,6 +7,8 @@ the model's own evaluation config (for NFNets: DeepMind's, at the variant's test
 from __future__ import annotations
 
 import difflib
+import functools
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from torch import nn
 
 from .data import ImageDataset, load_eval_samples, run_held_out, to_rgb
 from .errors import NFNetZooError
+from .shared_config import exact_architecture, pretrained_cfg_of
 
 
 # --- models ------------------------------------------------------------------------------------
@@ -83,6 +86,16 @@ def _hub_reachable() -> bool:
         return False
 
 
+def _refuse_when_offline(what: str, ways_out: str) -> None:
+    """One line, at once, for something not cached when HF_HUB_OFFLINE is set or the Hub does not answer
+    (a download would retry for about 50 s first)."""
+    why = ("HF_HUB_OFFLINE is set" if _offline() else
+           "the Hugging Face Hub cannot be reached" if not _hub_reachable() else None)
+    if why:
+        raise NFNetZooError(f"{what} not in the local cache and {why}; connect to the Hub once (with "
+                            f"HF_HUB_OFFLINE unset), or {ways_out}")
+
+
 def create_pretrained(name: str, ways_out: str = "pass a run folder or local-dir:PATH instead", **kwargs) -> nn.Module:
     """timm.create_model(name, pretrained=True) with a one-line error (ending in `ways_out`) when the
     weights are not cached and cannot be downloaded: at once when HF_HUB_OFFLINE is set or the Hub
@@ -90,11 +103,7 @@ def create_pretrained(name: str, ways_out: str = "pass a run folder or local-dir
     import timm
     cached = _is_cached(name)
     if not cached:
-        why = ("HF_HUB_OFFLINE is set" if _offline() else
-               "the Hugging Face Hub cannot be reached" if not _hub_reachable() else None)
-        if why:
-            raise NFNetZooError(f"pretrained weights for {name} are not in the local cache and {why}; connect to "
-                                f"the Hub once (with HF_HUB_OFFLINE unset), or {ways_out}")
+        _refuse_when_offline(f"pretrained weights for {name} are", ways_out)
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except NFNetZooError:
@@ -123,8 +132,8 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     p = check_checkpoint(path)
     if p.is_dir():
         cfg = check_model_files(p)
-        return Checkpoint(load_file(p / "model.safetensors"), cfg.get("architecture"), cfg.get("model_args"),
-                          cfg.get("label_names"))
+        arch, args = exact_architecture(cfg) if isinstance(cfg.get("architecture"), str) else (None, None)
+        return Checkpoint(load_file(p / "model.safetensors"), arch, args, cfg.get("label_names"))
     try:
         if p.suffix == ".safetensors":
             return Checkpoint(load_file(p))
@@ -154,53 +163,168 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
     return p
 
 
-def check_model_files(folder: Path) -> dict:
-    """A model folder's config.json (a JSON object, {} when absent), after checking that it and
-    model.safetensors are whole; a damaged one is one line naming it."""
+def _read_config(cfg_file: Path, fix: str) -> dict:
+    """config.json as a JSON object ({} when absent); a damaged one is one line naming it."""
     import json
-    from safetensors import safe_open
-    cfg_file, weights = folder / "config.json", folder / "model.safetensors"
     try:
         cfg = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
         if not isinstance(cfg, dict):
             raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise NFNetZooError(f"{cfg_file} is damaged ({str(e).splitlines()[0][:80]}); restore it with its "
-                            f"model.safetensors, or pass another model folder") from None
-    try:
-        with safe_open(str(weights), "pt"):
-            pass
-    except Exception as e:  # safetensors' own error type: a truncated file or a damaged header
-        raise NFNetZooError(f"{weights} is damaged or truncated ({str(e).splitlines()[0][:80]}); restore it, or "
-                            f"pass another model folder") from None
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        raise NFNetZooError(f"{cfg_file} is damaged ({str(e).splitlines()[0][:80]}); {fix}") from None
     return cfg
 
 
+def _weights_header(weights: Path, fix: str) -> dict:
+    """{name: (dtype, shape)} from a safetensors header, read without loading a tensor."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(weights), "pt") as f:
+            return {k: (str(f.get_slice(k).get_dtype()), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    except Exception as e:  # safetensors' own error type: a truncated file or a damaged header
+        raise NFNetZooError(f"{weights} is damaged or truncated ({str(e).splitlines()[0][:80]}); {fix}") from None
+
+
+def check_model_files(folder: Path) -> dict:
+    """A model folder's config.json (a JSON object, {} when absent), after checking that it and
+    model.safetensors are whole; a damaged one is one line naming it."""
+    fix = "restore it with its model.safetensors, or pass another model folder"
+    cfg = _read_config(folder / "config.json", fix)
+    _weights_header(folder / "model.safetensors", "restore it, or pass another model folder")
+    return cfg
+
+
+_MAX_SIZE = 4096  # pixels: far above any NFNet's evaluation size, far below what exhausts memory
+
+
+def _check_config(cfg: dict, where: str) -> None:
+    """The fields of a received config.json that preprocessing and the classifier read, checked before use."""
+    def bad(field: str, problem: str) -> NFNetZooError:
+        return NFNetZooError(f"{where}/config.json: {field} {problem}; restore the config.json written with these "
+                             f"weights, or pass another model")
+    if not isinstance(cfg.get("architecture"), str):
+        raise bad("architecture", "is missing; it is not a timm model folder")
+    n = cfg.get("num_classes")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise bad("num_classes", f"is {n!r}, not a positive whole number")
+    names = cfg.get("label_names")
+    if names is not None and (not isinstance(names, list) or len(names) != n
+                              or not all(isinstance(x, str) for x in names)):
+        raise bad("label_names", f"is not a list of {n} class names")
+    pcfg = cfg.get("pretrained_cfg", {})
+    if not isinstance(pcfg, dict):
+        raise bad("pretrained_cfg", "is not a JSON object")
+    for key in ("input_size", "test_input_size"):
+        v = pcfg.get(key)
+        if v is not None and not (isinstance(v, list) and len(v) == 3 and all(
+                isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= _MAX_SIZE for x in v)):
+            raise bad(f"pretrained_cfg.{key}", f"is {v!r}, not [channels, height, width] of at most {_MAX_SIZE}")
+    for key in ("mean", "std"):
+        v = pcfg.get(key)
+        if v is not None and not (isinstance(v, list) and len(v) == 3 and all(
+                isinstance(x, (int, float)) and math.isfinite(x) and (key == "mean" or x > 0) for x in v)):
+            raise bad(f"pretrained_cfg.{key}", f"is {v!r}, not 3 finite numbers (one a colour channel)")
+    for key in ("crop_pct", "test_crop_pct"):
+        v = pcfg.get(key)
+        if v is not None and not (isinstance(v, (int, float)) and 0 < v <= 1):
+            raise bad(f"pretrained_cfg.{key}", f"is {v!r}, not a fraction in (0, 1]")
+
+
+def _hub_file(repo: str, filename: str) -> Path:
+    """A file of the Hub repo `repo` (`id` or `id@revision`): from the cache, else downloaded; one line when
+    neither works (at once when HF_HUB_OFFLINE is set or the Hub does not answer)."""
+    from huggingface_hub import hf_hub_download
+    repo_id, _, revision = repo.partition("@")
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision or None, local_files_only=True))
+    except Exception:  # not cached (or a bad id, which the download below reports)
+        pass
+    _refuse_when_offline(f"{filename} of hf-hub:{repo} is", "pass a run folder or local-dir:PATH instead")
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision or None))
+    except Exception as e:  # the Hub client raises many types (not found, HTTP, connection)
+        raise NFNetZooError(f"{filename} of hf-hub:{repo} could not be downloaded ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:100] if str(e) else ''}); check the repo id and revision, "
+                            f"or pass a run folder or local-dir:PATH") from None
+
+
+def load_model_files(config_file: Path, weights: Path, where: str) -> nn.Module:
+    """The exact model a shared config.json + model.safetensors describe (shared_config.py), in eval mode.
+
+    Every check runs before anything large is allocated: the config's fields; the architecture built on
+    the meta device against the weights' header (names, shapes, floating dtypes); then the weights loaded
+    strictly and checked finite."""
+    import timm
+    from safetensors.torch import load_file
+    fix = "restore it from where it came, or pass another model"
+    cfg = _read_config(config_file, fix)
+    _check_config(cfg, where)
+    header = _weights_header(weights, fix)
+    arch, args = exact_architecture(cfg)
+    check_model_name(arch)
+    kwargs = dict(num_classes=cfg["num_classes"], pretrained_cfg=pretrained_cfg_of(cfg), **args)
+    build = functools.partial(timm.create_model, arch)
+    shapes = _meta_shapes(build, kwargs, where, arch, fix)
+    missing, unexpected = sorted(set(shapes) - set(header)), sorted(set(header) - set(shapes))
+    from .variants import TIMM_OWN, TIMM_OWN_NOTE, only_skip_gains_missing
+    if arch in TIMM_OWN and only_skip_gains_missing(missing, unexpected):  # timm's own nfnet_fN, as it is
+        warnings.warn(f"{where} " + TIMM_OWN_NOTE.format(name=arch))
+        build = functools.partial(TIMM_OWN[arch], pretrained=False)
+        shapes = _meta_shapes(build, kwargs, where, arch, fix)
+        missing, unexpected = sorted(set(shapes) - set(header)), sorted(set(header) - set(shapes))
+    wrong = [k for k in shapes if k in header and shapes[k][1] != header[k][1]]
+    if missing or unexpected or wrong:
+        detail = (f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}" if unexpected else
+                  f"{wrong[0]} is {list(header[wrong[0]][1])}, the config builds {list(shapes[wrong[0]][1])}")
+        raise NFNetZooError(f"{where}: model.safetensors does not fit the {arch} that config.json describes "
+                            f"({detail}); {fix}")
+    not_float = [k for k, (dtype, _) in header.items() if shapes[k][0].is_floating_point and
+                 dtype not in ("F32", "F16", "BF16", "F64")]
+    if not_float:
+        raise NFNetZooError(f"{where}: model.safetensors holds {not_float[0]} as {header[not_float[0]][0]}, not "
+                            f"floating point; {fix}")
+    state = load_file(weights)
+    broken = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if broken:
+        raise NFNetZooError(f"{where}: model.safetensors holds NaN or infinite values ({broken}): the weights of a "
+                            f"diverged or damaged run cannot be evaluated; {fix}")
+    model = build(**kwargs)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def _meta_shapes(build, kwargs: dict, where: str, arch: str, fix: str) -> dict:
+    """{name: (dtype, shape)} of the model `build(**kwargs)` makes, built on the meta device (no memory)."""
+    try:
+        with torch.device("meta"):
+            return {k: (v.dtype, tuple(v.shape)) for k, v in build(**kwargs).state_dict().items()}
+    except Exception as e:  # noqa: BLE001 - any field value may break a constructor (ZeroDivisionError ...)
+        raise NFNetZooError(f"{where}/config.json does not build {arch} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:100] if str(e) else ''}); {fix}") from None
+
+
 def load_model(spec: str) -> nn.Module:
-    """A trained model by MODEL spec (module docstring), in eval mode on the CPU."""
-    p = Path(spec).expanduser()
+    """A trained model by MODEL spec (module docstring), in eval mode on the CPU.
+
+    A folder, `local-dir:` or `hf-hub:` model is built from its config.json's exact architecture (the
+    `nfnet_zoo` section that shared configs carry) and loaded strictly, so it computes what it computed
+    when it was trained, whichever timm architecture config.json names for other loaders."""
+    if spec.startswith("hf-hub:"):
+        repo = spec[len("hf-hub:"):]
+        return load_model_files(_hub_file(repo, "config.json"), _hub_file(repo, "model.safetensors"), spec)
+    local = spec.startswith("local-dir:")
+    p = Path(spec[len("local-dir:"):] if local else spec).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file() or not (p / "model.safetensors").is_file():
             raise NFNetZooError(f"{p} is not a model folder (needs model.safetensors and config.json, as "
                                 f"`nfnet-zoo finetune` writes)")
-        if not isinstance(check_model_files(p).get("architecture"), str):
-            raise NFNetZooError(f"{p}/config.json names no architecture; it is not a timm model folder")
-        try:
-            model = create_pretrained(f"local-dir:{p.resolve()}")
-            # timm silently re-initialises a classifier that does not fit config.json: insist on every tensor
-            from safetensors.torch import load_file
-            model.load_state_dict(load_file(p / "model.safetensors"), strict=True)
-            return model.eval()
-        except (TypeError, ValueError, KeyError, RuntimeError) as e:  # a config.json that does not fit the weights
-            raise NFNetZooError(f"{p} does not load as a timm model ({str(e).splitlines()[0][:120]}); restore its "
-                                f"config.json and model.safetensors, or pass another model folder") from None
-    elif not spec.startswith(("local-dir:", "hf-hub:")):
-        if os.sep in spec or spec.startswith("."):
-            raise NFNetZooError(f"{spec} does not exist; pass a run folder, a local-dir:/hf-hub: name, or a model name")
-        check_model_name(spec)
-        if not has_pretrained_weights(spec):
-            raise NFNetZooError(f"{spec} has no pretrained weights to evaluate; pass a run folder or a name with "
-                                f"weights (e.g. nfnet_f0.dm_in1k)")
+        return load_model_files(p / "config.json", p / "model.safetensors", str(p))
+    if local or os.sep in spec or spec.startswith("."):
+        raise NFNetZooError(f"{p} does not exist; pass a run folder, a local-dir:/hf-hub: name, or a model name")
+    check_model_name(spec)
+    if not has_pretrained_weights(spec):
+        raise NFNetZooError(f"{spec} has no pretrained weights to evaluate; pass a run folder or a name with "
+                            f"weights (e.g. nfnet_f0.dm_in1k)")
     return create_pretrained(spec).eval()
 
 
@@ -337,5 +461,5 @@ def format_predictions(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
-__all__ = ["evaluate", "predict", "load_model", "check_model_name", "read_checkpoint", "model_label_names",
+__all__ = ["evaluate", "predict", "load_model", "load_model_files", "check_model_name", "read_checkpoint", "model_label_names",
            "topk_correct", "format_evaluation", "format_predictions", "create_pretrained", "has_pretrained_weights"]

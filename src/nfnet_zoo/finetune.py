@@ -6,8 +6,9 @@ gradient, step), `_validate` (`gather_for_metrics`), `_end_of_epoch` (metrics, b
 (the resumable state, runstate.py, for `--resume`).
 
 The run folder RUN:
-  model.safetensors, config.json   best epoch by val top-1 (timm `save_for_hf`; loads with
-                                   timm.create_model("local-dir:RUN", pretrained=True))
+  model.safetensors, config.json   best epoch by val top-1 (timm `save_for_hf`, config.json in the shared
+                                   form of shared_config.py; nfnet_zoo.load_model(RUN) builds the exact
+                                   network, timm.create_model("local-dir:RUN", pretrained=True) timm's)
   last/                            the same for the last epoch
   metrics.jsonl                    one JSON object per epoch
   curves.png                       loss, top-1/top-5, learning rate and AGC clipped fraction per epoch (redrawn
@@ -51,7 +52,7 @@ from .flags import CHECK_LEVELS, check_finetune
 from .recipe import (MIXED_PRECISION, BAD_IMAGES, RESUMABLE_OVERRIDES, FinetuneConfig, build_loaders, build_losses,
                      build_model, build_optimizer, build_scheduler, check_timm_names, image_sizes)
 from .runstate import check_room, load_run_state, save_run_state, state_dir
-from .variants import deepmind_crop_pct
+from .shared_config import rewrite_shared
 
 METRIC_KEYS = ("epoch", "train_loss", "val_loss", "top1", "top5", "lr", "images_per_sec", "clipped_fraction")
 
@@ -245,9 +246,10 @@ def _load_data(run: Path, resuming: bool) -> ImageData:
     raise NFNetZooError(f"{run}/data.json {problem}; {fix}")
 
 
-def _save_model_folder(model: nn.Module, dest: Path, label_names: list[str], model_args: dict,
-                       data_config: dict) -> None:
-    """timm's save_for_hf into a temp folder beside `dest`, then os.replace file by file."""
+def _save_model_folder(model: nn.Module, dest: Path, label_names: list[str], model_args: dict, eval_size: int,
+                       notes: list[str]) -> None:
+    """timm's save_for_hf into a temp folder beside `dest`, config.json in the shared form (shared_config.py:
+    loadable by plain timm and transformers, evaluated at `eval_size`), then os.replace file by file."""
     from timm.models import save_for_hf
     dest.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=dest.parent if dest.name == "last" else dest))
@@ -256,7 +258,8 @@ def _save_model_folder(model: nn.Module, dest: Path, label_names: list[str], mod
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         with _swapped_state(model, state):
             save_for_hf(model, str(tmp), model_config={"label_names": list(label_names)},
-                        model_args=model_args, data_config=data_config, safe_serialization=True)
+                        model_args=model_args, safe_serialization=True)
+        rewrite_shared(tmp / "config.json", eval_size=eval_size, notes=notes)
         for name in ("model.safetensors", "config.json"):
             os.replace(tmp / name, dest / name)
     finally:
@@ -400,7 +403,7 @@ class _Training:
     clip_params: Optional[list]   # AGC's parameters (clipped_parameters), None with --clipping 0
     lr: float
     model_args: dict
-    data_config: dict
+    notes: list[str]              # what config.json says of where the weights come from
     train_size: int
     test_size: int
     progress: _Progress
@@ -432,9 +435,7 @@ def _setup(cfg: FinetuneConfig, run: Path, resuming: bool) -> _Training:
         model = model.to(memory_format=torch.channels_last)
     train_loader, val_loader, sampler = build_loaders(cfg, data, model, accelerator)
     train_size, test_size = image_sizes(cfg, model)
-    data_config = {"input_size": (3, train_size, train_size), "test_input_size": (3, test_size, test_size),
-                   "crop_pct": deepmind_crop_pct(test_size), "test_crop_pct": deepmind_crop_pct(test_size),
-                   "crop_mode": "squash"}
+    notes = [_origin(cfg)]
     mixup, train_loss_fn = build_losses(cfg, len(data.classes))
     lr = cfg.resolved_lr(accelerator.num_processes)
     optimizer = build_optimizer(cfg, model, lr)
@@ -455,8 +456,17 @@ def _setup(cfg: FinetuneConfig, run: Path, resuming: bool) -> _Training:
     if accelerator.is_main_process:  # a read-only or full disk: now, not at the first save after training up to it
         check_room(run, accelerator.unwrap_model(model), ema)
     return _Training(cfg, run, accelerator, data, sampler, train_loader, val_loader, model, unwrapped, optimizer,
-                     scheduler, mixup, train_loss_fn, ema, clip_params, lr, model_args, data_config, train_size,
+                     scheduler, mixup, train_loss_fn, ema, clip_params, lr, model_args, notes, train_size,
                      test_size, _Progress(accelerator.device))
+
+
+def _origin(cfg: FinetuneConfig) -> str:
+    """Where the weights of this run come from, for config.json's notes (not the starting weights' own notes)."""
+    if cfg.checkpoint:
+        return f"fine-tuned with nfnet-zoo from the local weights {Path(cfg.checkpoint).name}"
+    if cfg.base_model:
+        return f"fine-tuned with nfnet-zoo from {cfg.base_model}"
+    return "trained from scratch with nfnet-zoo"
 
 
 def _image_data(cfg: FinetuneConfig, run: Path, resuming: bool, accelerator) -> ImageData:
@@ -612,9 +622,9 @@ def _end_of_epoch(t: _Training, metrics: dict) -> None:
         progress.best = dict(row)
     export = accelerator.unwrap_model(t.eval_model, keep_torch_compile=False)
     if accelerator.is_main_process:
-        _save_model_folder(export, t.run / "last", t.data.classes, t.model_args, t.data_config)
+        _save_model_folder(export, t.run / "last", t.data.classes, t.model_args, t.test_size, t.notes)
         if improved:
-            _save_model_folder(export, t.run, t.data.classes, t.model_args, t.data_config)
+            _save_model_folder(export, t.run, t.data.classes, t.model_args, t.test_size, t.notes)
         write_json_atomic(t.run / "metrics.jsonl", progress.history, lines=True)
         _draw_curves(t)
     if cfg.report_to:
@@ -692,7 +702,7 @@ def _finish(cfg: FinetuneConfig, run: Path, data: ImageData, progress: _Progress
     print(_summary_table(progress.history, best.get("epoch")))
     top1 = "-" if best.get("top1") is None else f"{best['top1']:.2f}%"
     print(f"best epoch {best.get('epoch')}: val top-1 {top1}; model in {run} "
-          f"(timm.create_model('local-dir:{run}', pretrained=True) after `import nfnet_zoo`)")
+          f"(nfnet_zoo.load_model('{run}'), or timm.create_model('local-dir:{run}', pretrained=True))")
 
 
 __all__ = ["finetune", "FinetuneConfig", "evaluate", "predict"]  # evaluate/predict: re-exported for the package

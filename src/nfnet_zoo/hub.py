@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 from .cards import build_checkpoint_card, build_model_card, build_zoo_card, write_model_card, write_zoo_cards, zoo_tags
 from .curves import CURVES
 from .errors import NFNetZooError
+from .shared_config import exact_architecture, shared_form
 
 logger = logging.getLogger(__name__)
 
@@ -127,10 +128,39 @@ def _check_curves(path: Path) -> None:
                         f"redraw it with `nfnet-zoo curves {path.parent}`, or remove it")
 
 
-def _run_files(run: Path, repo_id: str) -> tuple[list[_File], list[str]]:
+def _own_file(path: Path) -> None:
+    """Refuse a link: a run folder travels between people, and a link in it could point at any file of yours
+    (credentials as README.md ...). Checked before anything of it is read or sent."""
+    if path.is_symlink():
+        raise NFNetZooError(f"{path} is a link, and push uploads only a run folder's own files (a link could point "
+                            f"at any file of yours); replace it with the file it stands for, or remove it")
+
+
+def _shared_config_file(path: Path) -> _File:
+    """config.json as it is when already in the shared form, else converted (shared_config.py)."""
+    import json
+
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
+            raise ValueError("no architecture")
+        shared = shared_form(config)
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise NFNetZooError(f"{path} is not a timm config.json ({str(e).splitlines()[0][:80] if str(e) else ''}); "
+                            f"restore the one finetune wrote") from None
+    if shared is config:
+        return _File("config.json", path)
+    return _File("config.json", (json.dumps(shared, indent=2) + "\n").encode(),
+                 "(converted to the shared form: loads in timm and transformers)")
+
+
+def _run_files(run: Path, repo_id: str, dataset_id: Optional[str] = None) -> tuple[list[_File], list[str]]:
     if not run.is_dir():
         raise NFNetZooError(f"{run} is not a folder; pass a run folder written by `nfnet-zoo finetune`")
+    for name in UPLOADED:
+        _own_file(run / name)
     _check_weights(run / "model.safetensors", run)
+    config = _shared_config_file(run / "config.json")
     curves = run / CURVES
     # the untouched draft; `nfnet-zoo curves` may have drawn curves.png after finetune wrote it
     drafts = {str(build_model_card(run, curves=shown)).encode() for shown in {curves.is_file(), False}}
@@ -138,8 +168,9 @@ def _run_files(run: Path, repo_id: str) -> tuple[list[_File], list[str]]:
     if readme.is_file() and readme.read_bytes() not in drafts:
         card = _File("README.md", readme, "(your edited model card)")
     else:  # missing, or the untouched draft: fill in the repo id for the usage snippet
-        card = _File("README.md", str(build_model_card(run, repo_id)).encode(), "(model card built from the run)")
-    files = [_File("model.safetensors", run / "model.safetensors"), _File("config.json", run / "config.json"), card]
+        card = _File("README.md", str(build_model_card(run, repo_id, dataset_id=dataset_id)).encode(),
+                     "(model card built from the run)")
+    files = [_File("model.safetensors", run / "model.safetensors"), config, card]
     if curves.exists() or curves.is_symlink():
         _check_curves(curves)
         files.append(_File(CURVES, curves, "(training curves, shown by the card)"))
@@ -337,7 +368,8 @@ def _push_files(files: list[_File], skipped: list[str], repo_id: str, *, folder:
 # --- public API ----------------------------------------------------------------------------
 def push_to_hub(run_dir: Union[str, os.PathLike], repo_id: str, *, private: bool = False,
                 revision: Optional[str] = None, create_pr: bool = False, commit_message: Optional[str] = None,
-                token: Optional[str] = None, endpoint: Optional[str] = None, dry_run: bool = False) -> PushResult:
+                token: Optional[str] = None, endpoint: Optional[str] = None, dry_run: bool = False,
+                dataset_id: Optional[str] = None) -> PushResult:
     """Upload a run folder's model.safetensors, config.json, model card and curves.png (if drawn) to `repo_id`.
 
     Creates the repo (and the `revision` branch) if needed and commits only the files that differ from
@@ -345,9 +377,14 @@ def push_to_hub(run_dir: Union[str, os.PathLike], repo_id: str, *, private: bool
     if you edited it; the untouched draft (or a missing card) is rebuilt with `repo_id` in its usage
     snippet. The folder itself is never modified. `token` defaults to huggingface_hub's login or
     HF_TOKEN, `endpoint` to HF_ENDPOINT. With `dry_run`, lists what would be uploaded and sends nothing.
+    config.json goes up in the shared form (shared_config.py: plain timm and transformers load it where timm
+    can express the architecture). `dataset_id` names the Hub dataset the run trained on in the card's metadata.
+    No file that is a link is read or sent.
     """
     run = Path(run_dir)
-    files, skipped = _run_files(run, repo_id)
+    if dataset_id is not None:
+        _check_dataset_id(dataset_id)
+    files, skipped = _run_files(run, repo_id, dataset_id)
     rerun = _rerun_command("push", str(run), repo_id, private=private, revision=revision, create_pr=create_pr,
                            commit_message=commit_message, endpoint=endpoint)
     return _push_files(files, skipped, repo_id, folder=str(run), rerun=rerun, private=private, revision=revision,
@@ -355,10 +392,21 @@ def push_to_hub(run_dir: Union[str, os.PathLike], repo_id: str, *, private: bool
                        dry_run=dry_run)
 
 
+def _check_dataset_id(dataset_id: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(dataset_id)
+    except HFValidationError as e:
+        raise NFNetZooError(f"--dataset {dataset_id!r} is not a Hub dataset id ({str(e).splitlines()[0]}); pass the "
+                            "id as on huggingface.co/datasets (e.g. beans or NAMESPACE/NAME), or leave it out") from None
+
+
 def _zoo_tag(config: dict) -> Optional[str]:
     """The released variant a converted config is (`nfnet_f1.dm_in1k`), or None for any other architecture."""
-    tag = f"{config.get('architecture')}.dm_in1k"
-    extra = set(config.get("model_args", {})) - {"num_classes", "global_pool"}
+    arch, model_args = exact_architecture(config)
+    tag = f"{arch}.dm_in1k"
+    extra = set(model_args) - {"num_classes", "global_pool"}
     return tag if tag in zoo_tags() and config.get("num_classes") == 1000 and not extra else None
 
 

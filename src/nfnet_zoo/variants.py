@@ -10,6 +10,7 @@ import dataclasses
 import warnings
 from typing import Any
 
+import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
@@ -51,6 +52,11 @@ for _i, (_k, _train, _test, _drop, _ra) in _F_TABLE.items():
 VARIANTS["nfnet_zoo_tiny"] = NFNetCfg(depths=(1, 1, 2, 1), widths=(32, 64, 128, 256), group_width=16,
                                       drop_rate=0.1, stochdepth_rate=0.05, train_size=64, test_size=64)
 
+# Not from the paper: an NFNet of any shape, F0's fields overridden by keyword. Shared configs name it where timm's
+# own NFNet cannot express an nfnet_fN of another shape, since plain timm's `nfnet_fN` is a different network.
+CUSTOM = "nfnet_zoo_custom"
+VARIANTS[CUSTOM] = NFNetCfg()
+
 
 def deepmind_crop_pct(size: int) -> float:
     """DeepMind's evaluation crop: squash-resize to size + 32 (bicubic), centre-crop size."""
@@ -79,6 +85,7 @@ default_cfgs = generate_default_cfgs({
     "nfnet_f7": _cfg("nfnet_f7"),
     **{f"nfnet_f{i}_plus": _cfg(f"nfnet_f{i}_plus") for i in range(8)},
     "nfnet_zoo_tiny": _cfg("nfnet_zoo_tiny", notes=("not from the paper: a tiny NFNet for tests and demos",)),
+    CUSTOM: _cfg(CUSTOM, notes=("not from the paper: an NFNet of any shape (F0's fields, each overridable)",)),
 })
 
 _ARCH_FIELDS = {f.name for f in dataclasses.fields(NFNetCfg)}
@@ -89,7 +96,38 @@ def _as_field(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
+# timm's own nfnet_f0..f7, kept before registration replaces them: a different network (NormFreeNet without
+# skip gains) whose checkpoints must still load as what they are after `import nfnet_zoo`.
+TIMM_OWN: dict[str, Any] = {}
+TIMM_OWN_NOTE = ("holds timm's own {name} (a NormFreeNet without skip gains), not DeepMind's NFNet of that name; "
+                 "loaded with timm's {name}")
+
+
+def only_skip_gains_missing(missing: list[str], unexpected: list[str]) -> bool:
+    """The key difference between a checkpoint of timm's own nfnet_fN and our (and DeepMind's) NFNet."""
+    return bool(missing) and not unexpected and all(k.endswith(".skipinit_gain") for k in missing)
+
+
+def _load_error_is_timm_own(error: RuntimeError) -> bool:
+    import re
+    text = str(error)
+    if "size mismatch" in text or "Unexpected key(s)" in text or "Missing key(s)" not in text:
+        return False
+    return only_skip_gains_missing(re.findall(r'"([^"]+)"', text.split("Missing key(s)", 1)[1]), [])
+
+
+def _timm_own_fields() -> set[str]:
+    """Fields of timm's own `NfCfg` that ours lack: arguments that only a config of timm's nfnet_fN carries."""
+    from timm.models.nfnet import NfCfg
+    return {f.name for f in dataclasses.fields(NfCfg)} - _ARCH_FIELDS
+
+
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> NFNet:
+    given = dict(kwargs)
+    if variant in TIMM_OWN and set(kwargs) & _timm_own_fields():  # e.g. channels=...: timm's own nfnet_fN
+        warnings.warn("these arguments are of timm's own NfCfg: the model " + TIMM_OWN_NOTE.format(name=variant),
+                      stacklevel=3)
+        return TIMM_OWN[variant](pretrained=pretrained, **given)
     overrides = {k: _as_field(kwargs.pop(k)) for k in list(kwargs) if k in _ARCH_FIELDS}
     cfg = dataclasses.replace(VARIANTS[variant], **overrides)
     if pretrained:
@@ -99,8 +137,14 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> NFNet:
             raise NFNetZooError(
                 f"{variant} has no released pretrained weights; use pretrained=False, or one of "
                 f"{', '.join(list_pretrained_names())}")
-    return build_model_with_cfg(NFNet, variant, pretrained, model_cfg=cfg,
-                                feature_cfg=dict(feature_cls="getter"), **kwargs)
+    try:
+        return build_model_with_cfg(NFNet, variant, pretrained, model_cfg=cfg,
+                                    feature_cfg=dict(feature_cls="getter"), **kwargs)
+    except RuntimeError as e:
+        if not (pretrained and variant in TIMM_OWN and _load_error_is_timm_own(e)):
+            raise
+    warnings.warn("these pretrained weights " + TIMM_OWN_NOTE.format(name=variant), stacklevel=3)
+    return TIMM_OWN[variant](pretrained=True, **given)
 
 
 def list_pretrained_names() -> list[str]:
@@ -127,9 +171,12 @@ def _register_all() -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Overwriting nfnet_f\d in registry", category=UserWarning)
         for name in VARIANTS:
+            if timm.is_model(name) and name not in TIMM_OWN and not getattr(
+                    timm.models.model_entrypoint(name), "__module__", "").startswith(__package__):
+                TIMM_OWN[name] = timm.models.model_entrypoint(name)
             setattr(_timm_module, name, register_model(_entrypoint(name)))
 
 
 _register_all()
 
-__all__ = ["VARIANTS", "DM_ACCURACY", "RANDAUG_LEVEL", "list_pretrained_names", "default_cfgs", "deepmind_crop_pct"]
+__all__ = ["VARIANTS", "CUSTOM", "TIMM_OWN", "DM_ACCURACY", "RANDAUG_LEVEL", "list_pretrained_names", "default_cfgs", "deepmind_crop_pct"]
