@@ -133,10 +133,14 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if p.is_dir():
         cfg = check_model_files(p)
         arch, args = exact_architecture(cfg) if isinstance(cfg.get("architecture"), str) else (None, None)
-        return Checkpoint(load_file(p / "model.safetensors"), arch, args, cfg.get("label_names"))
+        state = load_file(p / "model.safetensors")
+        check_finite(state, f"--checkpoint {p}", "restore it, or pass another --checkpoint")
+        return Checkpoint(state, arch, args, cfg.get("label_names"))
     try:
         if p.suffix == ".safetensors":
-            return Checkpoint(load_file(p))
+            state = load_file(p)
+            check_finite(state, f"--checkpoint {p}", "restore it, or pass another --checkpoint")
+            return Checkpoint(state)
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
         raise NFNetZooError(f"cannot read --checkpoint {p} ({str(e).splitlines()[0][:120]}); pass a "
@@ -147,6 +151,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise NFNetZooError(f"--checkpoint {p} holds no state dict of tensors; pass a .safetensors file or a run folder")
+    check_finite(state, f"--checkpoint {p}", "restore it, or pass another --checkpoint")
     return Checkpoint({k.removeprefix("module."): v for k, v in state.items()})
 
 
@@ -157,32 +162,44 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
         if not (p / "model.safetensors").is_file():
             raise NFNetZooError(f"--checkpoint {p} has no model.safetensors; pass a run folder of "
                                 f"`nfnet-zoo finetune` or a weights file")
-        check_model_files(p)
+        fix = "restore it, or pass another --checkpoint"
+        if (p / "config.json").is_file():
+            check_model_folder(p / "config.json", p / "model.safetensors", f"--checkpoint {p}", fix)
+        else:
+            _weights_header(p / "model.safetensors", fix)
+        _check_finite_file(p / "model.safetensors", f"--checkpoint {p}", fix)
+    elif p.suffix == ".safetensors" and p.is_file():
+        fix = "restore it, or pass another --checkpoint"
+        _weights_header(p, fix)
+        _check_finite_file(p, f"--checkpoint {p}", fix)
     elif not p.is_file():
         raise NFNetZooError(f"--checkpoint {p} does not exist; pass a run folder or a .safetensors file")
     return p
 
 
-def _read_config(cfg_file: Path, fix: str) -> dict:
-    """config.json as a JSON object ({} when absent); a damaged one is one line naming it."""
+def _read_config(cfg_file: Path, fix: str, where: Optional[str] = None) -> dict:
+    """config.json as a JSON object ({} when absent); a damaged one is one line naming it (as `where`/config.json:
+    a Hub repo is named by its id, not by the cache's path)."""
     import json
     try:
         cfg = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
         if not isinstance(cfg, dict):
             raise ValueError("not a JSON object")
     except (ValueError, UnicodeDecodeError, OSError) as e:
-        raise NFNetZooError(f"{cfg_file} is damaged ({str(e).splitlines()[0][:80]}); {fix}") from None
+        name = f"{where}/config.json" if where else cfg_file
+        raise NFNetZooError(f"{name} is damaged ({str(e).splitlines()[0][:80]}); {fix}") from None
     return cfg
 
 
-def _weights_header(weights: Path, fix: str) -> dict:
+def _weights_header(weights: Path, fix: str, where: Optional[str] = None) -> dict:
     """{name: (dtype, shape)} from a safetensors header, read without loading a tensor."""
     from safetensors import safe_open
     try:
         with safe_open(str(weights), "pt") as f:
             return {k: (str(f.get_slice(k).get_dtype()), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
     except Exception as e:  # safetensors' own error type: a truncated file or a damaged header
-        raise NFNetZooError(f"{weights} is damaged or truncated ({str(e).splitlines()[0][:80]}); {fix}") from None
+        name = f"{where}/model.safetensors" if where else weights
+        raise NFNetZooError(f"{name} is damaged or truncated ({str(e).splitlines()[0][:80]}); {fix}") from None
 
 
 def check_model_files(folder: Path) -> dict:
@@ -248,18 +265,15 @@ def _hub_file(repo: str, filename: str) -> Path:
                             f"or pass a run folder or local-dir:PATH") from None
 
 
-def load_model_files(config_file: Path, weights: Path, where: str) -> nn.Module:
-    """The exact model a shared config.json + model.safetensors describe (shared_config.py), in eval mode.
-
-    Every check runs before anything large is allocated: the config's fields; the architecture built on
-    the meta device against the weights' header (names, shapes, floating dtypes); then the weights loaded
-    strictly and checked finite."""
+def check_model_folder(config_file: Path, weights: Path, where: str,
+                       fix: str = "restore it from where it came, or pass another model"):
+    """Check a received config.json + model.safetensors without allocating the model: the config's fields;
+    the exact architecture (shared_config.py) built on the meta device against the weights' header (names,
+    shapes, floating dtypes). Returns (config, build, kwargs): `build(**kwargs)` makes the model."""
     import timm
-    from safetensors.torch import load_file
-    fix = "restore it from where it came, or pass another model"
-    cfg = _read_config(config_file, fix)
+    cfg = _read_config(config_file, fix, where)
     _check_config(cfg, where)
-    header = _weights_header(weights, fix)
+    header = _weights_header(weights, fix, where)
     arch, args = exact_architecture(cfg)
     check_model_name(arch)
     kwargs = dict(num_classes=cfg["num_classes"], pretrained_cfg=pretrained_cfg_of(cfg), **args)
@@ -283,11 +297,32 @@ def load_model_files(config_file: Path, weights: Path, where: str) -> nn.Module:
     if not_float:
         raise NFNetZooError(f"{where}: model.safetensors holds {not_float[0]} as {header[not_float[0]][0]}, not "
                             f"floating point; {fix}")
-    state = load_file(weights)
+    return cfg, build, kwargs
+
+
+def check_finite(state: dict, where: str, fix: str = "restore it from where it came, or pass another model") -> None:
+    """Weights with NaN or infinite values (a diverged or damaged run) are refused in one line."""
     broken = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if broken:
-        raise NFNetZooError(f"{where}: model.safetensors holds NaN or infinite values ({broken}): the weights of a "
-                            f"diverged or damaged run cannot be evaluated; {fix}")
+        raise NFNetZooError(f"{where}: the weights hold NaN or infinite values ({broken}), as a diverged or damaged "
+                            f"run leaves them; {fix}")
+
+
+def _check_finite_file(weights: Path, where: str, fix: str) -> None:
+    """check_finite on a safetensors file, one tensor at a time (memory for the largest tensor only)."""
+    from safetensors import safe_open
+    with safe_open(str(weights), "pt") as f:
+        for k in f.keys():
+            check_finite({k: f.get_tensor(k)}, where, fix)
+
+
+def load_model_files(config_file: Path, weights: Path, where: str) -> nn.Module:
+    """The exact model a shared config.json + model.safetensors describe (shared_config.py), in eval mode:
+    checked first (check_model_folder, then finite weights), then loaded strictly."""
+    from safetensors.torch import load_file
+    _, build, kwargs = check_model_folder(config_file, weights, where)
+    state = load_file(weights)
+    check_finite(state, where)
     model = build(**kwargs)
     model.load_state_dict(state, strict=True)
     return model.eval()
@@ -461,5 +496,5 @@ def format_predictions(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
-__all__ = ["evaluate", "predict", "load_model", "load_model_files", "check_model_name", "read_checkpoint", "model_label_names",
+__all__ = ["evaluate", "predict", "load_model", "load_model_files", "check_model_folder", "check_finite", "check_model_name", "read_checkpoint", "model_label_names",
            "topk_correct", "format_evaluation", "format_predictions", "create_pretrained", "has_pretrained_weights"]

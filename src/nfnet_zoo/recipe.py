@@ -190,6 +190,12 @@ def load_checkpoint(model: nn.Module, ckpt, classes: list[str], path: str, log: 
         state = {k: v for k, v in state.items() if k not in head_keys}
     elif ckpt.label_names is None:
         log(f"--checkpoint {path} has no class names; keeping its classifier (same shape as the data's)")
+    own = model.state_dict()
+    cast = next((k for k, v in state.items() if k in own and own[k].is_floating_point() and not v.is_floating_point()),
+                None)
+    if cast:  # load_state_dict would cast integers into the weights silently
+        raise NFNetZooError(f"--checkpoint {path} holds {cast} as {state[cast].dtype}, not floating point; restore it, "
+                            f"or pass another --checkpoint")
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
