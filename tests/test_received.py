@@ -174,3 +174,20 @@ def test_a_bare_weights_file_with_integers_or_nan_is_refused_by_finetune_checkpo
                                "--data-dir", data, "--output", tmp_path / name, "-j", "0", "--img-size", "32", "-b", "2"],
                               capsys)
         assert ("not floating point" if name == "int" else "NaN or infinite") in line, line
+
+
+def test_a_model_folder_whose_files_link_out_of_it_is_refused(model_dir, tmp_path, capsys):
+    import shutil
+    folder = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    other = Path(shutil.copytree(model_dir, tmp_path / "elsewhere"))
+    image = next((model_dir.parent / "data").rglob("*.png"))
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).unlink()
+        (folder / name).symlink_to(other / name)
+        for args in (["predict", folder, image], ["predict", f"local-dir:{folder}", image],
+                     ["finetune", "--checkpoint", folder, "--data-dir", model_dir.parent / "data", "--output",
+                      tmp_path / "ft", "-j", "0", "--img-size", "32", "-b", "2"]):
+            line = _one_line_here(args, capsys)
+            assert f"{folder / name} is a link out of its folder" in line, line
+        (folder / name).unlink()
+        shutil.copy(other / name, folder / name)

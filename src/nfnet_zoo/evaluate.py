@@ -163,6 +163,7 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
             raise NFNetZooError(f"--checkpoint {p} has no model.safetensors; pass a run folder of "
                                 f"`nfnet-zoo finetune` or a weights file")
         fix = "restore it, or pass another --checkpoint"
+        _refuse_links_out(p)
         if (p / "config.json").is_file():
             check_model_folder(p / "config.json", p / "model.safetensors", f"--checkpoint {p}", fix)
         else:
@@ -175,6 +176,17 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
     elif not p.is_file():
         raise NFNetZooError(f"--checkpoint {p} does not exist; pass a run folder or a .safetensors file")
     return p
+
+
+def _refuse_links_out(folder: Path) -> None:
+    """A model folder's config.json and model.safetensors are its own: a link out of the folder (to a file
+    of yours, or another model's) is refused, since the folder may come from someone else."""
+    inside = folder.resolve()
+    for name in ("config.json", "model.safetensors"):
+        f = folder / name
+        if f.is_symlink() and inside not in f.resolve().parents:
+            raise NFNetZooError(f"{f} is a link out of its folder (to {f.resolve()}); copy the file itself into "
+                                f"{folder}, or pass the folder it belongs to")
 
 
 def _read_config(cfg_file: Path, fix: str, where: Optional[str] = None) -> dict:
@@ -353,6 +365,7 @@ def load_model(spec: str) -> nn.Module:
         if not (p / "config.json").is_file() or not (p / "model.safetensors").is_file():
             raise NFNetZooError(f"{p} is not a model folder (needs model.safetensors and config.json, as "
                                 f"`nfnet-zoo finetune` writes)")
+        _refuse_links_out(p)
         return load_model_files(p / "config.json", p / "model.safetensors", str(p))
     if local or os.sep in spec or spec.startswith("."):
         raise NFNetZooError(f"{p} does not exist; pass a run folder, a local-dir:/hf-hub: name, or a model name")
