@@ -32,7 +32,7 @@ def _run(args: list) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--out", help="working folder (default: a temporary one)")
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="sharing-gap-"))
@@ -43,7 +43,7 @@ def main() -> None:
     if not (run / "summary.json").is_file():
         _run([*CLI, "finetune", "--model", "nfnet_f0", "--model-kwargs", "depths=(1,1,1,1)", "widths=(256,256,256,256)",
               "--no-pretrained", "--data-dir", data, "--output", run, "--epochs", args.epochs, "-b", "64", "--lr", "0.2",
-              "--img-size", "32", "--hflip", "0", "--seed", "0", "-j", "2"])
+              "--img-size", "64", "--hflip", "0", "--seed", "0", "-j", "2"])
     images = sorted(str(p) for p in (data / "val").rglob("*.png"))
     reference = torch.zeros(len(images), 10)
     for i, r in enumerate(json.loads(_run([*CLI, "predict", run, *images, "-k", "10", "--json"]))):
