@@ -595,10 +595,13 @@ class EpochSampler(torch.utils.data.Sampler):
             yield i, self.epoch
 
 
-def ignore_sigint(worker_id: int) -> None:
-    """DataLoader worker_init_fn: Ctrl-C is for the main process, which saves state and stops them."""
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: Ctrl-C and SIGTERM are for the main process, which saves state and stops
+    the workers. A scheduler (scancel, kill of the process group) signals the workers too; dying there, they
+    would end the run with a "worker killed" error before anything is saved."""
     import signal
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 __all__ = ["ImageData", "load_image_data", "load_eval_samples", "run_held_out", "to_rgb", "ImageDataset", "EpochSampler",

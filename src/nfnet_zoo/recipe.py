@@ -208,7 +208,7 @@ def build_loaders(cfg: FinetuneConfig, data: ImageData, model: nn.Module, accele
     preprocessing; None without val images) and the train sampler, whose `epoch` the loop sets."""
     import torch
     from timm.data import create_transform, resolve_data_config
-    from .data import EpochSampler, ImageDataset, ignore_sigint
+    from .data import EpochSampler, ImageDataset, ignore_stop_signals
     from .variants import deepmind_crop_pct
     train_size, test_size = image_sizes(cfg, model)
     dc = resolve_data_config(model=model)
@@ -224,7 +224,7 @@ def build_loaders(cfg: FinetuneConfig, data: ImageData, model: nn.Module, accele
                             f"{max(1, len(data.train) // accelerator.num_processes)}")
     opener = data.opener()
     common = dict(num_workers=cfg.workers, pin_memory=accelerator.device.type == "cuda",
-                  persistent_workers=cfg.workers > 0, worker_init_fn=ignore_sigint,
+                  persistent_workers=cfg.workers > 0, worker_init_fn=ignore_stop_signals,
                   prefetch_factor=4 if cfg.workers > 0 else None)
     sampler = EpochSampler(len(data.train), cfg.seed)
     train = torch.utils.data.DataLoader(
