@@ -608,3 +608,66 @@ def test_accelerate_launch_cpu_says_it_starts_one_process(tmp_path, monkeypatch)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.warns(UserWarning, match="accelerate launch --cpu` starts only one.*torchrun"):
         _accelerator(FinetuneConfig(cpu=True), tmp_path)
+
+
+# --- issue 21: a run folder has one owner, and finetune never writes through a link out of it ------------------
+@pytest.fixture
+def lock_holder(tmp_path):
+    """Start a process that holds RUN's lock, as a running finetune does; yields (start(run) -> pid)."""
+    procs = []
+
+    def start(run: Path) -> int:
+        code = ("import sys, time; from nfnet_zoo.runlock import RunLock; assert RunLock(sys.argv[1]).acquire() is "
+                "None; print('held', flush=True); time.sleep(600)")
+        p = subprocess.Popen([sys.executable, "-c", code, str(run)], env=_env(tmp_path), stdout=subprocess.PIPE,
+                             text=True)
+        procs.append(p)
+        assert p.stdout.readline() == "held\n"
+        return p.pid
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def test_a_second_finetune_on_a_folder_in_use_is_refused(run_copy, lock_holder, tmp_path):
+    import json
+    out = tmp_path / "new"
+    out.mkdir()
+    pid = lock_holder(out)  # a run that has just started there (only its lock file so far)
+    data = json.loads((run_copy / "args.json").read_text())["data_dir"]
+    line = one_line_error(run_cli(["finetune", *TINY_RUN, "--epochs", "1", "--data-dir", data, "--output", out],
+                                  tmp_path), "finetune")
+    assert f"{out} is in use by another nfnet-zoo finetune (pid {pid} on " in line and "another --output" in line
+    assert [p.name for p in out.iterdir()] == [".nfnet-zoo.lock"]
+    pid = lock_holder(run_copy)  # a run being resumed, or still training
+    before = snapshot(run_copy)
+    line = one_line_error(run_cli(["finetune", "--resume", run_copy], tmp_path), "finetune")
+    assert f"in use by another nfnet-zoo finetune (pid {pid} on " in line
+    assert snapshot(run_copy) == before
+
+
+def test_a_killed_run_leaves_no_lock_behind(tmp_path):
+    from nfnet_zoo.runlock import RunLock
+    code = "import sys, time; from nfnet_zoo.runlock import RunLock; RunLock(sys.argv[1]).acquire(); time.sleep(600)"
+    p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=_env(tmp_path))
+    while not (tmp_path / ".nfnet-zoo.lock").exists() or not (tmp_path / ".nfnet-zoo.lock").read_text():
+        assert p.poll() is None
+    assert RunLock(tmp_path).acquire() is not None
+    p.kill()  # SIGKILL: no chance to clean up
+    p.wait()
+    lock = RunLock(tmp_path)
+    assert lock.acquire() is None and f"pid {os.getpid()} " in (tmp_path / ".nfnet-zoo.lock").read_text()
+    lock.release()
+
+
+@pytest.mark.parametrize("name", ["last", "state"])
+def test_resume_never_writes_through_a_linked_folder(run_copy, tmp_path, name):
+    import shutil
+    elsewhere = Path(shutil.move(run_copy / name, tmp_path / "elsewhere"))  # e.g. a folder of another run
+    os.symlink(elsewhere, run_copy / name)
+    before, run_before = snapshot(elsewhere), snapshot(run_copy)
+    line = one_line_error(run_cli(["finetune", "--resume", run_copy, "--epochs", "2"], tmp_path), "finetune")
+    assert f"{run_copy / name} is a link (to {elsewhere})" in line and "remove the link" in line
+    assert snapshot(elsewhere) == before and snapshot(run_copy) == run_before
+

@@ -50,6 +50,7 @@ from .evaluate import check_checkpoint, evaluate, predict, topk_correct
 from .flags import CHECK_LEVELS, check_finetune
 from .recipe import (MIXED_PRECISION, BAD_IMAGES, RESUMABLE_OVERRIDES, FinetuneConfig, build_loaders, build_losses,
                      build_model, build_optimizer, build_scheduler, check_timm_names, image_sizes)
+from .runlock import LOCK, RunLock
 from .runstate import check_room, load_run_state, save_run_state, state_dir
 from .variants import deepmind_crop_pct
 
@@ -207,7 +208,7 @@ def _resolve(config: Optional[FinetuneConfig], resume: Optional[str], overrides:
 # command (and `--resume` says so): the arguments and file list, temporary files a kill left, and, once
 # args.json is there, the exports of an epoch whose state a kill prevented.
 _RUN_START = ("args.json", "data.json", ".args.json.*.tmp", ".data.json.*.tmp", "state.tmp", "logs",
-              ".shared-*")  # the shared-folder probe, if a kill came before its removal
+              ".shared-*", LOCK)  # the shared-folder probe, if a kill came before its removal
 _RUN_EXPORTS = ("model.safetensors", "config.json", "last", "metrics.jsonl", ".metrics.jsonl.*.tmp", ".export-*",
                 CURVES, f".{CURVES}.*.tmp")
 
@@ -360,22 +361,26 @@ def finetune(config: Optional[FinetuneConfig] = None, *, resume: Optional[str] =
     its saved state (only `RESUMABLE_OVERRIDES` may then change). Raises NFNetZooError on bad input.
     """
     cfg, run, resuming = _resolve(config, resume, overrides)
-    t = _setup(cfg, run, resuming)  # accelerator, data, model, optimizer, schedule; prepare; EMA
-    if resuming:
-        _resume(t)  # weights, optimizer, schedule, EMA, generators and progress from RUN/state
-    elif t.accelerator.is_main_process:
-        write_json_atomic(run / "args.json", cfg.to_json())
-    _announce(t)
-    with _StopRequest() as stop:
-        while t.progress.epoch < cfg.epochs:
-            _train_one_epoch(t, stop)  # saves every --save-every updates; on Ctrl-C saves and stops
-            metrics = _validate(t.eval_model, t.val_loader, t.accelerator, len(t.data.classes))
-            _end_of_epoch(t, metrics)  # metrics.jsonl, last (and best) exports, the epoch line
-            _save(t)
-    if t.accelerator.is_main_process:
-        _finish(cfg, run, t.data, t.progress, t.train_size)
-    t.accelerator.wait_for_everyone()
-    t.accelerator.end_training()  # trackers, then the process group (gloo's threads may abort an exit without it)
+    lock = RunLock(run)  # taken in _setup by the main process, before anything is written in RUN
+    try:
+        t = _setup(cfg, run, resuming, lock)  # accelerator, data, model, optimizer, schedule; prepare; EMA
+        if resuming:
+            _resume(t)  # weights, optimizer, schedule, EMA, generators and progress from RUN/state
+        elif t.accelerator.is_main_process:
+            write_json_atomic(run / "args.json", cfg.to_json())
+        _announce(t)
+        with _StopRequest() as stop:
+            while t.progress.epoch < cfg.epochs:
+                _train_one_epoch(t, stop)  # saves every --save-every updates; on Ctrl-C saves and stops
+                metrics = _validate(t.eval_model, t.val_loader, t.accelerator, len(t.data.classes))
+                _end_of_epoch(t, metrics)  # metrics.jsonl, last (and best) exports, the epoch line
+                _save(t)
+        if t.accelerator.is_main_process:
+            _finish(cfg, run, t.data, t.progress, t.train_size)
+        t.accelerator.wait_for_everyone()
+        t.accelerator.end_training()  # trackers, then the process group (gloo's threads may abort an exit without it)
+    finally:
+        lock.release()
     return run
 
 
@@ -416,13 +421,14 @@ class _Training:
         return dict(model=self.model, optimizer=self.optimizer.optimizer, scheduler=self.scheduler, ema=self.ema)
 
 
-def _setup(cfg: FinetuneConfig, run: Path, resuming: bool) -> _Training:
+def _setup(cfg: FinetuneConfig, run: Path, resuming: bool, lock: RunLock) -> _Training:
     """Accelerator, data, model, losses, optimizer and schedule; `prepare`; then EMA and AGC's parameters."""
     accelerator = _accelerator(cfg, run)
     from accelerate.utils import set_seed
     if cfg.clipping > 0:
         assert_agc_supported(accelerator)
     set_seed(cfg.seed)
+    _own_run_folder(accelerator, run, resuming, lock)
     data = _image_data(cfg, run, resuming, accelerator)
 
     model, model_args, base_model = build_model(cfg, data.classes, accelerator.print)
@@ -459,11 +465,36 @@ def _setup(cfg: FinetuneConfig, run: Path, resuming: bool) -> _Training:
                      test_size, _Progress(accelerator.device))
 
 
+# Folders finetune writes into: a link there would have it write into whatever folder the link points at.
+_RUN_FOLDERS = ("last", "state", "state.old", "state.tmp", "logs")
+
+
+def _own_run_folder(accelerator, run: Path, resuming: bool, lock: RunLock) -> None:
+    """The main process refuses a folder finetune would write into that is a link, creates RUN and takes its lock
+    (runlock.py), then checks again what _resolve checked (another run may have started there meanwhile); every
+    process raises the same one-line refusal."""
+    problem = None
+    if accelerator.is_main_process:
+        link = next((run / n for n in _RUN_FOLDERS if (run / n).is_symlink()), None)
+        if link is not None:
+            problem = (f"{link} is a link (to {os.readlink(link)}); finetune writes only into folders of the run "
+                       f"itself, never through a link: remove the link (or replace it with a copy of the folder)")
+        else:
+            run.mkdir(parents=True, exist_ok=True)
+            problem = lock.acquire()
+        if problem is None and not resuming and (state_dir(run) is not None or not _restartable(run)):
+            problem = (f"{run} was filled by another run while this one started; continue that one with --resume "
+                       f"{run}, or pass another --output")
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+        problem = broadcast_object_list([problem])[0]
+    if problem is not None:
+        raise NFNetZooError(problem)
+
+
 def _image_data(cfg: FinetuneConfig, run: Path, resuming: bool, accelerator) -> ImageData:
     """Every process scans the folder and checks its share of the images (results gathered); the main process
     writes RUN/data.json, which a resumed run reads."""
-    if accelerator.is_main_process:
-        run.mkdir(parents=True, exist_ok=True)
     _require_shared_run_folder(accelerator, run)
     if resuming:
         data = _load_data(run, resuming)
