@@ -671,3 +671,53 @@ def test_resume_never_writes_through_a_linked_folder(run_copy, tmp_path, name):
     assert f"{run_copy / name} is a link (to {elsewhere})" in line and "remove the link" in line
     assert snapshot(elsewhere) == before and snapshot(run_copy) == run_before
 
+
+# --- issue 21: --resume continues what the run recorded ----------------------------------------------------------
+def test_resume_with_more_epochs_continues_timms_schedule_for_the_new_length(run_copy, tmp_path):
+    """It used to keep the saved schedule's length: the extra epochs trained at lr 0, weights byte-identical."""
+    import json
+    import torch
+    from safetensors.torch import load_file
+    from timm.scheduler import create_scheduler_v2
+    before = load_file(run_copy / "last" / "model.safetensors")
+    r = run_cli(["finetune", "--resume", run_copy, "--epochs", "3"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "--epochs 3: the cosine schedule saved for another length is rebuilt to end at epoch 3 (9 updates) and " \
+           "continues from update 3" in r.stdout
+    rows = [json.loads(line) for line in (run_copy / "metrics.jsonl").read_text().splitlines()]
+    # the reference: timm's schedule as a 3-epoch run builds it (24 images, batch 8: 3 updates per epoch)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05)
+    sched, _ = create_scheduler_v2(opt, sched="cosine", num_epochs=3, warmup_epochs=1, warmup_lr=0.0, min_lr=0.0,
+                                   step_on_epochs=False, updates_per_epoch=3)
+    for row in rows[1:]:
+        sched.step_update(3 * row["epoch"])
+        assert row["lr"] == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12, abs=0), row
+    assert [row["epoch"] for row in rows] == [1, 2, 3] and rows[1]["lr"] > 0.01
+    after = load_file(run_copy / "last" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the extra epochs did not train"
+    assert json.loads((run_copy / "args.json").read_text())["epochs"] == 3  # what a later --resume reads
+    line = one_line_error(run_cli(["finetune", "--resume", run_copy, "--epochs", "2"], tmp_path), "finetune")
+    assert "has trained 3 epochs, more than --epochs 2; pass --epochs 4 or more" in line
+
+
+def test_resume_rebuilds_the_model_the_run_recorded_not_the_checkpoints_current_config(saved_run, tmp_path):
+    import json
+    import shutil
+    checkpoint = Path(shutil.copytree(saved_run, tmp_path / "ck", ignore=shutil.ignore_patterns("state")))
+    data = json.loads((saved_run / "args.json").read_text())["data_dir"]
+    out = tmp_path / "run"
+    r = run_cli(["finetune", "--checkpoint", checkpoint, "--data-dir", data, "--output", out, "--epochs", "1",
+                 *TINY_RUN[2:6], "-j", "0", "--save-every", "0"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    built = json.loads((out / "config.json").read_text())["model_args"]
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["model_args"]["activation"] = "relu"  # changed in the --checkpoint folder since the run started
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    r = run_cli(["finetune", "--resume", out, "--epochs", "2"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "last" / "config.json").read_text())["model_args"] == built
+    shutil.rmtree(checkpoint)  # gone altogether: the run's state holds the weights
+    r = run_cli(["finetune", "--resume", out, "--epochs", "3"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "last" / "config.json").read_text())["model_args"] == built
+

@@ -168,7 +168,7 @@ def _resolve(config: Optional[FinetuneConfig], resume: Optional[str], overrides:
         except (ValueError, TypeError, UnicodeDecodeError, NFNetZooError) as e:
             raise NFNetZooError(f"{run}/args.json is damaged or foreign ({str(e).splitlines()[0][:120]}); restore "
                                 f"it, or start a new run") from None
-        if cfg.checkpoint:  # its config.json rebuilds the architecture
+        if cfg.checkpoint and cfg.model_args is None:  # a run of an older nfnet-zoo: rebuilt from the checkpoint
             check_checkpoint(cfg.checkpoint)
         changed = sorted(k for k, v in overrides.items() if k not in RESUMABLE_OVERRIDES and k != "output"
                          and getattr(cfg, k, None) != v)
@@ -230,6 +230,8 @@ def _check_config(cfg: FinetuneConfig) -> None:
         raise NFNetZooError(f"--bad-images must be one of {BAD_IMAGES}")
     if cfg.check_images not in CHECK_LEVELS:
         raise NFNetZooError(f"--check-images must be one of {CHECK_LEVELS}")
+    if cfg.model_args is not None and not (isinstance(cfg.model_args, dict) and isinstance(cfg.model, str)):
+        raise NFNetZooError("model_args must be a JSON object beside the model's name")
     check_finetune(cfg.to_json())
     check_timm_names(cfg)
 
@@ -434,6 +436,7 @@ def _setup(cfg: FinetuneConfig, run: Path, resuming: bool, lock: RunLock) -> _Tr
     model, model_args, base_model = build_model(cfg, data.classes, accelerator.print)
     if not resuming:
         cfg.base_model = base_model
+    cfg.model_args = {k: v for k, v in model_args.items() if k != "num_classes"}  # args.json: what --resume builds
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_loader, val_loader, sampler = build_loaders(cfg, data, model, accelerator)
@@ -514,6 +517,7 @@ def _resume(t: _Training) -> None:
     if t.accelerator.is_main_process:  # exports a kill interrupted: the files they were replacing are intact
         for leftover in run.glob("**/.export-*"):
             shutil.rmtree(leftover, ignore_errors=True)
+    schedule = t.scheduler.state_dict()  # the schedule of this command's --epochs
     saved = load_run_state(t.accelerator, run, progress=progress.state_dict(), **t.state())
     # runstate.py checks the kinds of values but lets a null through (a value not set yet); these are always set
     numbers = all(type(saved[k]) in (int, float) for k in _Progress.FIELDS if k not in ("history", "best"))
@@ -522,8 +526,20 @@ def _resume(t: _Training) -> None:
         raise NFNetZooError(f"{state_dir(run)}/progress.json does not fit this run (epoch {saved['epoch']}, step "
                             f"{saved['step']} of {len(t.train_loader)}); restore the run folder from a copy, or "
                             f"start a new run")
+    if saved["epoch"] > t.cfg.epochs:
+        raise NFNetZooError(f"{run} has trained {saved['epoch']} epochs, more than --epochs {t.cfg.epochs}; pass "
+                            f"--epochs {saved['epoch'] + 1} or more to train further (its models are in {run})")
     progress.load_state_dict(saved)
     t.accelerator.print(f"resuming {run} at epoch {progress.epoch + 1}, step {progress.step}")
+    if t.scheduler.state_dict() != schedule:  # saved for another --epochs: same curve, stretched to the new end
+        t.scheduler.load_state_dict(schedule)
+        t.scheduler.step_update(progress.global_step)
+        total = t.cfg.epochs * math.ceil(len(t.train_loader) / t.cfg.grad_accum_steps)
+        t.accelerator.print(f"--epochs {t.cfg.epochs}: the {t.cfg.sched} schedule saved for another length is "
+                             f"rebuilt to end at epoch {t.cfg.epochs} ({total} updates) and continues from update "
+                             f"{progress.global_step} (lr {t.optimizer.param_groups[0]['lr']:.4g})")
+    if t.accelerator.is_main_process:  # the arguments it now runs with (--epochs ...): a later --resume reads them
+        write_json_atomic(run / "args.json", t.cfg.to_json())
 
 
 def _announce(t: _Training) -> None:

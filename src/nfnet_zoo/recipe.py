@@ -89,6 +89,9 @@ class FinetuneConfig:
     # filled in when the run starts
     base_model: Optional[str] = None
     dataset: Optional[str] = None
+    model_args: Optional[dict[str, Any]] = None  # what built the architecture (--model-kwargs and --checkpoint's
+    #                                              config.json): --resume rebuilds from these, never from files
+    #                                              elsewhere that may have changed since
 
     def global_batch(self, num_processes: int) -> int:
         return self.batch_size * num_processes * self.grad_accum_steps
@@ -135,6 +138,8 @@ def build_model(cfg: FinetuneConfig, classes: list[str], log: Callable[[str], No
     import timm
     from timm.models._builder import resolve_pretrained_cfg
     from .evaluate import check_model_name, create_pretrained, has_pretrained_weights, read_checkpoint
+    if cfg.model_args is not None:  # a resumed run: its own record; the weights come from its state
+        return _rebuild(cfg, classes), {**cfg.model_args, "num_classes": len(classes)}, cfg.base_model
     kwargs = dict(cfg.model_kwargs)
     ckpt = read_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
     if ckpt is not None and ckpt.architecture:
@@ -172,6 +177,20 @@ def build_model(cfg: FinetuneConfig, classes: list[str], log: Callable[[str], No
     if ckpt is not None:
         load_checkpoint(model, ckpt, classes, cfg.checkpoint, log)
     return model, {**arch_args, "num_classes": len(classes)}, base_model
+
+
+def _rebuild(cfg: FinetuneConfig, classes: list[str]) -> nn.Module:
+    """The architecture a run recorded in args.json (`model_args`), randomly initialised."""
+    import timm
+    from .evaluate import check_model_name
+    kwargs = {k: v for k, v in cfg.model_args.items() if k not in ("num_classes", "global_pool")}
+    kwargs.update({k: v for k, v in (("drop_rate", cfg.drop), ("drop_path_rate", cfg.drop_path)) if v is not None})
+    name = check_model_name(cfg.model)
+    try:
+        return timm.create_model(name, num_classes=len(classes), **kwargs)
+    except (TypeError, ValueError, RuntimeError, ArithmeticError) as e:
+        raise NFNetZooError(f"the run's model_args do not build {name} ({str(e).splitlines()[0][:120]}); restore its "
+                            f"args.json, or start a new run") from None
 
 
 def load_checkpoint(model: nn.Module, ckpt, classes: list[str], path: str, log: Callable[[str], None] = print) -> None:
