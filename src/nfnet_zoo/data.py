@@ -630,14 +630,35 @@ class EpochSampler(torch.utils.data.Sampler):
             yield i, self.epoch
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader worker_init_fn: Ctrl-C and SIGTERM are for the main process, which saves state and stops
-    the workers. A scheduler (scancel, kill of the process group) signals the workers too; dying there, they
-    would end the run with a "worker killed" error before anything is saved."""
-    import signal
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+class WorkerSignals:
+    """DataLoader worker_init_fn. Ctrl-C is for the main process: the workers ignore SIGINT. So is SIGTERM while the
+    main process is inside `held()` (its training loop, which saves the state and stops the workers): schedulers
+    (scancel, a kill of the process group) signal the workers too, and a worker dying there ended the run with a
+    "worker killed" error before anything was saved. Outside it a worker ends on SIGTERM, quietly (status 0):
+    multiprocessing terminates daemonic workers so when the main process exits (and would wait forever for one that
+    ignored it), and a worker killed by the signal would add torch's "worker is killed by signal" traceback."""
+
+    def __init__(self):
+        import multiprocessing
+        self._held = multiprocessing.RawValue("b", 0)  # shared memory: the workers read what the main process sets
+
+    def __call__(self, worker_id: int) -> None:
+        import signal
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if not self._held.value:
+            os._exit(0)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self._held.value = 1
+        try:
+            yield
+        finally:
+            self._held.value = 0
 
 
 __all__ = ["ImageData", "load_image_data", "load_eval_samples", "run_held_out", "to_rgb", "ImageDataset", "EpochSampler",
-           "sample_seed", "IMAGE_EXTENSIONS"]
+           "sample_seed", "IMAGE_EXTENSIONS", "WorkerSignals"]

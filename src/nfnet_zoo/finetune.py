@@ -44,7 +44,7 @@ from torch import nn
 from ._files import write_bytes_atomic, write_json_atomic
 from .agc import assert_agc_supported, clipped_parameters, prepare_for_fsdp2, unscale_and_clip_
 from .curves import CURVES, INSTALL, curves_png, plotting_problem, run_title
-from .data import ImageData, load_image_data
+from .data import ImageData, WorkerSignals, load_image_data
 from .errors import NFNetZooError
 from .evaluate import check_checkpoint, evaluate, predict, topk_correct
 from .flags import CHECK_LEVELS, check_finetune
@@ -371,7 +371,7 @@ def finetune(config: Optional[FinetuneConfig] = None, *, resume: Optional[str] =
         elif t.accelerator.is_main_process:
             write_json_atomic(run / "args.json", cfg.to_json())
         _announce(t)
-        with _StopRequest() as stop:
+        with _StopRequest() as stop, t.worker_signals.held():  # the workers leave SIGTERM to this process
             while t.progress.epoch < cfg.epochs:
                 _train_one_epoch(t, stop)  # saves every --save-every updates; on Ctrl-C saves and stops
                 metrics = _validate(t.eval_model, t.val_loader, t.accelerator, len(t.data.classes))
@@ -411,6 +411,7 @@ class _Training:
     train_size: int
     test_size: int
     progress: _Progress
+    worker_signals: WorkerSignals  # the DataLoader workers' worker_init_fn
     draw_curves: bool = True      # RUN/curves.png each epoch (main process); off without matplotlib
 
     @property
@@ -439,7 +440,8 @@ def _setup(cfg: FinetuneConfig, run: Path, resuming: bool, lock: RunLock) -> _Tr
     cfg.model_args = {k: v for k, v in model_args.items() if k != "num_classes"}  # args.json: what --resume builds
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    train_loader, val_loader, sampler = build_loaders(cfg, data, model, accelerator)
+    worker_signals = WorkerSignals()
+    train_loader, val_loader, sampler = build_loaders(cfg, data, model, accelerator, worker_signals)
     train_size, test_size = image_sizes(cfg, model)
     data_config = {"input_size": (3, train_size, train_size), "test_input_size": (3, test_size, test_size),
                    "crop_pct": deepmind_crop_pct(test_size), "test_crop_pct": deepmind_crop_pct(test_size),
@@ -465,7 +467,7 @@ def _setup(cfg: FinetuneConfig, run: Path, resuming: bool, lock: RunLock) -> _Tr
         check_room(run, accelerator.unwrap_model(model), ema)
     return _Training(cfg, run, accelerator, data, sampler, train_loader, val_loader, model, unwrapped, optimizer,
                      scheduler, mixup, train_loss_fn, ema, clip_params, lr, model_args, data_config, train_size,
-                     test_size, _Progress(accelerator.device))
+                     test_size, _Progress(accelerator.device), worker_signals)
 
 
 # Folders finetune writes into: a link there would have it write into whatever folder the link points at.

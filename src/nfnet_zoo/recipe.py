@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from .data import EpochSampler, ImageData
+    from .data import EpochSampler, ImageData, WorkerSignals
 
 # torch, timm and the data code are imported inside the builders: `nfnet-zoo --help` reads the defaults
 # below and must not wait seconds for them.
@@ -221,13 +221,15 @@ def load_checkpoint(model: nn.Module, ckpt, classes: list[str], path: str, log: 
                             f"trained as, or omit --model for a run folder")
 
 
-def build_loaders(cfg: FinetuneConfig, data: ImageData, model: nn.Module, accelerator
+def build_loaders(cfg: FinetuneConfig, data: ImageData, model: nn.Module, accelerator,
+                  signals: Optional[WorkerSignals] = None
                   ) -> tuple[torch.utils.data.DataLoader, Optional[torch.utils.data.DataLoader], EpochSampler]:
     """Train loader (random-resized crop + flip, resumable shuffle), val loader (DeepMind's eval
-    preprocessing; None without val images) and the train sampler, whose `epoch` the loop sets."""
+    preprocessing; None without val images) and the train sampler, whose `epoch` the loop sets. `signals`: the
+    workers' signal handling (data.WorkerSignals), which the loop holds while it trains."""
     import torch
     from timm.data import create_transform, resolve_data_config
-    from .data import EpochSampler, ImageDataset, ignore_stop_signals
+    from .data import EpochSampler, ImageDataset, WorkerSignals
     from .variants import deepmind_crop_pct
     train_size, test_size = image_sizes(cfg, model)
     dc = resolve_data_config(model=model)
@@ -243,7 +245,7 @@ def build_loaders(cfg: FinetuneConfig, data: ImageData, model: nn.Module, accele
                             f"{max(1, len(data.train) // accelerator.num_processes)}")
     opener = data.opener()
     common = dict(num_workers=cfg.workers, pin_memory=accelerator.device.type == "cuda",
-                  persistent_workers=cfg.workers > 0, worker_init_fn=ignore_stop_signals,
+                  persistent_workers=cfg.workers > 0, worker_init_fn=signals or WorkerSignals(),
                   prefetch_factor=4 if cfg.workers > 0 else None)
     sampler = EpochSampler(len(data.train), cfg.seed)
     train = torch.utils.data.DataLoader(
