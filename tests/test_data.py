@@ -539,6 +539,9 @@ def test_a_class_named_train_is_a_class(tmp_path):
     data = load_image_data(root, workers=1, val_split=0.0)
     assert data.classes == ["dark", "mid", "train"] and len(data.train) == 9
     assert {k.split("/")[0] for k, lab in data.train if lab == 2} == {"train"}
+    shutil.rmtree(root / "dark")
+    (root / "mid").rename(root / "test")  # only train/ and test/, both of images: classes too
+    assert load_image_data(root, workers=1, val_split=0.0).classes == ["test", "train"]
 
 
 def test_a_train_folder_of_classes_beside_other_folders_is_ambiguous(tmp_path):

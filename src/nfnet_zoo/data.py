@@ -256,11 +256,12 @@ def _split_folder(root: Path) -> tuple[Path, Optional[Path]]:
     train = root / "train"
     val = next((root / v for v in VAL_FOLDERS if (root / v).is_dir()), None)
     if train.is_dir():
-        others = [p.name for p in _class_folders(root) if p.name not in SPLIT_FOLDERS]
+        siblings = [p.name for p in _class_folders(root) if p.name != "train"]
+        if siblings and not _class_folders(train):  # train/ holds images, beside other folders: a class named train
+            return root, None
+        others = [n for n in siblings if n not in SPLIT_FOLDERS]
         if not others:
             return train, val
-        if not _class_folders(train):  # train/ holds images, beside other class folders: a class named train
-            return root, None
         raise NFNetZooError(f"{root} has train/ with class folders beside other folders ({', '.join(others[:3])}): "
                             f"a split layout or classes? Move {others[0]}/ into train/ (or out of {root}), or "
                             f"rename a class named train (e.g. to train_)")

@@ -186,8 +186,11 @@ def _rebuild(cfg: FinetuneConfig, classes: list[str]) -> nn.Module:
     kwargs = {k: v for k, v in cfg.model_args.items() if k not in ("num_classes", "global_pool")}
     kwargs.update({k: v for k, v in (("drop_rate", cfg.drop), ("drop_path_rate", cfg.drop_path)) if v is not None})
     name = check_model_name(cfg.model)
-    try:
-        return timm.create_model(name, num_classes=len(classes), **kwargs)
+    try:  # pretrained=False given: a model_args "pretrained" (or checkpoint_path ...: loads files) is refused
+        files = sorted(set(kwargs) & {"checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"})
+        if files:
+            raise TypeError(f"{', '.join(files)} name weights to load, not the architecture")
+        return timm.create_model(name, pretrained=False, num_classes=len(classes), **kwargs)
     except (TypeError, ValueError, RuntimeError, ArithmeticError) as e:
         raise NFNetZooError(f"the run's model_args do not build {name} ({str(e).splitlines()[0][:120]}); restore its "
                             f"args.json, or start a new run") from None
