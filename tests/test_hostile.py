@@ -726,3 +726,28 @@ def test_resume_rebuilds_the_model_the_run_recorded_not_the_checkpoints_current_
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "last" / "config.json").read_text())["model_args"] == built
 
+
+# --- issue 21: messages that were tracebacks --------------------------------------------------------------------
+def test_an_unreadable_image_met_in_a_dataloader_worker_is_one_line(tmp_path):
+    """It printed torch's 15 lines of "Caught NFNetZooError in DataLoader worker ... Original Traceback"."""
+    from _images import make_folder
+    data = make_folder(tmp_path / "data", n_train=8, n_val=0, split=False)
+    (data / "dark" / "000.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")  # unseen: --check-images none
+    r = run_cli(["finetune", *TINY_RUN, "--data-dir", data, "--output", tmp_path / "o", "-j", "1", "--check-images",
+                 "none"], tmp_path)
+    line = one_line_error(r, "finetune")
+    assert "cannot read image dark/000.png" in line and "remove it and start again" in line
+
+
+def test_a_terminal_that_cannot_show_a_class_name_gets_escapes_not_a_traceback(run_copy, tmp_path):
+    """predict printed a UnicodeEncodeError traceback for a class named cafe with an accent on an ASCII terminal."""
+    import json
+    config = json.loads((run_copy / "config.json").read_text())
+    config["label_names"] = ["caf\u00e9", "\u732b", "mid"]  # what a run on such class folders writes
+    (run_copy / "config.json").write_text(json.dumps(config))
+    image = next(Path(json.loads((run_copy / "args.json").read_text())["data_dir"]).rglob("*.png"))
+    env = dict(_env(tmp_path), PYTHONIOENCODING="ascii")  # or a latin-1 terminal and a class named in Greek
+    r = subprocess.run([*CLI, "predict", str(run_copy), str(image)], capture_output=True, env=env, timeout=240,
+                       cwd=tmp_path)
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr.decode(errors="replace")[-2000:]
+    assert b"caf\\xe9" in r.stdout and b"\\u732b" in r.stdout, r.stdout

@@ -410,6 +410,9 @@ def _leave_process_group() -> None:
 
 def run() -> None:
     """The `nfnet-zoo` command: main(), then exit with its status."""
+    for stream in (sys.stdout, sys.stderr):  # a class or file name the terminal's encoding cannot show: escapes
+        with contextlib.suppress(AttributeError, ValueError):  # (not a UnicodeEncodeError traceback)
+            stream.reconfigure(errors="backslashreplace")
     exit_process(main())
 
 
