@@ -666,6 +666,25 @@ def test_a_killed_run_leaves_no_lock_behind(tmp_path):
     lock.release()
 
 
+def test_a_planted_lock_link_or_a_filesystem_without_locks(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+    from nfnet_zoo import NFNetZooError
+    from nfnet_zoo.runlock import RunLock
+    (tmp_path / "target").write_text("a user's file")
+    os.symlink(tmp_path / "target", tmp_path / ".nfnet-zoo.lock")
+    with pytest.raises(NFNetZooError, match="nfnet-zoo.lock is a link; remove it"):
+        RunLock(tmp_path).acquire()
+    assert (tmp_path / "target").read_text() == "a user's file"
+    (tmp_path / ".nfnet-zoo.lock").unlink()
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "flock", no_locks)  # as on some NFS mounts
+    with pytest.warns(UserWarning, match="has no locks: a second finetune on it would not be stopped"):
+        assert RunLock(tmp_path).acquire() is None
+
+
 @pytest.mark.parametrize("name", ["last", "state"])
 def test_resume_never_writes_through_a_linked_folder(run_copy, tmp_path, name):
     import shutil

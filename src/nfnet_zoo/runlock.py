@@ -11,6 +11,7 @@ import errno
 import fcntl
 import os
 import socket
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -37,6 +38,11 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # some network filesystems
+                os.close(fd)
+                warnings.warn(f"the filesystem of {self.path.parent} has no locks: a second finetune on it would not "
+                              f"be stopped ({e.strerror})")
+                return None
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 os.close(fd)
                 raise
