@@ -112,14 +112,14 @@ def run_timm(args, data: Path) -> list[float]:
 def data_only(args, data: Path) -> dict[str, float]:
     """Images/s of each input pipeline alone (one pass after a warm-up pass)."""
     from timm.data import create_dataset, create_loader, create_transform
-    from nfnet_zoo.data import EpochSampler, ImageDataset, ignore_sigint, load_image_data
+    from nfnet_zoo.data import EpochSampler, ImageDataset, WorkerSignals, load_image_data
     d = load_image_data(data, workers=args.workers)
     tf = create_transform(args.img_size, is_training=True, scale=(0.08, 1.0), hflip=0.5, color_jitter=0.0,
                           interpolation="bicubic")
     sampler = EpochSampler(len(d.train), 0)
     ours = torch.utils.data.DataLoader(ImageDataset(d.train, d.opener(), tf, 0), batch_size=args.batch_size,
                                        sampler=sampler, drop_last=True, num_workers=args.workers,
-                                       persistent_workers=args.workers > 0, worker_init_fn=ignore_sigint)
+                                       persistent_workers=args.workers > 0, worker_init_fn=WorkerSignals())
     theirs = create_loader(create_dataset("", root=str(data / "train"), is_training=True),
                            input_size=(3, args.img_size, args.img_size), batch_size=args.batch_size,
                            is_training=True, color_jitter=0.0, num_workers=args.workers, use_prefetcher=False,

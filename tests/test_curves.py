@@ -255,3 +255,20 @@ def test_a_plotting_fault_warns_once_and_training_goes_on(tmp_path, monkeypatch)
                      f"`nfnet-zoo curves {run}` draws it later"]
     assert len(calls) == 1  # not tried again every epoch
     assert len(_rows(run)) == 2 and (run / "model.safetensors").is_file() and not (run / "curves.png").exists()
+
+
+def test_values_near_the_float_limit_are_marked_not_an_error(tmp_path):
+    """1e308 overflowed matplotlib's axis arithmetic: a RuntimeWarning, then an error blaming the matplotlibrc."""
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [dict(epoch=1, train_loss=1e308, val_loss=1.0, lr=-1e308), dict(epoch=2, train_loss=0.5, val_loss=1e200,
+                                                                          lr=0.1)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    r = subprocess.run([sys.executable, "-m", "nfnet_zoo.cli", "curves", str(run)], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr
+    panels = _panels(curves_figure(read_metrics(run)))
+    assert _lines(panels["Loss"]) == {"train": ([2], [0.5]), "val": ([1], [1.0])}
+    assert "too large, not drawn (x): train epoch 1, val epoch 2" in _texts(panels["Loss"])
+    assert _lines(panels["Learning rate"]) == {"lr": ([2], [0.1])}

@@ -516,3 +516,61 @@ def test_saved_dataset_without_the_datasets_package_is_one_line(tmp_path, monkey
     monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now fails, as when not installed
     for load in (load_image_data, load_eval_samples):
         _one_line_error(lambda: load(tmp_path / "ds", workers=1), "needs the `datasets` package: pip install")
+
+
+# --- issue 21: folders and datasets that looked like something else ---------------------------------------------
+@pytest.mark.parametrize("where", ["run", "runs/run-2"])
+def test_an_earlier_run_folder_inside_the_data_is_refused_not_a_class(tmp_path, where):
+    """It became a class (its curves.png the only image) with only a count of non-image files warned."""
+    root = make_folder(tmp_path / "d", n_train=3, n_val=0, split=False)
+    run = root / where
+    run.mkdir(parents=True)
+    for name in ("args.json", "data.json", "metrics.jsonl"):
+        (run / name).write_text("{}")
+    Image.new("RGB", (8, 8)).save(run / "curves.png")
+    for load in (load_image_data, load_eval_samples):
+        line = _one_line_error(lambda: load(root, workers=1), "is a run folder of nfnet-zoo finetune")
+        assert str(run) in line and "move it out of the data folder" in line
+
+
+def test_a_class_named_train_is_a_class(tmp_path):
+    root = make_folder(tmp_path / "d", n_train=3, n_val=0, split=False, classes=("dark", "mid"))
+    shutil.copytree(root / "dark", root / "train")  # vehicles: bus, car, train
+    data = load_image_data(root, workers=1, val_split=0.0)
+    assert data.classes == ["dark", "mid", "train"] and len(data.train) == 9
+    assert {k.split("/")[0] for k, lab in data.train if lab == 2} == {"train"}
+    shutil.rmtree(root / "dark")
+    (root / "mid").rename(root / "test")  # only train/ and test/, both of images: classes too
+    assert load_image_data(root, workers=1, val_split=0.0).classes == ["test", "train"]
+
+
+def test_a_train_folder_of_classes_beside_other_folders_is_ambiguous(tmp_path):
+    root = make_folder(tmp_path / "d", n_train=3, n_val=1)
+    shutil.copytree(root / "train" / "dark", root / "extra")  # a class beside the splits, or a stray folder?
+    line = _one_line_error(lambda: load_image_data(root, workers=1), "train/ .* beside other folders")
+    assert "extra" in line and "rename" in line
+
+
+def test_a_saved_datasets_unlabelled_test_split_and_missing_images(tmp_path):
+    """A `test` split with labels -1 (the unlabelled convention) was used as validation: IndexError after a whole
+    epoch; a row whose image is None was a traceback."""
+    import datasets  # the test extra
+    from _images import class_image
+    rng = np.random.default_rng(0)
+    names = ["bright", "dark", "mid"]
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    train = {"img": [class_image(n, rng) for n in names for _ in range(4)], "label": [c for c in range(3) for _ in range(4)]}
+    train["img"] += [None, class_image("dark", rng)]
+    train["label"] += [1, -1]  # no image; no label
+    test = {"img": [class_image("mid", rng) for _ in range(3)], "label": [-1] * 3}
+    dd = datasets.DatasetDict(train=datasets.Dataset.from_dict(train, features=features),
+                              test=datasets.Dataset.from_dict(test, features=features))
+    dd.save_to_disk(str(tmp_path / "ds"))
+    with pytest.warns(UserWarning) as record:
+        data = load_image_data(tmp_path / "ds", workers=1, val_split=0.25)
+    messages = " | ".join(str(w.message) for w in record)
+    assert "the test split of" in messages and "has no labels (-1)" in messages and "not used for validation" in messages
+    assert "left out 1 row(s) without a label" in messages and "skipped 1 unreadable" in messages
+    assert data.skipped == ["train/12"] and all(k.startswith("train/") for k, _ in data.train + data.val)
+    assert "train/13" not in dict(data.train + data.val) and len(data.train) + len(data.val) == 12
+    assert all(0 <= lab < 3 for _, lab in data.train + data.val)

@@ -244,6 +244,23 @@ def test_ctrl_c_saves_state_exits_cleanly_and_resumes(uninterrupted, data_dir, t
     assert _same(_weights(out / "last"), _weights(uninterrupted / "last"))
 
 
+def test_sigterm_to_the_whole_job_with_workers_saves_and_resumes(uninterrupted, data_dir, tmp_path):
+    """What scancel and most schedulers do: SIGTERM to every process of the job, DataLoader workers included.
+    The workers used to die first and the run ended in a "worker killed" traceback with nothing saved."""
+    out = tmp_path / "run"
+    p = _cli(["finetune", *RESUME_FLAGS, "--data-dir", str(data_dir), "--output", str(out), "-j", "2",
+              "--save-every", "4"], tmp_path)
+    _wait_for_state(p, out)
+    time.sleep(0.3)  # the workers are running
+    os.killpg(p.pid, signal.SIGTERM)
+    err = wait(p, timeout=120).stderr
+    assert p.returncode == 130 and "Traceback" not in err and "Error" not in err, err
+    assert "stopped at epoch" in err and "--resume" in err, err
+    r = _run_cli(["finetune", "--resume", str(out), "-j", "2"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert _same(_weights(out / "last"), _weights(uninterrupted / "last"))
+
+
 # --- two processes -------------------------------------------------------------------------------
 def test_two_processes_match_one_process_on_the_same_global_batch(data_dir, tmp_path):
     common = ["finetune", "--model", "nfnet_zoo_tiny", "--img-size", "32", "--epochs", "1", "--lr", "0.1",

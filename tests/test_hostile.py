@@ -444,6 +444,11 @@ def test_the_lists_above_cover_every_numeric_flag_of_every_command():
     ("args.json", '{"model": "nfnet_zoo_tiny", "data_dir": "d", "epochs": -3}', "epochs must be an integer"),
     ("args.json", '{"model": "nfnet_zoo_tiny", "data_dir": "d", "scale": 5}', "args.json is damaged or foreign"),
     ("args.json", b"\xff\xfe{}", "args.json is damaged or foreign"),
+    ("args.json", '{"model": "nfnet_zoo_tiny", "data_dir": "d", "model_args": [1]}', "args.json is damaged or foreign"),
+    ("args.json", '{"model": "nfnet_zoo_tiny", "data_dir": "d", "model_args": {"checkpoint_path": "/etc/passwd"}}',
+     "model_args do not build nfnet_zoo_tiny (checkpoint_path name weights to load"),
+    ("args.json", '{"model": "nfnet_zoo_tiny", "data_dir": "d", "model_args": {"pretrained": true}}',
+     "model_args do not build nfnet_zoo_tiny"),
     ("data.json", '{"root": "x", "kind": "fol', "data.json is damaged or foreign"),
     ("data.json", '{"root": "x"}', "data.json is damaged or foreign"),
     ("data.json", None, "data.json is missing"),
@@ -608,3 +613,160 @@ def test_accelerate_launch_cpu_says_it_starts_one_process(tmp_path, monkeypatch)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.warns(UserWarning, match="accelerate launch --cpu` starts only one.*torchrun"):
         _accelerator(FinetuneConfig(cpu=True), tmp_path)
+
+
+# --- issue 21: a run folder has one owner, and finetune never writes through a link out of it ------------------
+@pytest.fixture
+def lock_holder(tmp_path):
+    """Start a process that holds RUN's lock, as a running finetune does; yields (start(run) -> pid)."""
+    procs = []
+
+    def start(run: Path) -> int:
+        code = ("import sys, time; from nfnet_zoo.runlock import RunLock; assert RunLock(sys.argv[1]).acquire() is "
+                "None; print('held', flush=True); time.sleep(600)")
+        p = subprocess.Popen([sys.executable, "-c", code, str(run)], env=_env(tmp_path), stdout=subprocess.PIPE,
+                             text=True)
+        procs.append(p)
+        assert p.stdout.readline() == "held\n"
+        return p.pid
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def test_a_second_finetune_on_a_folder_in_use_is_refused(run_copy, lock_holder, tmp_path):
+    import json
+    out = tmp_path / "new"
+    out.mkdir()
+    pid = lock_holder(out)  # a run that has just started there (only its lock file so far)
+    data = json.loads((run_copy / "args.json").read_text())["data_dir"]
+    line = one_line_error(run_cli(["finetune", *TINY_RUN, "--epochs", "1", "--data-dir", data, "--output", out],
+                                  tmp_path), "finetune")
+    assert f"{out} is in use by another nfnet-zoo finetune (pid {pid} on " in line and "another --output" in line
+    assert [p.name for p in out.iterdir()] == [".nfnet-zoo.lock"]
+    pid = lock_holder(run_copy)  # a run being resumed, or still training
+    before = snapshot(run_copy)
+    line = one_line_error(run_cli(["finetune", "--resume", run_copy], tmp_path), "finetune")
+    assert f"in use by another nfnet-zoo finetune (pid {pid} on " in line
+    assert snapshot(run_copy) == before
+
+
+def test_a_killed_run_leaves_no_lock_behind(tmp_path):
+    from nfnet_zoo.runlock import RunLock
+    code = "import sys, time; from nfnet_zoo.runlock import RunLock; RunLock(sys.argv[1]).acquire(); time.sleep(600)"
+    p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=_env(tmp_path))
+    while not (tmp_path / ".nfnet-zoo.lock").exists() or not (tmp_path / ".nfnet-zoo.lock").read_text():
+        assert p.poll() is None
+    assert RunLock(tmp_path).acquire() is not None
+    p.kill()  # SIGKILL: no chance to clean up
+    p.wait()
+    lock = RunLock(tmp_path)
+    assert lock.acquire() is None and f"pid {os.getpid()} " in (tmp_path / ".nfnet-zoo.lock").read_text()
+    lock.release()
+
+
+def test_a_planted_lock_link_or_a_filesystem_without_locks(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+    from nfnet_zoo import NFNetZooError
+    from nfnet_zoo.runlock import RunLock
+    (tmp_path / "target").write_text("a user's file")
+    os.symlink(tmp_path / "target", tmp_path / ".nfnet-zoo.lock")
+    with pytest.raises(NFNetZooError, match="nfnet-zoo.lock is a link; remove it"):
+        RunLock(tmp_path).acquire()
+    assert (tmp_path / "target").read_text() == "a user's file"
+    (tmp_path / ".nfnet-zoo.lock").unlink()
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "flock", no_locks)  # as on some NFS mounts
+    with pytest.warns(UserWarning, match="has no locks: a second finetune on it would not be stopped"):
+        assert RunLock(tmp_path).acquire() is None
+
+
+@pytest.mark.parametrize("name", ["last", "state"])
+def test_resume_never_writes_through_a_linked_folder(run_copy, tmp_path, name):
+    import shutil
+    elsewhere = Path(shutil.move(run_copy / name, tmp_path / "elsewhere"))  # e.g. a folder of another run
+    os.symlink(elsewhere, run_copy / name)
+    before, run_before = snapshot(elsewhere), snapshot(run_copy)
+    line = one_line_error(run_cli(["finetune", "--resume", run_copy, "--epochs", "2"], tmp_path), "finetune")
+    assert f"{run_copy / name} is a link (to {elsewhere})" in line and "remove the link" in line
+    assert snapshot(elsewhere) == before and snapshot(run_copy) == run_before
+
+
+# --- issue 21: --resume continues what the run recorded ----------------------------------------------------------
+def test_resume_with_more_epochs_continues_timms_schedule_for_the_new_length(run_copy, tmp_path):
+    """It used to keep the saved schedule's length: the extra epochs trained at lr 0, weights byte-identical."""
+    import json
+    import torch
+    from safetensors.torch import load_file
+    from timm.scheduler import create_scheduler_v2
+    before = load_file(run_copy / "last" / "model.safetensors")
+    r = run_cli(["finetune", "--resume", run_copy, "--epochs", "3"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "--epochs 3: the cosine schedule saved for another length is rebuilt to end at epoch 3 (9 updates) and " \
+           "continues from update 3" in r.stdout
+    rows = [json.loads(line) for line in (run_copy / "metrics.jsonl").read_text().splitlines()]
+    # the reference: timm's schedule as a 3-epoch run builds it (24 images, batch 8: 3 updates per epoch)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05)
+    sched, _ = create_scheduler_v2(opt, sched="cosine", num_epochs=3, warmup_epochs=1, warmup_lr=0.0, min_lr=0.0,
+                                   step_on_epochs=False, updates_per_epoch=3)
+    for row in rows[1:]:
+        sched.step_update(3 * row["epoch"])
+        assert row["lr"] == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12, abs=0), row
+    assert [row["epoch"] for row in rows] == [1, 2, 3] and rows[1]["lr"] > 0.01
+    after = load_file(run_copy / "last" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the extra epochs did not train"
+    assert json.loads((run_copy / "args.json").read_text())["epochs"] == 3  # what a later --resume reads
+    line = one_line_error(run_cli(["finetune", "--resume", run_copy, "--epochs", "2"], tmp_path), "finetune")
+    assert "has trained 3 epochs, more than --epochs 2; pass --epochs 4 or more" in line
+
+
+def test_resume_rebuilds_the_model_the_run_recorded_not_the_checkpoints_current_config(saved_run, tmp_path):
+    import json
+    import shutil
+    checkpoint = Path(shutil.copytree(saved_run, tmp_path / "ck", ignore=shutil.ignore_patterns("state")))
+    data = json.loads((saved_run / "args.json").read_text())["data_dir"]
+    out = tmp_path / "run"
+    r = run_cli(["finetune", "--checkpoint", checkpoint, "--data-dir", data, "--output", out, "--epochs", "1",
+                 *TINY_RUN[2:6], "-j", "0", "--save-every", "0"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    built = json.loads((out / "config.json").read_text())["model_args"]
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["model_args"]["activation"] = "relu"  # changed in the --checkpoint folder since the run started
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    r = run_cli(["finetune", "--resume", out, "--epochs", "2"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "last" / "config.json").read_text())["model_args"] == built
+    shutil.rmtree(checkpoint)  # gone altogether: the run's state holds the weights
+    r = run_cli(["finetune", "--resume", out, "--epochs", "3"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "last" / "config.json").read_text())["model_args"] == built
+
+
+# --- issue 21: messages that were tracebacks --------------------------------------------------------------------
+def test_an_unreadable_image_met_in_a_dataloader_worker_is_one_line(tmp_path):
+    """It printed torch's 15 lines of "Caught NFNetZooError in DataLoader worker ... Original Traceback"."""
+    from _images import make_folder
+    data = make_folder(tmp_path / "data", n_train=8, n_val=0, split=False)
+    (data / "dark" / "000.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")  # unseen: --check-images none
+    r = run_cli(["finetune", *TINY_RUN, "--data-dir", data, "--output", tmp_path / "o", "-j", "1", "--check-images",
+                 "none"], tmp_path)
+    line = one_line_error(r, "finetune")
+    assert "cannot read image dark/000.png" in line and "remove it and start again" in line
+
+
+def test_a_terminal_that_cannot_show_a_class_name_gets_escapes_not_a_traceback(run_copy, tmp_path):
+    """predict printed a UnicodeEncodeError traceback for a class named cafe with an accent on an ASCII terminal."""
+    import json
+    config = json.loads((run_copy / "config.json").read_text())
+    config["label_names"] = ["caf\u00e9", "\u732b", "mid"]  # what a run on such class folders writes
+    (run_copy / "config.json").write_text(json.dumps(config))
+    image = next(Path(json.loads((run_copy / "args.json").read_text())["data_dir"]).rglob("*.png"))
+    env = dict(_env(tmp_path), PYTHONIOENCODING="ascii")  # or a latin-1 terminal and a class named in Greek
+    r = subprocess.run([*CLI, "predict", str(run_copy), str(image)], capture_output=True, env=env, timeout=240,
+                       cwd=tmp_path)
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr.decode(errors="replace")[-2000:]
+    assert b"caf\\xe9" in r.stdout and b"\\u732b" in r.stdout, r.stdout

@@ -144,7 +144,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--resume", nargs="?", const="", metavar="RUN",
                    help="continue RUN (default: --output) from its last saved state with its saved arguments; "
                    "only --epochs, --workers, --report-to, --save-every, --log-interval, --cpu, --bad-images and "
-                   "--check-images may change")
+                   "--check-images may change (--epochs N: the schedule is stretched to end at epoch N)")
     g.add_argument("--save-every", type=int, help="optimizer steps between resumable state saves, besides each "
                    f"epoch's end; 0 = epochs only (default: {d('save_every')})")
     g.add_argument("--log-interval", type=int, help=f"steps between progress updates (default: {d('log_interval')})")
@@ -417,6 +417,9 @@ def _leave_process_group() -> None:
 
 def run() -> None:
     """The `nfnet-zoo` command: main(), then exit with its status."""
+    for stream in (sys.stdout, sys.stderr):  # a class or file name the terminal's encoding cannot show: escapes
+        with contextlib.suppress(AttributeError, ValueError):  # (not a UnicodeEncodeError traceback)
+            stream.reconfigure(errors="backslashreplace")
     exit_process(main())
 
 

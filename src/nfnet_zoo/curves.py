@@ -11,7 +11,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -28,6 +27,9 @@ PANELS = (
     ("Learning rate", "learning rate (at epoch end)", [("lr", "lr", "-", "o")]),
     ("Adaptive Gradient Clipping", "fraction of units clipped", [("clipped_fraction", "clipped", "-", "o")]),
 )
+# Larger values are marked like non-finite ones: matplotlib's axis arithmetic overflows near the float limit
+# (1e308: "arange: cannot compute length"), and no loss, rate or accuracy that large is worth a scale.
+DRAWABLE = 1e100
 
 
 @contextlib.contextmanager
@@ -81,17 +83,17 @@ def read_metrics(run: Union[str, os.PathLike]) -> list[dict]:
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[float], list[float], list[float]]:
-    """(epochs, values) of the finite values of `key`, and the epochs whose value was NaN or infinite;
-    a missing key, null or a non-number is no point."""
+    """(epochs, values) of the drawable values of `key`, and the epochs whose value was NaN, infinite or beyond
+    +-DRAWABLE; a missing key, null or a non-number is no point."""
     xs, ys, bad = [], [], []
     for i, row in enumerate(rows):
         epoch = row.get("epoch")
-        number = isinstance(epoch, (int, float)) and not isinstance(epoch, bool) and math.isfinite(epoch)
+        number = isinstance(epoch, (int, float)) and not isinstance(epoch, bool) and abs(epoch) <= DRAWABLE
         x = epoch if number else i + 1
         v = row.get(key)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
-        if math.isfinite(v):
+        if abs(v) <= DRAWABLE:  # False for NaN too
             xs.append(x)
             ys.append(v)
         else:
@@ -107,8 +109,8 @@ def _note(ax, text: str, y: float = 0.5, color: str = "0.35") -> None:
 def curves_figure(rows: list[dict], title: str = "", clipping: Optional[float] = None):
     """A matplotlib Figure of the run's curves: 2 x 2 panels, x axis the epoch.
 
-    `clipping` is the run's AGC lambda: 0 marks the clipping panel "AGC off". Non-finite values are left
-    out and counted on their panel; missing keys simply draw nothing.
+    `clipping` is the run's AGC lambda: 0 marks the clipping panel "AGC off". Values not finite or too large
+    (DRAWABLE) are left out and counted on their panel; missing keys simply draw nothing.
     """
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -142,11 +144,11 @@ def curves_figure(rows: list[dict], title: str = "", clipping: Optional[float] =
         if len(lines) > 1 and drawn:
             ax.legend()
         if not drawn:
-            _note(ax, "no finite values" if bad else "no values recorded")
+            _note(ax, "no drawable values (not finite or too large)" if bad else "no values recorded")
             ax.set_yticks([])
         if bad:
             shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-            _note(ax, f"not finite, not drawn (x): {shown}", y=0.06, color="tab:red")
+            _note(ax, f"not finite or too large, not drawn (x): {shown}", y=0.06, color="tab:red")
     return fig
 
 

@@ -39,6 +39,8 @@ from .image_check import CHECK_LEVELS, CheckCache, Gather, check_samples
 # What PIL reads and timm's folder reader would list, plus the common extras users have.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 VAL_FOLDERS = ("val", "validation")
+SPLIT_FOLDERS = ("train", *VAL_FOLDERS, "test")  # folders of a split layout (test/ is left for the user)
+RUN_MARKERS = ("args.json", "data.json")  # what `finetune` writes first in a run folder
 VAL_SPLIT_DEFAULT = 0.1
 SPLIT_SEED = 0  # the train/val split of a single folder never changes with --seed
 _IGNORED_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}
@@ -116,6 +118,8 @@ class _Opener:
             self._splits = _load_hf(self.root)
         ds = self._splits[split] if split else self._splits
         img = ds[int(row)][self.image_column]
+        if img is None or isinstance(img, dict) and not (img.get("bytes") or img.get("path")):
+            raise ValueError("the row has no image (None)")
         if isinstance(img, dict):  # an undecoded Image feature
             import io
             img = Image.open(io.BytesIO(img["bytes"])) if img.get("bytes") else Image.open(img["path"])
@@ -166,6 +170,9 @@ def _walk_images(top: str, root: str, root_real: str) -> tuple[list[_File], int]
         except OSError as e:
             raise NFNetZooError(f"cannot list {_show(folder)} ({e.strerror}); make it readable or move it out "
                                 f"of the data folder") from None
+        if all(any(e.name == m for e in entries) for m in RUN_MARKERS):  # its curves.png would be a class's image
+            raise NFNetZooError(f"{_show(folder)} is a run folder of nfnet-zoo finetune ({', '.join(RUN_MARKERS)}), "
+                                f"not images of a class; move it out of the data folder (and pass --output elsewhere)")
         subfolders = []
         place_dir = os.path.relpath(folder, root)  # once per folder: relpath is slow at a million files
         key_dir = _inside(real, root_real) or place_dir
@@ -249,7 +256,15 @@ def _split_folder(root: Path) -> tuple[Path, Optional[Path]]:
     train = root / "train"
     val = next((root / v for v in VAL_FOLDERS if (root / v).is_dir()), None)
     if train.is_dir():
-        return train, val
+        siblings = [p.name for p in _class_folders(root) if p.name != "train"]
+        if siblings and not _class_folders(train):  # train/ holds images, beside other folders: a class named train
+            return root, None
+        others = [n for n in siblings if n not in SPLIT_FOLDERS]
+        if not others:
+            return train, val
+        raise NFNetZooError(f"{root} has train/ with class folders beside other folders ({', '.join(others[:3])}): "
+                            f"a split layout or classes? Move {others[0]}/ into train/ (or out of {root}), or "
+                            f"rename a class named train (e.g. to train_)")
     if val is not None:
         raise NFNetZooError(f"{root} has {val.name}/ but no train/; add train/<class>/ folders")
     return root, None
@@ -392,23 +407,44 @@ def _hf_columns(ds, root: str) -> tuple[str, str, list[str]]:
     return image_col, label_col, list(ds.features[label_col].names)
 
 
+def _labelled(ds, split: str, label_col: str, num_classes: int, root: Path, quiet: bool = False
+              ) -> list[tuple[str, int]]:
+    """(key, label) of the rows of `split` with a label; the others (-1, the unlabelled convention, None, or out of
+    range) are left out with a warning, or silently with `quiet` when none of the split has one."""
+    kept, left_out = [], []
+    for i, lab in enumerate(ds[label_col]):
+        if isinstance(lab, int) and 0 <= lab < num_classes:
+            kept.append((f"{split}/{i}", lab))
+        else:
+            left_out.append(f"{split}/{i}")
+    if left_out and (kept or not quiet):
+        warnings.warn(f"left out {len(left_out)} row(s) without a label (-1 or out of range) of {root}: "
+                      f"{', '.join(left_out[:3])}{' ...' if len(left_out) > 3 else ''}")
+    return kept
+
+
 def _hf_data(root: Path, val_split: float, check: Check) -> ImageData:
     loaded = _load_hf(str(root))  # first: it names the missing `datasets` package in one line
     from datasets import DatasetDict, Image as HFImage
     if isinstance(loaded, DatasetDict):
         if "train" not in loaded:
             raise NFNetZooError(f"{root} has splits {list(loaded)} but no 'train'; save a DatasetDict with a train split")
-        splits = {"train": loaded["train"]}
-        val_name = next((s for s in _HF_VAL_SPLITS if s in loaded), None)
-        if val_name:
-            splits[val_name] = loaded[val_name]
+        splits, candidates = {"train": loaded["train"]}, [s for s in _HF_VAL_SPLITS if s in loaded]
     else:
-        splits, val_name = {"": loaded}, None
+        splits, candidates = {"": loaded}, []
     train_split = "train" if "train" in splits else ""
     image_col, label_col, names = _hf_columns(splits[train_split], str(root))
-    samples = {s: [(f"{s}/{i}", int(lab)) for i, lab in enumerate(ds[label_col])] for s, ds in splits.items()}
-    train = samples[train_split]
-    val = samples[val_name] if val_name else []
+    train = _labelled(splits[train_split], train_split, label_col, len(names), root)
+    val_name, val = None, []
+    for name in candidates:  # the first split with labels: a `test` split is often unlabelled (-1)
+        ds = loaded[name]
+        if image_col in ds.features and label_col in ds.features:
+            val = _labelled(ds, name, label_col, len(names), root, quiet=True)
+        if val:
+            val_name, splits[name] = name, ds
+            break
+        warnings.warn(f"the {name} split of {root} has no labels (-1) or no {image_col}/{label_col} columns: not used "
+                      f"for validation")
     if not val_name:
         train, val = _stratified_split(train, val_split)
     present = sorted({lab for _, lab in train})
@@ -484,8 +520,8 @@ def load_eval_samples(data_dir: str | os.PathLike, bad_images: str = "skip", wor
         if not data.val:  # no validation split: all of it
             data.val, data.train = data.train, []
     else:
-        _, val_dir = _split_folder(root)
-        folder = val_dir or (root / "train" if (root / "train").is_dir() else root)
+        train_dir, val_dir = _split_folder(root)
+        folder = val_dir or train_dir
         by_class, other = _scan_classes(folder, folder)
         by_class = {c: files for (_, c), files in _count_once({("", c): f for c, f in by_class.items()}).items()}
         classes = [c for c, files in by_class.items() if files]
@@ -595,11 +631,35 @@ class EpochSampler(torch.utils.data.Sampler):
             yield i, self.epoch
 
 
-def ignore_sigint(worker_id: int) -> None:
-    """DataLoader worker_init_fn: Ctrl-C is for the main process, which saves state and stops them."""
-    import signal
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+class WorkerSignals:
+    """DataLoader worker_init_fn. Ctrl-C is for the main process: the workers ignore SIGINT. So is SIGTERM while the
+    main process is inside `held()` (its training loop, which saves the state and stops the workers): schedulers
+    (scancel, a kill of the process group) signal the workers too, and a worker dying there ended the run with a
+    "worker killed" error before anything was saved. Outside it a worker ends on SIGTERM, quietly (status 0):
+    multiprocessing terminates daemonic workers so when the main process exits (and would wait forever for one that
+    ignored it), and a worker killed by the signal would add torch's "worker is killed by signal" traceback."""
+
+    def __init__(self):
+        import multiprocessing
+        self._held = multiprocessing.RawValue("b", 0)  # shared memory: the workers read what the main process sets
+
+    def __call__(self, worker_id: int) -> None:
+        import signal
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if not self._held.value:
+            os._exit(0)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self._held.value = 1
+        try:
+            yield
+        finally:
+            self._held.value = 0
 
 
 __all__ = ["ImageData", "load_image_data", "load_eval_samples", "run_held_out", "to_rgb", "ImageDataset", "EpochSampler",
-           "sample_seed", "IMAGE_EXTENSIONS"]
+           "sample_seed", "IMAGE_EXTENSIONS", "WorkerSignals"]

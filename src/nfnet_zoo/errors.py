@@ -9,6 +9,14 @@ import os
 class NFNetZooError(Exception):
     """A problem with the user's input or environment; the message names the problem and the fix."""
 
+    def __init__(self, *args):
+        # Raised in a DataLoader worker, it is raised again in the main process as NFNetZooError("Caught
+        # NFNetZooError in DataLoader worker process 0.\nOriginal Traceback ...\n...NFNetZooError: MESSAGE"): keep
+        # the one line the user needs
+        if len(args) == 1 and isinstance(args[0], str) and "\nOriginal Traceback" in args[0]:
+            args = (args[0].rstrip().rpartition("NFNetZooError: ")[2],)
+        super().__init__(*args)
+
 
 _FIXES = {
     errno.ENOSPC: ("disk full", "free some space and run it again (the last saved state and models are kept)"),

@@ -45,12 +45,13 @@ from torch import nn
 from ._files import write_bytes_atomic, write_json_atomic
 from .agc import assert_agc_supported, clipped_parameters, prepare_for_fsdp2, unscale_and_clip_
 from .curves import CURVES, INSTALL, curves_png, plotting_problem, run_title
-from .data import ImageData, load_image_data
+from .data import ImageData, WorkerSignals, load_image_data
 from .errors import NFNetZooError
 from .evaluate import check_checkpoint, evaluate, predict, topk_correct
 from .flags import CHECK_LEVELS, check_finetune
 from .recipe import (MIXED_PRECISION, BAD_IMAGES, RESUMABLE_OVERRIDES, FinetuneConfig, build_loaders, build_losses,
                      build_model, build_optimizer, build_scheduler, check_timm_names, image_sizes)
+from .runlock import LOCK, RunLock
 from .runstate import check_room, load_run_state, save_run_state, state_dir
 from .shared_config import rewrite_shared
 
@@ -168,7 +169,7 @@ def _resolve(config: Optional[FinetuneConfig], resume: Optional[str], overrides:
         except (ValueError, TypeError, UnicodeDecodeError, NFNetZooError) as e:
             raise NFNetZooError(f"{run}/args.json is damaged or foreign ({str(e).splitlines()[0][:120]}); restore "
                                 f"it, or start a new run") from None
-        if cfg.checkpoint:  # its config.json rebuilds the architecture
+        if cfg.checkpoint and cfg.model_args is None:  # a run of an older nfnet-zoo: rebuilt from the checkpoint
             check_checkpoint(cfg.checkpoint)
         changed = sorted(k for k, v in overrides.items() if k not in RESUMABLE_OVERRIDES and k != "output"
                          and getattr(cfg, k, None) != v)
@@ -208,7 +209,7 @@ def _resolve(config: Optional[FinetuneConfig], resume: Optional[str], overrides:
 # command (and `--resume` says so): the arguments and file list, temporary files a kill left, and, once
 # args.json is there, the exports of an epoch whose state a kill prevented.
 _RUN_START = ("args.json", "data.json", ".args.json.*.tmp", ".data.json.*.tmp", "state.tmp", "logs",
-              ".shared-*")  # the shared-folder probe, if a kill came before its removal
+              ".shared-*", LOCK)  # the shared-folder probe, if a kill came before its removal
 _RUN_EXPORTS = ("model.safetensors", "config.json", "last", "metrics.jsonl", ".metrics.jsonl.*.tmp", ".export-*",
                 CURVES, f".{CURVES}.*.tmp")
 
@@ -230,6 +231,8 @@ def _check_config(cfg: FinetuneConfig) -> None:
         raise NFNetZooError(f"--bad-images must be one of {BAD_IMAGES}")
     if cfg.check_images not in CHECK_LEVELS:
         raise NFNetZooError(f"--check-images must be one of {CHECK_LEVELS}")
+    if cfg.model_args is not None and not (isinstance(cfg.model_args, dict) and isinstance(cfg.model, str)):
+        raise NFNetZooError("model_args must be a JSON object beside the model's name")
     check_finetune(cfg.to_json())
     check_timm_names(cfg)
 
@@ -363,22 +366,26 @@ def finetune(config: Optional[FinetuneConfig] = None, *, resume: Optional[str] =
     its saved state (only `RESUMABLE_OVERRIDES` may then change). Raises NFNetZooError on bad input.
     """
     cfg, run, resuming = _resolve(config, resume, overrides)
-    t = _setup(cfg, run, resuming)  # accelerator, data, model, optimizer, schedule; prepare; EMA
-    if resuming:
-        _resume(t)  # weights, optimizer, schedule, EMA, generators and progress from RUN/state
-    elif t.accelerator.is_main_process:
-        write_json_atomic(run / "args.json", cfg.to_json())
-    _announce(t)
-    with _StopRequest() as stop:
-        while t.progress.epoch < cfg.epochs:
-            _train_one_epoch(t, stop)  # saves every --save-every updates; on Ctrl-C saves and stops
-            metrics = _validate(t.eval_model, t.val_loader, t.accelerator, len(t.data.classes))
-            _end_of_epoch(t, metrics)  # metrics.jsonl, last (and best) exports, the epoch line
-            _save(t)
-    if t.accelerator.is_main_process:
-        _finish(cfg, run, t.data, t.progress, t.train_size)
-    t.accelerator.wait_for_everyone()
-    t.accelerator.end_training()  # trackers, then the process group (gloo's threads may abort an exit without it)
+    lock = RunLock(run)  # taken in _setup by the main process, before anything is written in RUN
+    try:
+        t = _setup(cfg, run, resuming, lock)  # accelerator, data, model, optimizer, schedule; prepare; EMA
+        if resuming:
+            _resume(t)  # weights, optimizer, schedule, EMA, generators and progress from RUN/state
+        elif t.accelerator.is_main_process:
+            write_json_atomic(run / "args.json", cfg.to_json())
+        _announce(t)
+        with _StopRequest() as stop, t.worker_signals.held():  # the workers leave SIGTERM to this process
+            while t.progress.epoch < cfg.epochs:
+                _train_one_epoch(t, stop)  # saves every --save-every updates; on Ctrl-C saves and stops
+                metrics = _validate(t.eval_model, t.val_loader, t.accelerator, len(t.data.classes))
+                _end_of_epoch(t, metrics)  # metrics.jsonl, last (and best) exports, the epoch line
+                _save(t)
+        if t.accelerator.is_main_process:
+            _finish(cfg, run, t.data, t.progress, t.train_size)
+        t.accelerator.wait_for_everyone()
+        t.accelerator.end_training()  # trackers, then the process group (gloo's threads may abort an exit without it)
+    finally:
+        lock.release()
     return run
 
 
@@ -407,6 +414,7 @@ class _Training:
     train_size: int
     test_size: int
     progress: _Progress
+    worker_signals: WorkerSignals  # the DataLoader workers' worker_init_fn
     draw_curves: bool = True      # RUN/curves.png each epoch (main process); off without matplotlib
 
     @property
@@ -419,21 +427,24 @@ class _Training:
         return dict(model=self.model, optimizer=self.optimizer.optimizer, scheduler=self.scheduler, ema=self.ema)
 
 
-def _setup(cfg: FinetuneConfig, run: Path, resuming: bool) -> _Training:
+def _setup(cfg: FinetuneConfig, run: Path, resuming: bool, lock: RunLock) -> _Training:
     """Accelerator, data, model, losses, optimizer and schedule; `prepare`; then EMA and AGC's parameters."""
     accelerator = _accelerator(cfg, run)
     from accelerate.utils import set_seed
     if cfg.clipping > 0:
         assert_agc_supported(accelerator)
     set_seed(cfg.seed)
+    _own_run_folder(accelerator, run, resuming, lock)
     data = _image_data(cfg, run, resuming, accelerator)
 
     model, model_args, base_model = build_model(cfg, data.classes, accelerator.print)
     if not resuming:
         cfg.base_model = base_model
+    cfg.model_args = {k: v for k, v in model_args.items() if k != "num_classes"}  # args.json: what --resume builds
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    train_loader, val_loader, sampler = build_loaders(cfg, data, model, accelerator)
+    worker_signals = WorkerSignals()
+    train_loader, val_loader, sampler = build_loaders(cfg, data, model, accelerator, worker_signals)
     train_size, test_size = image_sizes(cfg, model)
     notes = [_origin(cfg)]
     mixup, train_loss_fn = build_losses(cfg, len(data.classes))
@@ -457,7 +468,34 @@ def _setup(cfg: FinetuneConfig, run: Path, resuming: bool) -> _Training:
         check_room(run, accelerator.unwrap_model(model), ema)
     return _Training(cfg, run, accelerator, data, sampler, train_loader, val_loader, model, unwrapped, optimizer,
                      scheduler, mixup, train_loss_fn, ema, clip_params, lr, model_args, notes, train_size,
-                     test_size, _Progress(accelerator.device))
+                     test_size, _Progress(accelerator.device), worker_signals)
+
+
+# Folders finetune writes into: a link there would have it write into whatever folder the link points at.
+_RUN_FOLDERS = ("last", "state", "state.old", "state.tmp", "logs")
+
+
+def _own_run_folder(accelerator, run: Path, resuming: bool, lock: RunLock) -> None:
+    """The main process refuses a folder finetune would write into that is a link, creates RUN and takes its lock
+    (runlock.py), then checks again what _resolve checked (another run may have started there meanwhile); every
+    process raises the same one-line refusal."""
+    problem = None
+    if accelerator.is_main_process:
+        link = next((run / n for n in _RUN_FOLDERS if (run / n).is_symlink()), None)
+        if link is not None:
+            problem = (f"{link} is a link (to {os.readlink(link)}); finetune writes only into folders of the run "
+                       f"itself, never through a link: remove the link (or replace it with a copy of the folder)")
+        else:
+            run.mkdir(parents=True, exist_ok=True)
+            problem = lock.acquire()
+        if problem is None and not resuming and (state_dir(run) is not None or not _restartable(run)):
+            problem = (f"{run} was filled by another run while this one started; continue that one with --resume "
+                       f"{run}, or pass another --output")
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+        problem = broadcast_object_list([problem])[0]
+    if problem is not None:
+        raise NFNetZooError(problem)
 
 
 def _origin(cfg: FinetuneConfig) -> str:
@@ -472,8 +510,6 @@ def _origin(cfg: FinetuneConfig) -> str:
 def _image_data(cfg: FinetuneConfig, run: Path, resuming: bool, accelerator) -> ImageData:
     """Every process scans the folder and checks its share of the images (results gathered); the main process
     writes RUN/data.json, which a resumed run reads."""
-    if accelerator.is_main_process:
-        run.mkdir(parents=True, exist_ok=True)
     _require_shared_run_folder(accelerator, run)
     if resuming:
         data = _load_data(run, resuming)
@@ -493,6 +529,7 @@ def _resume(t: _Training) -> None:
     if t.accelerator.is_main_process:  # exports a kill interrupted: the files they were replacing are intact
         for leftover in run.glob("**/.export-*"):
             shutil.rmtree(leftover, ignore_errors=True)
+    schedule = t.scheduler.state_dict()  # the schedule of this command's --epochs
     saved = load_run_state(t.accelerator, run, progress=progress.state_dict(), **t.state())
     # runstate.py checks the kinds of values but lets a null through (a value not set yet); these are always set
     numbers = all(type(saved[k]) in (int, float) for k in _Progress.FIELDS if k not in ("history", "best"))
@@ -501,8 +538,20 @@ def _resume(t: _Training) -> None:
         raise NFNetZooError(f"{state_dir(run)}/progress.json does not fit this run (epoch {saved['epoch']}, step "
                             f"{saved['step']} of {len(t.train_loader)}); restore the run folder from a copy, or "
                             f"start a new run")
+    if saved["epoch"] > t.cfg.epochs:
+        raise NFNetZooError(f"{run} has trained {saved['epoch']} epochs, more than --epochs {t.cfg.epochs}; pass "
+                            f"--epochs {saved['epoch'] + 1} or more to train further (its models are in {run})")
     progress.load_state_dict(saved)
     t.accelerator.print(f"resuming {run} at epoch {progress.epoch + 1}, step {progress.step}")
+    if t.scheduler.state_dict() != schedule:  # saved for another --epochs: same curve, stretched to the new end
+        t.scheduler.load_state_dict(schedule)
+        t.scheduler.step_update(progress.global_step)
+        total = t.cfg.epochs * math.ceil(len(t.train_loader) / t.cfg.grad_accum_steps)
+        t.accelerator.print(f"--epochs {t.cfg.epochs}: the {t.cfg.sched} schedule saved for another length is "
+                             f"rebuilt to end at epoch {t.cfg.epochs} ({total} updates) and continues from update "
+                             f"{progress.global_step} (lr {t.optimizer.param_groups[0]['lr']:.4g})")
+    if t.accelerator.is_main_process:  # the arguments it now runs with (--epochs ...): a later --resume reads them
+        write_json_atomic(run / "args.json", t.cfg.to_json())
 
 
 def _announce(t: _Training) -> None:

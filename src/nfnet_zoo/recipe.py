@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from .data import EpochSampler, ImageData
+    from .data import EpochSampler, ImageData, WorkerSignals
 
 # torch, timm and the data code are imported inside the builders: `nfnet-zoo --help` reads the defaults
 # below and must not wait seconds for them.
@@ -89,6 +89,9 @@ class FinetuneConfig:
     # filled in when the run starts
     base_model: Optional[str] = None
     dataset: Optional[str] = None
+    model_args: Optional[dict[str, Any]] = None  # what built the architecture (--model-kwargs and --checkpoint's
+    #                                              config.json): --resume rebuilds from these, never from files
+    #                                              elsewhere that may have changed since
 
     def global_batch(self, num_processes: int) -> int:
         return self.batch_size * num_processes * self.grad_accum_steps
@@ -135,6 +138,8 @@ def build_model(cfg: FinetuneConfig, classes: list[str], log: Callable[[str], No
     import timm
     from timm.models._builder import resolve_pretrained_cfg
     from .evaluate import check_model_name, create_pretrained, has_pretrained_weights, read_checkpoint
+    if cfg.model_args is not None:  # a resumed run: its own record; the weights come from its state
+        return _rebuild(cfg, classes), {**cfg.model_args, "num_classes": len(classes)}, cfg.base_model
     kwargs = dict(cfg.model_kwargs)
     ckpt = read_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
     if ckpt is not None and ckpt.architecture:
@@ -174,6 +179,23 @@ def build_model(cfg: FinetuneConfig, classes: list[str], log: Callable[[str], No
     return model, {**arch_args, "num_classes": len(classes)}, base_model
 
 
+def _rebuild(cfg: FinetuneConfig, classes: list[str]) -> nn.Module:
+    """The architecture a run recorded in args.json (`model_args`), randomly initialised."""
+    import timm
+    from .evaluate import check_model_name
+    kwargs = {k: v for k, v in cfg.model_args.items() if k not in ("num_classes", "global_pool")}
+    kwargs.update({k: v for k, v in (("drop_rate", cfg.drop), ("drop_path_rate", cfg.drop_path)) if v is not None})
+    name = check_model_name(cfg.model)
+    try:  # pretrained=False given: a model_args "pretrained" (or checkpoint_path ...: loads files) is refused
+        files = sorted(set(kwargs) & {"checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"})
+        if files:
+            raise TypeError(f"{', '.join(files)} name weights to load, not the architecture")
+        return timm.create_model(name, pretrained=False, num_classes=len(classes), **kwargs)
+    except (TypeError, ValueError, RuntimeError, ArithmeticError) as e:
+        raise NFNetZooError(f"the run's model_args do not build {name} ({str(e).splitlines()[0][:120]}); restore its "
+                            f"args.json, or start a new run") from None
+
+
 def load_checkpoint(model: nn.Module, ckpt, classes: list[str], path: str, log: Callable[[str], None] = print) -> None:
     """Load `ckpt` (evaluate.Checkpoint) into `model`; a classifier for other classes is replaced (warning)."""
     head = model.get_classifier()
@@ -208,13 +230,15 @@ def load_checkpoint(model: nn.Module, ckpt, classes: list[str], path: str, log: 
                             f"trained as, or omit --model for a run folder")
 
 
-def build_loaders(cfg: FinetuneConfig, data: ImageData, model: nn.Module, accelerator
+def build_loaders(cfg: FinetuneConfig, data: ImageData, model: nn.Module, accelerator,
+                  signals: Optional[WorkerSignals] = None
                   ) -> tuple[torch.utils.data.DataLoader, Optional[torch.utils.data.DataLoader], EpochSampler]:
     """Train loader (random-resized crop + flip, resumable shuffle), val loader (DeepMind's eval
-    preprocessing; None without val images) and the train sampler, whose `epoch` the loop sets."""
+    preprocessing; None without val images) and the train sampler, whose `epoch` the loop sets. `signals`: the
+    workers' signal handling (data.WorkerSignals), which the loop holds while it trains."""
     import torch
     from timm.data import create_transform, resolve_data_config
-    from .data import EpochSampler, ImageDataset, ignore_sigint
+    from .data import EpochSampler, ImageDataset, WorkerSignals
     from .variants import deepmind_crop_pct
     train_size, test_size = image_sizes(cfg, model)
     dc = resolve_data_config(model=model)
@@ -230,7 +254,7 @@ def build_loaders(cfg: FinetuneConfig, data: ImageData, model: nn.Module, accele
                             f"{max(1, len(data.train) // accelerator.num_processes)}")
     opener = data.opener()
     common = dict(num_workers=cfg.workers, pin_memory=accelerator.device.type == "cuda",
-                  persistent_workers=cfg.workers > 0, worker_init_fn=ignore_sigint,
+                  persistent_workers=cfg.workers > 0, worker_init_fn=signals or WorkerSignals(),
                   prefetch_factor=4 if cfg.workers > 0 else None)
     sampler = EpochSampler(len(data.train), cfg.seed)
     train = torch.utils.data.DataLoader(
