@@ -248,29 +248,51 @@ def _load_data(run: Path, resuming: bool) -> ImageData:
 def _save_model_folder(model: nn.Module, dest: Path, label_names: list[str], model_args: dict,
                        data_config: dict) -> None:
     """timm's save_for_hf into a temp folder beside `dest`, then os.replace file by file."""
+    import inspect
     from timm.models import save_for_hf
     dest.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=dest.parent if dest.name == "last" else dest))
     try:
         # safetensors wants contiguous tensors: a channels_last model is exported in the default layout
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        with _swapped_state(model, state):
+        if "data_config" in inspect.signature(save_for_hf).parameters:  # timm >= 1.0.31
+            how, pretrained_cfg = {"data_config": data_config}, model.pretrained_cfg
+        else:  # older timm exports model.pretrained_cfg as it is: give it the run's preprocessing and classes
+            how, pretrained_cfg = {}, _export_cfg(model, data_config)
+        with _swapped(model, "state_dict", lambda *a, **k: state), _swapped(model, "pretrained_cfg", pretrained_cfg):
             save_for_hf(model, str(tmp), model_config={"label_names": list(label_names)},
-                        model_args=model_args, data_config=data_config, safe_serialization=True)
+                        model_args=model_args, safe_serialization=True, **how)
         for name in ("model.safetensors", "config.json"):
             os.replace(tmp / name, dest / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _export_cfg(model: nn.Module, data_config: dict) -> dict:
+    """What timm >= 1.0.31's save_for_hf(data_config=...) exports as pretrained_cfg, for older timm."""
+    cfg = {**model.pretrained_cfg, **data_config, "num_classes": model.num_classes}
+    if tuple(cfg["input_size"][1:]) != tuple(model.pretrained_cfg["input_size"][1:]):
+        cfg["pool_size"] = None  # the source's pool size belongs to its input size
+    if model.num_classes != model.pretrained_cfg.get("num_classes"):
+        for key in ("label_names", "label_descriptions", "label_offset"):  # the source's classes
+            cfg.pop(key, None)
+    return cfg
+
+
 @contextlib.contextmanager
-def _swapped_state(model: nn.Module, state: dict):
-    original = model.state_dict
-    model.state_dict = lambda *a, **k: state
+def _swapped(model: nn.Module, name: str, value):
+    original = getattr(model, name)
+    setattr(model, name, value)
     try:
         yield
     finally:
-        model.state_dict = original
+        setattr(model, name, original)
+
+
+def _unwrap(accelerator, model: nn.Module) -> nn.Module:
+    """The plain module, without torch.compile's wrapper: removed before accelerate sees it, as
+    accelerate < 1.3 (no keep_torch_compile) puts it back."""
+    return accelerator.unwrap_model(getattr(model, "_orig_mod", model))
 
 
 # --- running ---------------------------------------------------------------------------------
@@ -442,7 +464,7 @@ def _setup(cfg: FinetuneConfig, run: Path, resuming: bool) -> _Training:
     if _is_fsdp2(accelerator):
         prepare_for_fsdp2(model)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    unwrapped = _unwrap(accelerator, model)
     ema = None
     if cfg.model_ema:  # copied from the prepared model: on its device, in its dtype and memory format
         from timm.utils import ModelEmaV3
@@ -610,7 +632,7 @@ def _end_of_epoch(t: _Training, metrics: dict) -> None:
     improved = progress.best is None or row["top1"] is None or row["top1"] > progress.best["top1"]
     if improved:
         progress.best = dict(row)
-    export = accelerator.unwrap_model(t.eval_model, keep_torch_compile=False)
+    export = _unwrap(accelerator, t.eval_model)
     if accelerator.is_main_process:
         _save_model_folder(export, t.run / "last", t.data.classes, t.model_args, t.data_config)
         if improved:
