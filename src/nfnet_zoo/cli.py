@@ -11,6 +11,7 @@ import sys
 
 from .errors import NFNetZooError, machine_fault
 from .flags import argtype
+from .versions import check_versions
 
 
 # --- convert ---------------------------------------------------------------------------------
@@ -383,8 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
     args = build_parser().parse_args(argv)
+    # timm <= 1.0.21 uses torch.jit.interface, which torch 2.14 deprecates with a warning at its import: a line before
+    # every command's output that is timm's to fix, not the user's
+    warnings.filterwarnings("ignore", message="`torch.jit.interface` is deprecated", category=FutureWarning)
     try:
+        check_versions()
         args.func(args)
     except NFNetZooError as e:
         print(f"nfnet-zoo {args.command}: error: {e}", file=sys.stderr)
