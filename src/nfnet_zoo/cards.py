@@ -226,7 +226,7 @@ def build_model_card(run_dir: Union[str, os.PathLike], repo_id: Optional[str] = 
     if curves if curves is not None else (run / CURVES).is_file():
         sections.append(f"## Training curves\n\n![Training curves]({CURVES})\n\nPer epoch: training and validation "
                         "loss, validation top-1 and top-5, the learning rate and the fraction of units AGC clipped.")
-    model_id = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{run.name}"
+    model_id = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{run}"  # the folder as the run was given
     sections.append(_usage(model_id, 'labels = model.pretrained_cfg["label_names"]' if labels
                            else "labels = [str(i) for i in range(probs.numel())]"))
     n_val = f" ({summary['num_val']} images)" if summary.get("num_val") else ""
