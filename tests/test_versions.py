@@ -49,7 +49,7 @@ def test_floors_agree_with_pyproject_and_constraints_floor():
     assert declared.keys() == FLOORS.keys()
     assert {k: _release(v) for k, v in declared.items()} == {k: _release(v) for k, v in FLOORS.items()}
     for name, floor in declared.items():
-        if name in pins:  # torch, torchvision: only the pinned build is on the machine
+        if name in ("torch", "torchvision"):  # only the pinned build is on the machine
             assert floors[name] == pins[name], name
         else:
             assert _release(floors[name]) == _release(floor), name
@@ -85,3 +85,18 @@ def test_the_installed_releases_pass_their_floors():
     assert too_old("torch", "999.0").startswith("torch ")
     assert too_old("no-such-distribution", "1.0") == ("no-such-distribution is not installed, nfnet-zoo needs "
                                                       ">= 1.0: pip install 'no-such-distribution>=1.0'")
+
+
+def test_the_readme_table_names_the_floors_and_the_pins():
+    """README's table under 'Installing with pip': its lowest column is FLOORS, its tested column the pins."""
+    readme = (ROOT / "README.md").read_text()
+    rows = {_name(cells[0].strip("` ")): cells for line in readme.splitlines()
+            if line.startswith("| ") and len(cells := [c.strip() for c in line.strip("|").split("|")]) == 4}
+    pins = _pins(ROOT / "constraints.txt")
+    for name, floor in FLOORS.items():
+        lowest, tested = rows[name][1], rows[name][3]
+        assert lowest.split()[0].rstrip(",") == floor, name
+        if name in pins:
+            assert tested == pins[name], name
+        else:
+            assert tested.endswith("*") or "*," in tested, name  # marked: not pinned
