@@ -100,3 +100,12 @@ def test_the_readme_table_names_the_floors_and_the_pins():
             assert tested == pins[name], name
         else:
             assert tested.endswith("*") or "*," in tested, name  # marked: not pinned
+
+
+def test_importing_with_a_timm_older_than_its_floor_warns_in_one_line(tmp_path):
+    old = _fake_installed(tmp_path / "site", "timm", "1.0.15")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(old), str(ROOT / "src")])}
+    r = subprocess.run([sys.executable, "-W", "always", "-c", "import nfnet_zoo, timm"], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert r.returncode == 0
+    assert f"UserWarning: nfnet-zoo: timm 1.0.15 found, nfnet-zoo needs >= {FLOORS['timm']}: " in r.stderr
