@@ -140,8 +140,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
                    help="compile the training model with torch.compile (timm's flag; BACKEND default: inductor); "
                    "the first steps are slower while it compiles")
     g.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
-    g.add_argument("-j", "--workers", type=int, help=f"data loading processes per training process (default: 4, or the CPUs available if fewer: "
-                   f"{d('workers')} here)")
+    g.add_argument("-j", "--workers", type=int, help="data loading processes per training process (default: 4, "
+                   f"or the CPUs available if fewer: {d('workers')} here)")
     g.add_argument("--resume", nargs="?", const="", metavar="RUN",
                    help="continue RUN (default: --output) from its last saved state with its saved arguments; "
                    "only --epochs, --workers, --report-to, --save-every, --log-interval, --cpu, --bad-images and "
@@ -226,7 +226,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", required=True, help="image folder (DIR/<class>/<image>) or saved dataset")
     p.add_argument("-b", "--batch-size", type=argtype("batch_size"), default=64, help="batch size (default: 64)")
     p.add_argument("-j", "--workers", type=argtype("workers"), default=default_workers(),
-                   help=f"data loading processes (default: 4, or the CPUs available if fewer: {default_workers()} here)")
+                   help=f"data loading processes (default: 4, or the CPUs available if fewer: {default_workers()} "
+                   "here)")
     p.add_argument("--bad-images", choices=("skip", "error"), default="skip",
                    help="unreadable image files: leave out with a warning, or stop (default: skip)")
     p.add_argument("--check-images", choices=("full", "header", "none"), default="full",
