@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-hub1 gpu-check bench reproduce cards clean
+.PHONY: setup demo test test-hub1 test-floors gpu-check bench reproduce cards clean
 
 setup: $(STAMP)
 
@@ -33,11 +33,34 @@ $(HUB1)/.installed: pyproject.toml constraints.txt
 	$(HUB1)/bin/pip install -q -c constraints.txt 'huggingface_hub>=1.31,<2' -e '.[test]'
 	touch $@
 
-# On a GPU machine as it is: its own python, torch, timm and accelerate; no venv, no installs, no network.
-# One log (gpu_check.log). DEVICE=cpu runs the same on the CPU; QUICK=1 is the smallest form (CI).
+# pyproject.toml's lower bounds (constraints-floor.txt) installed together from nothing, and the tests of what
+# touches their APIs (model creation, finetune, evaluate, predict, push to a local Hub, cards, AGC with
+# accelerate, saved datasets) run with them. CI runs it after `make test`.
+FLOOR ?= .venv-floor
+FLOOR_TESTS := tests/test_versions.py tests/test_variants.py tests/test_install.py tests/test_readme.py \
+	tests/test_finetune.py::test_run_folder_contract tests/test_finetune.py::test_result_loads_with_timm_local_dir \
+	tests/test_finetune.py::test_checkpoint_with_other_classes_gets_a_new_head tests/test_finetune.py::test_cli_faults_are_one_line \
+	tests/test_evaluate.py tests/test_hub.py tests/test_received.py tests/test_data.py::test_saved_hf_dataset_with_a_corrupt_row \
+	tests/test_agc.py::test_accelerate_accumulation_clips_once_on_the_accumulated_gradient \
+	tests/test_agc.py::test_refuses_fsdp1_and_deepspeed tests/test_ecosystem.py::test_meta_device_and_dtype
+test-floors: $(FLOOR)/.installed
+	$(FLOOR)/bin/python -m pytest -q $(FLOOR_TESTS)
+
+$(FLOOR)/.installed: pyproject.toml constraints.txt constraints-floor.txt
+	rm -rf $(FLOOR)
+	$(PYTHON) -m venv $(FLOOR)
+	$(FLOOR)/bin/pip install -q -c constraints-floor.txt torch torchvision
+	$(FLOOR)/bin/pip install -q -c constraints-floor.txt -e '.[datasets,plots]' pytest pyyaml scikit-learn
+	touch $@
+
+# On a GPU machine as it is: its own torch, timm and accelerate; no installs, no network. Its python: PYTHON=...
+# when given, else .venv's when there is one, else python3; one line if that lacks a dependency or has one
+# older than pyproject.toml's floors. One log (gpu_check.log). DEVICE=cpu runs the same on the CPU; QUICK=1 is
+# the smallest form (CI).
 DEVICE ?= cuda
+CHECK_PYTHON = $(if $(filter command line environment,$(origin PYTHON)),$(PYTHON),$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)))
 gpu-check:
-	$(PYTHON) benchmarks/gpu_check.py --device $(DEVICE) $(if $(QUICK),--quick) $(if $(LOG),--log $(LOG))
+	$(CHECK_PYTHON) benchmarks/gpu_check.py --device $(DEVICE) $(if $(QUICK),--quick) $(if $(LOG),--log $(LOG))
 
 bench: $(STAMP)  ## writes BENCHMARKS.md (about 10 minutes on 2 cores)
 	$(BIN)/python benchmarks/bench.py
@@ -51,4 +74,4 @@ cards: $(STAMP)
 	$(BIN)/nfnet-zoo cards
 
 clean:
-	rm -rf $(VENV) $(HUB1) build src/*.egg-info
+	rm -rf $(VENV) $(HUB1) $(FLOOR) build src/*.egg-info

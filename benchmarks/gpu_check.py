@@ -68,12 +68,34 @@ VERSIONS = ("import sys, torch, timm, accelerate, huggingface_hub as h; "
             "print('cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')")
 
 
+# what the steps import: nfnet-zoo's dependencies and pytest
+NEEDS = ("torch", "torchvision", "timm", "accelerate", "huggingface_hub", "safetensors", "PIL", "numpy", "pytest")
+
+
+def _unfit_python() -> str | None:
+    """One line when this python lacks a dependency or has one older than nfnet-zoo's floor, else None."""
+    import importlib.util
+    missing = [name for name in NEEDS if importlib.util.find_spec(name) is None]
+    if missing:
+        problem = f"{sys.executable} has no {', '.join(missing)}"
+    else:
+        sys.path.insert(0, str(ROOT / "src"))
+        from nfnet_zoo.versions import FLOORS, too_old
+        problem = "; ".join(filter(None, (too_old(name, floor) for name, floor in FLOORS.items())))
+    return problem and (f"gpu-check: error: {problem}; pass PYTHON=/path/to/python of an environment with "
+                        "nfnet-zoo's dependencies (`make setup` makes .venv/bin/python, which gpu-check then uses)")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     p.add_argument("--quick", action="store_true", help="the smallest form of each step (CI on the CPU)")
     p.add_argument("--log", default=str(ROOT / "gpu_check.log"), help="log file (default: gpu_check.log)")
     args = p.parse_args()
+    unfit = _unfit_python()
+    if unfit:
+        print(unfit, file=sys.stderr)
+        return 2
     cpu = args.device == "cpu"
     log = Log(Path(args.log))
     work = Path(tempfile.mkdtemp(prefix="nfnet-zoo-gpu-check-"))

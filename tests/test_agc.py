@@ -383,24 +383,33 @@ def test_accelerate_accumulation_clips_once_on_the_accumulated_gradient():
 
 
 def test_refuses_fsdp1_and_deepspeed():
+    import inspect
+
+    import accelerate
     from accelerate import Accelerator, FullyShardedDataParallelPlugin
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DistributedType
 
     # A real Accelerator with the configuration Accelerate sets up under FSDP / DeepSpeed launches.
+    # accelerate < 1.6 (make test-floors) has only FSDP1: its plugin takes no fsdp_version
+    has_fsdp2 = "fsdp_version" in inspect.signature(FullyShardedDataParallelPlugin).parameters
     try:
         accelerator = Accelerator(cpu=True)
         assert_agc_supported(accelerator)
         state = accelerator.state
         state.distributed_type = DistributedType.FSDP
-        state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=1)
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(**({"fsdp_version": 1} if has_fsdp2 else {}))
         with pytest.raises(NFNetZooError) as err:
             assert_agc_supported(accelerator)
         message = str(err.value)
         assert "FSDP1" in message and "fsdp_version=2" in message and "DDP" in message and "\n" not in message
-        state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
-        assert accelerator.is_fsdp2
-        assert_agc_supported(accelerator)
+        if has_fsdp2:
+            state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+            assert accelerator.is_fsdp2
+            assert_agc_supported(accelerator)
+        else:  # the version found and the one FSDP2 needs
+            assert (f"accelerate {accelerate.__version__} found, nfnet-zoo needs >= 1.6: "
+                    "pip install -U 'accelerate>=1.6'") in message
         state.distributed_type = DistributedType.DEEPSPEED
         with pytest.raises(NFNetZooError, match="DeepSpeed flattens"):
             unscale_and_clip_(accelerator, [])

@@ -121,8 +121,13 @@ def test_run_folder_has_its_training_curves(run):
 
 
 def test_result_loads_with_timm_local_dir(run):
+    import re
+
     import timm
-    model = timm.create_model(f"local-dir:{run}", pretrained=True)
+    # the model id the run's card shows is the one that loads it
+    [model_id] = re.findall(r'timm\.create_model\("(local-dir:[^"]+)"', (run / "README.md").read_text())
+    assert model_id == f"local-dir:{run}"
+    model = timm.create_model(model_id, pretrained=True)
     assert _same({k: v for k, v in model.state_dict().items()}, _weights(run))
     assert model.pretrained_cfg["label_names"] == ["bright", "dark", "mid"]
     assert model.pretrained_cfg["test_input_size"][-1] == 32

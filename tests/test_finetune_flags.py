@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -355,3 +357,24 @@ def test_fast_kernels_off_trains_what_the_kernels_train(baseline, data_dir, tmp_
     ours, theirs = (json.loads((r / "metrics.jsonl").read_text()) for r in (baseline, reference))
     assert ours["clipped_fraction"] == pytest.approx(theirs["clipped_fraction"], abs=0.02)
     assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-3)
+
+
+def test_default_workers_stay_within_the_cpus_available():
+    """On a machine with one CPU for us, the default -j of finetune, evaluate and demo passes torch's own
+    check of the worker count (DataLoader.check_worker_number_rationality warns above it)."""
+    script = """
+import os, warnings
+os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+from torch.utils.data import DataLoader
+from nfnet_zoo.cli import build_parser
+from nfnet_zoo.recipe import FinetuneConfig
+parse = build_parser().parse_args
+counts = [FinetuneConfig(model="m", data_dir="d").workers, parse(["evaluate", "m", "--data-dir", "d"]).workers,
+          parse(["demo"]).workers]
+warnings.simplefilter("error")
+for n in counts:
+    DataLoader(range(4), num_workers=n).check_worker_number_rationality()
+print(counts)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[1, 1, 1]", r.stderr[-2000:]

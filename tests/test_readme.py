@@ -29,3 +29,14 @@ def test_agc_grad_scaler_snippet_steps_repeatedly():
         scope["x"], scope["y"] = torch.randn(4, 3, 32, 32), torch.randint(0, 4, (4,))
         exec(code, scope)
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_agc_loop_snippet_runs_as_written(capsys):
+    """'Adaptive Gradient Clipping in your own loop' runs as printed, with nothing supplied from outside."""
+    [snippet] = [b for b in _python_blocks() if "adaptive_clip_grad_(clipped" in b and "GradScaler" not in b]
+    scope: dict = {}
+    exec(compile(snippet, str(README), "exec"), scope)
+    optimizer, stats = scope["optimizer"], scope["stats"]
+    assert all(len(optimizer.state[p]) for p in scope["model"].parameters())  # every parameter was stepped
+    assert stats.units > 0 and 0 <= stats.clipped_fraction() <= 1
+    assert capsys.readouterr().out.startswith("loss ")

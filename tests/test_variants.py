@@ -1,10 +1,12 @@
 """Registration in timm's factory, the variant table, pretrained configs and Hub weight loading."""
+import functools
 import json
 import os
 import subprocess
 import sys
 import textwrap
 import warnings
+from unittest import mock
 
 import pytest
 import timm
@@ -44,7 +46,10 @@ def test_paper_table():
 @pytest.mark.parametrize("i", range(7))
 def test_strict_load_of_timm_dm_nfnet(i):
     """timm's dm_nfnet_fN state dicts (the Hub weights' format) load strictly into ours."""
-    with torch.device("meta"):
+    # timm 1.0.20's NormFreeNet reads its drop-path rates with torch.linspace(...).tolist(), which no meta
+    # tensor can answer: its linspace runs on the CPU (the rates are plain floats either way)
+    on_cpu = functools.partial(torch.linspace, device="cpu")
+    with torch.device("meta"), mock.patch.object(torch, "linspace", on_cpu):
         ours = timm.create_model(f"nfnet_f{i}")
         theirs = timm.create_model(f"dm_nfnet_f{i}")
     ours.load_state_dict(theirs.state_dict(), strict=True)

@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import NFNetZooError
+from .versions import FSDP2_ACCELERATE, too_old
 from . import cpu_kernels
 from .cpu_kernels import WS_STATS
 
@@ -367,9 +368,12 @@ def assert_agc_supported(target: Any) -> None:
     """
     wrapper = _flattening_wrapper(target)
     if wrapper:
+        fix = "use FSDP2 (FullyShardedDataParallelPlugin(fsdp_version=2) / torch fully_shard) or DDP"
+        old = too_old("accelerate", FSDP2_ACCELERATE) if hasattr(target, "distributed_type") else None
+        if wrapper == "FSDP1" and old:  # this accelerate cannot make FSDP2 (fsdp_version: 2 is ignored)
+            fix = f"use DDP, or FSDP2 (fsdp_version=2), which needs a newer accelerate: {old}"
         raise NFNetZooError(f"AGC needs each parameter's own shape for its unit-wise norms, but {wrapper} "
-                            "flattens parameters; use FSDP2 (FullyShardedDataParallelPlugin(fsdp_version=2)"
-                            " / torch fully_shard) or DDP")
+                            f"flattens parameters; {fix}")
 
 
 def unscale_and_clip_(accelerator: Any, parameters: Iterable[torch.Tensor], clipping: float = 0.01,

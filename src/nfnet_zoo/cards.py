@@ -390,9 +390,11 @@ def build_hub_config(tag: str) -> str:
     with torch.device("meta"):
         model = timm.create_model(tag, pretrained=False, num_classes=1000)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "config.json"
-        save_config_for_hf(model, str(path), model_config={"source_checkpoint": f"F{_zoo_index(tag)}_haiku.npz"},
-                           model_args={})
+        path = Path(tmp) / "config.json"  # a Path: timm < 1.0.31 calls config_path.open()
+        # the pool named: timm < 1.0.31 does not read it from the head
+        save_config_for_hf(model, path, model_config={"source_checkpoint": f"F{_zoo_index(tag)}_haiku.npz",
+                                                      "global_pool": "avg"},
+                           model_args={"global_pool": "avg"})
         rewrite_shared(path)
         return path.read_text()
 

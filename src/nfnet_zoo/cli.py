@@ -11,6 +11,7 @@ import sys
 
 from .errors import NFNetZooError, machine_fault
 from .flags import argtype
+from .versions import check_versions
 
 
 # --- convert ---------------------------------------------------------------------------------
@@ -140,7 +141,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
                    help="compile the training model with torch.compile (timm's flag; BACKEND default: inductor); "
                    "the first steps are slower while it compiles")
     g.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
-    g.add_argument("-j", "--workers", type=int, help=f"data loading processes per training process (default: {d('workers')})")
+    g.add_argument("-j", "--workers", type=int, help="data loading processes per training process (default: 4, "
+                   f"or the CPUs available if fewer: {d('workers')} here)")
     g.add_argument("--resume", nargs="?", const="", metavar="RUN",
                    help="continue RUN (default: --output) from its last saved state with its saved arguments; "
                    "only --epochs, --workers, --report-to, --save-every, --log-interval, --cpu, --bad-images and "
@@ -212,6 +214,8 @@ def _run_curves(args: argparse.Namespace) -> None:
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    from .recipe import default_workers
+
     p = sub.add_parser(
         "evaluate", help="top-1, top-5 and per-class accuracy of a model on an image folder",
         description="Evaluate MODEL on DIR's val/ (or validation/) folder, or on all of DIR/<class>/* "
@@ -222,7 +226,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    "name with weights (nfnet_f0)")
     p.add_argument("--data-dir", required=True, help="image folder (DIR/<class>/<image>) or saved dataset")
     p.add_argument("-b", "--batch-size", type=argtype("batch_size"), default=64, help="batch size (default: 64)")
-    p.add_argument("-j", "--workers", type=argtype("workers"), default=4, help="data loading processes (default: 4)")
+    p.add_argument("-j", "--workers", type=argtype("workers"), default=default_workers(),
+                   help=f"data loading processes (default: 4, or the CPUs available if fewer: {default_workers()} "
+                   "here)")
     p.add_argument("--bad-images", choices=("skip", "error"), default="skip",
                    help="unreadable image files: leave out with a warning, or stop (default: skip)")
     p.add_argument("--check-images", choices=("full", "header", "none"), default="full",
@@ -262,6 +268,8 @@ def _run_predict(args: argparse.Namespace) -> None:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from .recipe import default_workers
+
     p = sub.add_parser(
         "demo", help="fine-tune the tiny NFNet on scikit-learn's handwritten digits (CPU, no network)",
         description="Build an image folder from scikit-learn's 1,797 handwritten digits (shipped with the "
@@ -269,7 +277,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "model is. A few minutes on a laptop.")
     p.add_argument("--output", default="runs/demo", help="run folder (default: runs/demo; replaced if it "
                    "holds an earlier demo run)")
-    p.add_argument("-j", "--workers", type=argtype("workers"), default=2, help="data loading processes (default: 2)")
+    p.add_argument("-j", "--workers", type=argtype("workers"), default=default_workers(2),
+                   help="data loading processes (default: 2, or 1 on a machine with one CPU)")
     p.set_defaults(func=_run_demo)
 
 
@@ -390,8 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
     args = build_parser().parse_args(argv)
+    # timm <= 1.0.21 uses torch.jit.interface, which torch 2.14 deprecates with a warning at its import: a line before
+    # every command's output that is timm's to fix, not the user's
+    warnings.filterwarnings("ignore", message="`torch.jit.interface` is deprecated", category=FutureWarning)
     try:
+        check_versions()
         args.func(args)
     except NFNetZooError as e:
         print(f"nfnet-zoo {args.command}: error: {e}", file=sys.stderr)

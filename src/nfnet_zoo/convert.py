@@ -394,9 +394,10 @@ def convert_haiku_checkpoint(src: Union[str, os.PathLike], out_dir: Union[str, o
     out = Path(out_dir)
     _check_replaceable(out)
     out.mkdir(parents=True, exist_ok=True)
-    arch_args = {k: list(v) if isinstance(v, tuple) else v for k, v in model_args.items()}
+    # the pool named: timm < 1.0.31 does not read it from the head
+    arch_args = {**{k: list(v) if isinstance(v, tuple) else v for k, v in model_args.items()}, "global_pool": "avg"}
     with tempfile.TemporaryDirectory(dir=out, prefix=".convert-") as tmp:
-        save_for_hf(model, tmp, model_config={"source_checkpoint": Path(src).name},
+        save_for_hf(model, tmp, model_config={"source_checkpoint": Path(src).name, "global_pool": "avg"},
                     model_args=arch_args, safe_serialization=True)
         rewrite_shared(Path(tmp) / "config.json")  # loadable by plain timm and transformers (shared_config.py)
         for name in _OUTPUTS:

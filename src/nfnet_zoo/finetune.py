@@ -259,7 +259,7 @@ def _save_model_folder(model: nn.Module, dest: Path, label_names: list[str], mod
     try:
         # safetensors wants contiguous tensors: a channels_last model is exported in the default layout
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        with _swapped_state(model, state):
+        with _swapped(model, "state_dict", lambda *a, **k: state):
             save_for_hf(model, str(tmp), model_config={"label_names": list(label_names)},
                         model_args=model_args, safe_serialization=True)
         rewrite_shared(tmp / "config.json", eval_size=eval_size, notes=notes)
@@ -270,13 +270,19 @@ def _save_model_folder(model: nn.Module, dest: Path, label_names: list[str], mod
 
 
 @contextlib.contextmanager
-def _swapped_state(model: nn.Module, state: dict):
-    original = model.state_dict
-    model.state_dict = lambda *a, **k: state
+def _swapped(model: nn.Module, name: str, value):
+    original = getattr(model, name)
+    setattr(model, name, value)
     try:
         yield
     finally:
-        model.state_dict = original
+        setattr(model, name, original)
+
+
+def _unwrap(accelerator, model: nn.Module) -> nn.Module:
+    """The plain module, without torch.compile's wrapper: removed before accelerate sees it, as
+    accelerate < 1.3 (no keep_torch_compile) puts it back."""
+    return accelerator.unwrap_model(getattr(model, "_orig_mod", model))
 
 
 # --- running ---------------------------------------------------------------------------------
@@ -454,7 +460,7 @@ def _setup(cfg: FinetuneConfig, run: Path, resuming: bool, lock: RunLock) -> _Tr
     if _is_fsdp2(accelerator):
         prepare_for_fsdp2(model)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    unwrapped = _unwrap(accelerator, model)
     ema = None
     if cfg.model_ema:  # copied from the prepared model: on its device, in its dtype and memory format
         from timm.utils import ModelEmaV3
@@ -669,7 +675,7 @@ def _end_of_epoch(t: _Training, metrics: dict) -> None:
     improved = progress.best is None or row["top1"] is None or row["top1"] > progress.best["top1"]
     if improved:
         progress.best = dict(row)
-    export = accelerator.unwrap_model(t.eval_model, keep_torch_compile=False)
+    export = _unwrap(accelerator, t.eval_model)
     if accelerator.is_main_process:
         _save_model_folder(export, t.run / "last", t.data.classes, t.model_args, t.test_size, t.notes)
         if improved:

@@ -4,6 +4,7 @@ Parameter names and shapes are those of timm's `dm_nfnet_*` (strict state-dict c
 the computation is DeepMind's (see `layers.py` for where that differs from timm).
 """
 
+import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -173,8 +174,10 @@ class NFNet(nn.Module):
         self.final_conv = WSConv2d(ch, self.num_features, 1, **dd)
         self.final_act = GammaAct(cfg.activation)
         self.feature_info.append(dict(num_chs=self.num_features, reduction=reduction, module="final_act"))
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool,
-                                   drop_rate=self.drop_rate, **dd)
+        # timm < 1.0.21's ClassifierHead takes no device/dtype: build it on the device, then cast
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool,
+                                       drop_rate=self.drop_rate).to(dtype=dtype)
         if num_classes:
             nn.init.normal_(self.head.fc.weight, std=0.01)  # DeepMind's fc_init N(0, 0.01)
             nn.init.zeros_(self.head.fc.bias)

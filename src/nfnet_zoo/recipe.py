@@ -15,6 +15,7 @@ schedule), so that `finetune.py` holds only the loop and the run folder.
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -74,7 +75,7 @@ class FinetuneConfig:
     grad_accum_steps: int = 1
     channels_last: bool = False
     seed: int = 42
-    workers: int = 4
+    workers: int = field(default_factory=lambda: default_workers())  # 4, or the CPUs available if fewer
     pretrained: Optional[bool] = None    # None: pretrained where the variant has released weights
     checkpoint: Optional[str] = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -116,6 +117,16 @@ class FinetuneConfig:
 # What may change when a run is resumed: how it runs, not what it computes (plus a longer schedule).
 RESUMABLE_OVERRIDES = frozenset({"epochs", "workers", "report_to", "log_interval", "save_every", "cpu",
                                  "bad_images", "check_images"})
+
+
+def default_workers(most: int = 4) -> int:
+    """Data loading processes by default: `most`, or fewer where fewer CPUs are available to this process
+    (more would only contend, and torch's DataLoader warns about them)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS, Windows)
+        cpus = os.cpu_count() or 1
+    return max(1, min(most, cpus))
 
 
 def default(name: str) -> Any:

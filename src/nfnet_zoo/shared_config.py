@@ -130,7 +130,13 @@ def share_config(config: dict, *, eval_size: Optional[int] = None, notes: Option
     out = {k: v for k, v in config.items() if k not in ("architecture", "model_args", SECTION)}
     pcfg = dict(config.get("pretrained_cfg") or {})
     if eval_size:
+        if (pcfg.get("input_size") or [0])[-1] != eval_size:
+            pcfg.pop("pool_size", None)  # the starting weights' pool size belongs to their input size
         pcfg.update(_data_fields(eval_size))
+    if "num_classes" in config and pcfg.get("num_classes", config["num_classes"]) != config["num_classes"]:
+        for key in ("label_names", "label_descriptions", "label_offset"):  # the starting weights' classes
+            pcfg.pop(key, None)
+        pcfg["num_classes"] = config["num_classes"]
     if notes is not None:
         for key in ("tag", "origin_url"):
             pcfg.pop(key, None)

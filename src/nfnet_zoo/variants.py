@@ -18,6 +18,7 @@ from timm.models._builder import resolve_pretrained_cfg
 from . import nfnet_zoo as _timm_module
 from .errors import NFNetZooError
 from .nfnet import NFNet, NFNetCfg
+from .versions import FLOORS, too_old
 
 PAPER = "arXiv:2102.06171"
 PAPER_NAME = "High-Performance Large-Scale Image Recognition Without Normalization"
@@ -165,6 +166,9 @@ def _entrypoint(name: str):
 
 
 def _register_all() -> None:
+    old = too_old("timm", FLOORS["timm"])
+    if old:  # from Python there is no command to stop: one line, and the models may not work
+        warnings.warn(f"nfnet-zoo: {old}", stacklevel=2)
     _timm_module.default_cfgs = default_cfgs  # register_model reads the pretrained configs there
     # timm ships weightless nfnet_f0..f7 entries; replacing them is the point, so only that
     # overwrite warning is silenced.
