@@ -770,3 +770,13 @@ def test_a_terminal_that_cannot_show_a_class_name_gets_escapes_not_a_traceback(r
                        cwd=tmp_path)
     assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr.decode(errors="replace")[-2000:]
     assert b"caf\\xe9" in r.stdout and b"\\u732b" in r.stdout, r.stdout
+
+
+def test_a_resumed_args_json_that_asks_for_another_network_is_refused_before_it_is_built(run_copy, capsys):
+    """A received run folder's args.json with huge widths would allocate gigabytes before the state's check."""
+    import json
+    args = json.loads((run_copy / "args.json").read_text())
+    args["model_args"] = {**args["model_args"], "widths": [65536] * 4}  # about 80 GB of weights
+    (run_copy / "args.json").write_text(json.dumps(args))
+    line = _refused_in_process(["finetune", "--resume", run_copy], capsys)
+    assert "args.json's model_args build a nfnet_zoo_tiny that the run's saved state does not fit" in line, line

@@ -298,10 +298,8 @@ def check_model_folder(config_file: Path, weights: Path, where: str,
         build = functools.partial(TIMM_OWN[arch], pretrained=False)
         shapes = _meta_shapes(build, kwargs, where, arch, fix)
         missing, unexpected = sorted(set(shapes) - set(header)), sorted(set(header) - set(shapes))
-    wrong = [k for k in shapes if k in header and shapes[k][1] != header[k][1]]
-    if missing or unexpected or wrong:
-        detail = (f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}" if unexpected else
-                  f"{wrong[0]} is {list(header[wrong[0]][1])}, the config builds {list(shapes[wrong[0]][1])}")
+    detail = misfit({k: v[1] for k, v in shapes.items()}, {k: v[1] for k, v in header.items()})
+    if detail:
         raise NFNetZooError(f"{where}: model.safetensors does not fit the {arch} that config.json describes "
                             f"({detail}); {fix}")
     not_float = [k for k, (dtype, _) in header.items() if shapes[k][0].is_floating_point and
@@ -310,6 +308,24 @@ def check_model_folder(config_file: Path, weights: Path, where: str,
         raise NFNetZooError(f"{where}: model.safetensors holds {not_float[0]} as {header[not_float[0]][0]}, not "
                             f"floating point; {fix}")
     return cfg, build, kwargs
+
+
+def misfit(built: dict, saved: dict) -> Optional[str]:
+    """How saved tensor shapes ({name: shape}) fail to fit a built model's, or None when they fit exactly."""
+    missing, unexpected = sorted(set(built) - set(saved)), sorted(set(saved) - set(built))
+    wrong = [k for k in built if k in saved and tuple(built[k]) != tuple(saved[k])]
+    if missing:
+        return f"missing {missing[:2]}"
+    if unexpected:
+        return f"unexpected {unexpected[:2]}"
+    if wrong:
+        return f"{wrong[0]} is {list(saved[wrong[0]])}, the model has {list(built[wrong[0]])}"
+    return None
+
+
+def weights_shapes(weights: Path, fix: str) -> dict:
+    """{name: shape} of a safetensors file, from its header (no tensor read); one line when it is damaged."""
+    return {k: shape for k, (_, shape) in _weights_header(weights, fix).items()}
 
 
 def check_finite(state: dict, where: str, fix: str = "restore it from where it came, or pass another model") -> None:
@@ -509,5 +525,6 @@ def format_predictions(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
-__all__ = ["evaluate", "predict", "load_model", "load_model_files", "check_model_folder", "check_finite", "check_model_name", "read_checkpoint", "model_label_names",
+__all__ = ["evaluate", "predict", "load_model", "load_model_files", "check_model_folder", "check_finite", "misfit",
+           "weights_shapes", "check_model_name", "read_checkpoint", "model_label_names",
            "topk_correct", "format_evaluation", "format_predictions", "create_pretrained", "has_pretrained_weights"]

@@ -18,6 +18,7 @@ import dataclasses
 import os
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .errors import NFNetZooError
@@ -201,10 +202,30 @@ def _rebuild(cfg: FinetuneConfig, classes: list[str]) -> nn.Module:
         files = sorted(set(kwargs) & {"checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"})
         if files:
             raise TypeError(f"{', '.join(files)} name weights to load, not the architecture")
+        _check_state_fits(cfg, name, kwargs, len(classes))
         return timm.create_model(name, pretrained=False, num_classes=len(classes), **kwargs)
     except (TypeError, ValueError, RuntimeError, ArithmeticError) as e:
         raise NFNetZooError(f"the run's model_args do not build {name} ({str(e).splitlines()[0][:120]}); restore its "
                             f"args.json, or start a new run") from None
+
+
+def _check_state_fits(cfg: FinetuneConfig, name: str, kwargs: dict, num_classes: int) -> None:
+    """The recorded architecture, built on the meta device, against the saved state's weights: a run folder's
+    args.json (received from someone, or edited) that asks for another network is refused before it is allocated."""
+    import timm
+    import torch
+    from .evaluate import misfit, weights_shapes
+    from .runstate import state_dir
+    folder = state_dir(Path(cfg.output)) if cfg.output else None
+    if folder is None or not (folder / "model.safetensors").is_file():
+        return  # no state yet (killed before the first save): nothing to compare, the restart is small
+    with torch.device("meta"):
+        built = {k: tuple(v.shape) for k, v in
+                 timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs).state_dict().items()}
+    detail = misfit(built, weights_shapes(folder / "model.safetensors", "restore the run's state, or start a new run"))
+    if detail:
+        raise NFNetZooError(f"{cfg.output}/args.json's model_args build a {name} that the run's saved state does not "
+                            f"fit ({detail}); restore its args.json, or start a new run")
 
 
 def load_checkpoint(model: nn.Module, ckpt, classes: list[str], path: str, log: Callable[[str], None] = print) -> None:
