@@ -61,6 +61,19 @@ def _damaged(model_dir: Path, tmp_path: Path, damage: str) -> Path:
         cfg["label_names"] = dict(enumerate(LABELS))
     elif damage == "test_input_size 20000":
         cfg["pretrained_cfg"]["test_input_size"] = [3, 20000, 20000]
+    elif damage == "section not an object":
+        cfg["nfnet_zoo"] = 5
+    elif damage == "section architecture 3":
+        cfg["nfnet_zoo"]["architecture"] = 3
+    elif damage == "section model_args a list":
+        cfg["nfnet_zoo"]["model_args"] = [1, 2]
+    elif damage == "section loads a file":
+        cfg["nfnet_zoo"]["model_args"]["checkpoint_path"] = str(tmp_path / "evil.pth")
+    elif damage == "interpolation nope":
+        cfg["pretrained_cfg"]["interpolation"] = "nope"
+    elif damage == "num_classes 10**9":
+        cfg["num_classes"] = 10 ** 9
+        cfg.pop("label_names")
     elif damage == "truncated weights":
         data = (folder / "model.safetensors").read_bytes()
         (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
@@ -76,7 +89,10 @@ DAMAGES = {"not strict": "missing", "nan weights": "NaN or infinite", "int64 wei
            "group_width 0": "does not build", "mean of 2 values": "pretrained_cfg.mean",
            "label_names too short": "label_names", "label_names a dict": "label_names",
            "test_input_size 20000": "pretrained_cfg.test_input_size", "truncated weights": "truncated",
-           "non-JSON config": "config.json is damaged"}
+           "non-JSON config": "config.json is damaged", "section not an object": "nfnet_zoo is 5",
+           "section architecture 3": "nfnet_zoo.architecture is 3", "section model_args a list": "nfnet_zoo.model_args",
+           "section loads a file": "checkpoint_path: files or downloads to load",
+           "interpolation nope": "pretrained_cfg.interpolation", "num_classes 10**9": "does not fit"}
 
 
 def _one_line(args, env=None) -> str:
@@ -194,3 +210,11 @@ def test_a_model_folder_whose_files_link_out_of_it_is_refused(model_dir, tmp_pat
             assert f"{folder / name} is a link out of its folder" in line, line
         (folder / name).unlink()
         shutil.copy(other / name, folder / name)
+
+
+@pytest.mark.parametrize("damage", ["not strict", "group_width 0", "section model_args a list", "interpolation nope",
+                                    "num_classes 10**9", "section loads a file"])
+def test_push_refuses_what_predict_refuses(model_dir, tmp_path, damage, capsys):
+    folder = _damaged(model_dir, tmp_path, damage)
+    line = _one_line_here(["push", folder, "--repo-id", "someone/x", "--dry-run"], capsys)
+    assert line.startswith("nfnet-zoo push: error: ") and DAMAGES[damage] in line, line

@@ -238,3 +238,20 @@ def test_a_checkpoint_of_timms_own_nfnet_f0_still_loads_after_import_nfnet_zoo(t
             assert model(x).tolist() == expected[name]
         with pytest.warns(UserWarning, match="timm's own nfnet_f0"):
             assert type(nfnet_zoo.load_model(str(tmp_path / name))).__name__ == "NormFreeNet"
+        # push leaves timm's own config.json as plain timm wrote it (never converted into DeepMind's NFNet)
+        with pytest.warns(UserWarning, match="timm's own nfnet_f0"):
+            files = {f.path: f for f in nfnet_zoo.push_to_hub(tmp_path / name, "someone/own", dry_run=True).files}
+        assert files["config.json"].source == tmp_path / name / "config.json" and "timm's own" in files["config.json"].note
+
+
+def test_settings_timm_cannot_take_fall_back_to_nfnet_zoo_custom():
+    """An activation timm's NfCfg has a gamma for but no function (softplus ...), a bottleneck timm rounds
+    otherwise: not timm-native, and the shared config is still written (a crash there ended runs after epoch 1)."""
+    import nfnet_zoo  # noqa: F401
+    from nfnet_zoo.shared_config import share_config, timm_native
+
+    for args in ({"activation": "softplus"}, {"activation": "identity"}, {"activation": "log_sigmoid"},
+                 {"expansion": 0.25}):
+        assert timm_native("nfnet_f0", args) is None, args
+        shared = share_config({"architecture": "nfnet_f0", "num_classes": 2, "model_args": args})
+        assert shared["architecture"] == "nfnet_zoo_custom" and shared["nfnet_zoo"]["model_args"] == args

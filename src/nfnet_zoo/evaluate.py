@@ -21,7 +21,7 @@ from torch import nn
 
 from .data import ImageDataset, load_eval_samples, run_held_out, to_rgb
 from .errors import NFNetZooError
-from .shared_config import exact_architecture, pretrained_cfg_of
+from .shared_config import exact_architecture, pretrained_cfg_of, state_shapes
 
 
 # --- models ------------------------------------------------------------------------------------
@@ -164,6 +164,8 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
                                 f"`nfnet-zoo finetune` or a weights file")
         fix = "restore it, or pass another --checkpoint"
         _refuse_links_out(p)
+        if (p / "config.json").exists() and not (p / "config.json").is_file():
+            raise NFNetZooError(f"--checkpoint {p}/config.json is not a file; {fix}")
         if (p / "config.json").is_file():
             check_model_folder(p / "config.json", p / "model.safetensors", f"--checkpoint {p}", fix)
         else:
@@ -223,6 +225,7 @@ def check_model_files(folder: Path) -> dict:
     return cfg
 
 
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # timm's str_to_interp_mode
 _MAX_SIZE = 4096  # pixels: far above any NFNet's evaluation size, far below what exhausts memory
 
 
@@ -233,6 +236,11 @@ def _check_config(cfg: dict, where: str) -> None:
                              f"weights, or pass another model")
     if not isinstance(cfg.get("architecture"), str):
         raise bad("architecture", "is missing; it is not a timm model folder")
+    try:
+        exact_architecture(cfg)
+    except ValueError as e:
+        field, _, problem = str(e).partition(" ")
+        raise bad(field, problem) from None
     n = cfg.get("num_classes")
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise bad("num_classes", f"is {n!r}, not a positive whole number")
@@ -253,6 +261,9 @@ def _check_config(cfg: dict, where: str) -> None:
         if v is not None and not (isinstance(v, list) and len(v) == 3 and all(
                 isinstance(x, (int, float)) and math.isfinite(x) and (key == "mean" or x > 0) for x in v)):
             raise bad(f"pretrained_cfg.{key}", f"is {v!r}, not 3 finite numbers (one a colour channel)")
+    interpolation = pcfg.get("interpolation")
+    if interpolation is not None and interpolation not in _INTERPOLATIONS:
+        raise bad("pretrained_cfg.interpolation", f"is {interpolation!r}, not one of {', '.join(_INTERPOLATIONS)}")
     for key in ("crop_pct", "test_crop_pct"):
         v = pcfg.get(key)
         if v is not None and not (isinstance(v, (int, float)) and 0 < v <= 1):
@@ -359,8 +370,7 @@ def load_model_files(config_file: Path, weights: Path, where: str) -> nn.Module:
 def _meta_shapes(build, kwargs: dict, where: str, arch: str, fix: str) -> dict:
     """{name: (dtype, shape)} of the model `build(**kwargs)` makes, built on the meta device (no memory)."""
     try:
-        with torch.device("meta"):
-            return {k: (v.dtype, tuple(v.shape)) for k, v in build(**kwargs).state_dict().items()}
+        return state_shapes(build, **kwargs)
     except Exception as e:  # noqa: BLE001 - any field value may break a constructor (ZeroDivisionError ...)
         raise NFNetZooError(f"{where}/config.json does not build {arch} ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:100] if str(e) else ''}); {fix}") from None

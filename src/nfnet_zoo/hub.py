@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from .cards import build_checkpoint_card, build_model_card, build_zoo_card, write_model_card, write_zoo_cards, zoo_tags
 from .curves import CURVES
 from .errors import NFNetZooError
-from .shared_config import exact_architecture, shared_form
+from .shared_config import exact_architecture, is_timm_own, shared_form
 
 logger = logging.getLogger(__name__)
 
@@ -136,16 +136,21 @@ def _own_file(path: Path) -> None:
                             f"at any file of yours); replace it with the file it stands for, or remove it")
 
 
-def _shared_config_file(path: Path) -> _File:
-    """config.json as it is when already in the shared form, else converted (shared_config.py)."""
+def _shared_config_file(run: Path) -> _File:
+    """config.json as it is when already in the shared form (or timm's own nfnet_fN, as plain timm wrote it),
+    else converted (shared_config.py); first checked against the weights as nfnet-zoo's loader checks them, so
+    that nothing goes up that `predict` would refuse."""
     import json
 
+    from .evaluate import check_model_folder, weights_shapes
+
+    path = run / "config.json"
+    config, _, _ = check_model_folder(path, run / "model.safetensors", str(run), "restore the one finetune wrote")
+    if is_timm_own(config, weights_shapes(run / "model.safetensors", "re-export the model")):
+        return _File("config.json", path, "(timm's own nfnet_fN, as timm wrote it)")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
-            raise ValueError("no architecture")
         shared = shared_form(config)
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise NFNetZooError(f"{path} is not a timm config.json ({str(e).splitlines()[0][:80] if str(e) else ''}); "
                             f"restore the one finetune wrote") from None
     if shared is config:
@@ -160,7 +165,7 @@ def _run_files(run: Path, repo_id: str, dataset_id: Optional[str] = None) -> tup
     for name in UPLOADED:
         _own_file(run / name)
     _check_weights(run / "model.safetensors", run)
-    config = _shared_config_file(run / "config.json")
+    config = _shared_config_file(run)
     curves = run / CURVES
     # the untouched draft; `nfnet-zoo curves` may have drawn curves.png after finetune wrote it
     drafts = {str(build_model_card(run, curves=shown)).encode() for shown in {curves.is_file(), False}}

@@ -213,15 +213,14 @@ def _check_state_fits(cfg: FinetuneConfig, name: str, kwargs: dict, num_classes:
     """The recorded architecture, built on the meta device, against the saved state's weights: a run folder's
     args.json (received from someone, or edited) that asks for another network is refused before it is allocated."""
     import timm
-    import torch
     from .evaluate import misfit, weights_shapes
     from .runstate import state_dir
+    from .shared_config import state_shapes
     folder = state_dir(Path(cfg.output)) if cfg.output else None
     if folder is None or not (folder / "model.safetensors").is_file():
         return  # no state yet (killed before the first save): nothing to compare, the restart is small
-    with torch.device("meta"):
-        built = {k: tuple(v.shape) for k, v in
-                 timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs).state_dict().items()}
+    built = {k: shape for k, (_, shape) in state_shapes(timm.create_model, model_name=name, pretrained=False,
+                                                         num_classes=num_classes, **kwargs).items()}
     detail = misfit(built, weights_shapes(folder / "model.safetensors", "restore the run's state, or start a new run"))
     if detail:
         raise NFNetZooError(f"{cfg.output}/args.json's model_args build a {name} that the run's saved state does not "

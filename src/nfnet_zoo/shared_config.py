@@ -27,17 +27,53 @@ _PASS_THROUGH = ("in_chans", "global_pool")            # the same arguments in b
 _TRAINING_ONLY = ("drop_rate", "drop_path_rate", "stochdepth_rate", "train_size", "test_size")
 
 
+# model_args that name files to load or downloads, not an architecture: never taken from a received config
+LOADING_ARGS = frozenset({"pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir",
+                          "pretrained_strict", "features_only"})
+
+
 def exact_architecture(config: dict) -> tuple[str, dict]:
     """(architecture, model_args) that build the exact network of a config.json: its `nfnet_zoo` section
-    when it has one, else its own (num_classes left out: it comes from config["num_classes"])."""
-    section = config.get(SECTION)
-    source = section if isinstance(section, dict) and "architecture" in section else config
+    when it has one, else its own (num_classes left out: it comes from config["num_classes"]).
+    ValueError, saying which field, for a malformed one (received configs are anyone's)."""
+    source, where = config, ""
+    if SECTION in config:
+        source, where = config[SECTION], f"{SECTION}."
+        if not isinstance(source, dict):
+            raise ValueError(f"{SECTION} is {source!r}, not an object with architecture and model_args")
+    if not isinstance(source.get("architecture"), str):
+        raise ValueError(f"{where}architecture is {source.get('architecture')!r}, not a model name")
     args = source.get("model_args") or {}
+    if not isinstance(args, dict):
+        raise ValueError(f"{where}model_args is {args!r}, not an object")
+    loading = sorted(set(args) & LOADING_ARGS)
+    if loading:
+        raise ValueError(f"{where}model_args names {', '.join(loading)}: files or downloads to load, not the "
+                         "architecture")
     return source["architecture"], {k: v for k, v in args.items() if k != "num_classes"}
+
+
+def is_timm_own(config: dict, weight_names) -> bool:
+    """A config.json + weights of timm's own nfnet_fN (a NormFreeNet without skip gains), which plain timm wrote:
+    our NFNets always have skip gains, and timm's NfCfg-only arguments (channels ...) are not ours."""
+    from .variants import TIMM_OWN, timm_own_fields
+
+    arch = config.get("architecture")
+    args = config.get("model_args") if isinstance(config.get("model_args"), dict) else {}
+    return (SECTION not in config and arch in TIMM_OWN
+            and (bool(set(args) & timm_own_fields()) or not any(k.endswith(".skipinit_gain") for k in weight_names)))
 
 
 @functools.lru_cache(maxsize=64)
 def _timm_native(architecture: str, args_json: str) -> Optional[tuple[str, str]]:
+    try:
+        return _find_timm_native(architecture, args_json)
+    except Exception:  # noqa: BLE001 - a field timm cannot take (an activation it lacks ...): not expressible
+        return None
+
+
+def _find_timm_native(architecture: str, args_json: str) -> Optional[tuple[str, str]]:
+    from timm.layers import get_act_fn
     from timm.models import nfnet as timm_nfnet
 
     from .nfnet import NFNetCfg
@@ -56,7 +92,7 @@ def _timm_native(architecture: str, args_json: str) -> Optional[tuple[str, str]]
     stem = cfg.widths[0] // 2
     if (len(set(cfg.group_widths())) != 1 or not cfg.big_width or tuple(cfg.strides) != (1, 2, 2, 2)
             or tuple(cfg.stem_widths) != (stem // 8, stem // 4, stem // 2) or cfg.final_conv_mult <= 0
-            or cfg.activation not in timm_nfnet._nonlin_gamma):
+            or cfg.activation not in timm_nfnet._nonlin_gamma or get_act_fn(cfg.activation) is None):
         return None
     name = architecture if architecture.startswith("nfnet_f") and not architecture.endswith("_plus") else "nfnet_f0"
     name = "dm_" + name
@@ -72,19 +108,31 @@ def _timm_native(architecture: str, args_json: str) -> Optional[tuple[str, str]]
     return name, json.dumps(overlay)
 
 
-def _same_parameters(ours: str, our_args: dict, theirs: str, their_args: dict) -> bool:
-    """Both models have the same parameter and buffer names and shapes (built on the meta device: free)."""
-    import timm
+def state_shapes(build, **kwargs) -> dict:
+    """{name: (dtype, shape)} of the state dict of `build(**kwargs)`, built on the meta device (no memory).
+    timm's NormFreeNet before 1.0.31 calls .tolist() on a tensor while it builds, which a meta tensor cannot
+    answer: for it, accelerate's init_empty_weights (parameters on meta, made on the CPU first)."""
     import torch
 
-    def shapes(name: str, args: dict) -> dict:
+    try:
         with torch.device("meta"):
-            model = timm.create_model(name, num_classes=2, **args)
-        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            model = build(**kwargs)
+    except NotImplementedError:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            model = build(**kwargs)
+    return {k: (v.dtype, tuple(v.shape)) for k, v in model.state_dict().items()}
+
+
+def _same_parameters(ours: str, our_args: dict, theirs: str, their_args: dict) -> bool:
+    """Both models have the same parameter and buffer names and shapes (built without memory)."""
+    import timm
 
     try:
-        return shapes(ours, our_args) == shapes(theirs, their_args)
-    except (TypeError, ValueError, AssertionError, RuntimeError):
+        return (state_shapes(timm.create_model, model_name=ours, num_classes=2, **our_args)
+                == state_shapes(timm.create_model, model_name=theirs, num_classes=2, **their_args))
+    except Exception:  # noqa: BLE001 - either side failing to build means they are not the same network
         return False
 
 
@@ -197,4 +245,4 @@ def pretrained_cfg_of(config: dict) -> dict:
     return pcfg
 
 
-__all__ = ["exact_architecture", "timm_native", "share_config", "rewrite_shared", "is_shared_form", "shared_form", "pretrained_cfg_of", "SECTION"]
+__all__ = ["state_shapes", "exact_architecture", "is_timm_own", "LOADING_ARGS", "timm_native", "share_config", "rewrite_shared", "is_shared_form", "shared_form", "pretrained_cfg_of", "SECTION"]

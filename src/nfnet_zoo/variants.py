@@ -117,7 +117,7 @@ def _load_error_is_timm_own(error: RuntimeError) -> bool:
     return only_skip_gains_missing(re.findall(r'"([^"]+)"', text.split("Missing key(s)", 1)[1]), [])
 
 
-def _timm_own_fields() -> set[str]:
+def timm_own_fields() -> set[str]:
     """Fields of timm's own `NfCfg` that ours lack: arguments that only a config of timm's nfnet_fN carries."""
     from timm.models.nfnet import NfCfg
     return {f.name for f in dataclasses.fields(NfCfg)} - _ARCH_FIELDS
@@ -125,7 +125,7 @@ def _timm_own_fields() -> set[str]:
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> NFNet:
     given = dict(kwargs)
-    if variant in TIMM_OWN and set(kwargs) & _timm_own_fields():  # e.g. channels=...: timm's own nfnet_fN
+    if variant in TIMM_OWN and set(kwargs) & timm_own_fields():  # e.g. channels=...: timm's own nfnet_fN
         warnings.warn("these arguments are of timm's own NfCfg: the model " + TIMM_OWN_NOTE.format(name=variant),
                       stacklevel=3)
         return TIMM_OWN[variant](pretrained=pretrained, **given)
