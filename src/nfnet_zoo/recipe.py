@@ -210,21 +210,27 @@ def _rebuild(cfg: FinetuneConfig, classes: list[str]) -> nn.Module:
 
 
 def _check_state_fits(cfg: FinetuneConfig, name: str, kwargs: dict, num_classes: int) -> None:
-    """The recorded architecture, built on the meta device, against the saved state's weights: a run folder's
-    args.json (received from someone, or edited) that asks for another network is refused before it is allocated."""
+    """The recorded architecture, built on the meta device, against the size of the saved state's weights: a run
+    folder's args.json (received, or edited) that asks for a far larger network is refused before it is allocated.
+    Everything finer (which file is damaged, which tensor does not fit) is runstate.py's check, after the build."""
+    import math
+
     import timm
-    from .evaluate import misfit, weights_shapes
+    from .evaluate import weights_shapes
     from .runstate import state_dir
     from .shared_config import state_shapes
     folder = state_dir(Path(cfg.output)) if cfg.output else None
     if folder is None or not (folder / "model.safetensors").is_file():
         return  # no state yet (killed before the first save): nothing to compare, the restart is small
-    built = {k: shape for k, (_, shape) in state_shapes(timm.create_model, model_name=name, pretrained=False,
-                                                         num_classes=num_classes, **kwargs).items()}
-    detail = misfit(built, weights_shapes(folder / "model.safetensors", "restore the run's state, or start a new run"))
-    if detail:
-        raise NFNetZooError(f"{cfg.output}/args.json's model_args build a {name} that the run's saved state does not "
-                            f"fit ({detail}); restore its args.json, or start a new run")
+    try:
+        saved = sum(math.prod(s) for s in weights_shapes(folder / "model.safetensors", "").values())
+    except NFNetZooError:
+        return  # damaged: runstate's manifest check names the file
+    built = sum(math.prod(shape) for _, shape in state_shapes(timm.create_model, model_name=name, pretrained=False,
+                                                                 num_classes=num_classes, **kwargs).values())
+    if built > 2 * saved + 10 ** 6:
+        raise NFNetZooError(f"{cfg.output}/args.json's model_args build a {name} of {built:,} weights, its saved state "
+                            f"holds {saved:,}; restore its args.json, or start a new run")
 
 
 def load_checkpoint(model: nn.Module, ckpt, classes: list[str], path: str, log: Callable[[str], None] = print) -> None:
