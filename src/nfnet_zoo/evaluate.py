@@ -129,9 +129,9 @@ class Checkpoint:
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a model folder (model.safetensors + config.json) or a .safetensors/.pth/.bin file."""
     from safetensors.torch import load_file
-    p = check_checkpoint(path)
+    p = check_checkpoint(path, finite=False)  # the loaded tensors are checked below: the file is read once
     if p.is_dir():
-        cfg = check_model_files(p)
+        cfg = _read_config(p / "config.json", "")  # checked by check_checkpoint; {} without one
         arch, args = exact_architecture(cfg) if isinstance(cfg.get("architecture"), str) else (None, None)
         state = load_file(p / "model.safetensors")
         check_finite(state, f"--checkpoint {p}", "restore it, or pass another --checkpoint")
@@ -155,8 +155,9 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint({k.removeprefix("module."): v for k, v in state.items()})
 
 
-def check_checkpoint(path: str | os.PathLike) -> Path:
-    """The checks of --checkpoint PATH that read no weights (run before anything is written)."""
+def check_checkpoint(path: str | os.PathLike, finite: bool = True) -> Path:
+    """The checks of --checkpoint PATH, run before anything is written: the folder's config.json against the
+    weights' header, and with `finite` the weights read one tensor at a time for NaN and infinities."""
     p = Path(path).expanduser()
     if p.is_dir():
         if not (p / "model.safetensors").is_file():
@@ -170,11 +171,13 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
             check_model_folder(p / "config.json", p / "model.safetensors", f"--checkpoint {p}", fix)
         else:
             _weights_header(p / "model.safetensors", fix)
-        _check_finite_file(p / "model.safetensors", f"--checkpoint {p}", fix)
+        if finite:
+            _check_finite_file(p / "model.safetensors", f"--checkpoint {p}", fix)
     elif p.suffix == ".safetensors" and p.is_file():
         fix = "restore it, or pass another --checkpoint"
         _weights_header(p, fix)
-        _check_finite_file(p, f"--checkpoint {p}", fix)
+        if finite:
+            _check_finite_file(p, f"--checkpoint {p}", fix)
     elif not p.is_file():
         raise NFNetZooError(f"--checkpoint {p} does not exist; pass a run folder or a .safetensors file")
     return p
@@ -214,15 +217,6 @@ def _weights_header(weights: Path, fix: str, where: Optional[str] = None) -> dic
     except Exception as e:  # safetensors' own error type: a truncated file or a damaged header
         name = f"{where}/model.safetensors" if where else weights
         raise NFNetZooError(f"{name} is damaged or truncated ({str(e).splitlines()[0][:80]}); {fix}") from None
-
-
-def check_model_files(folder: Path) -> dict:
-    """A model folder's config.json (a JSON object, {} when absent), after checking that it and
-    model.safetensors are whole; a damaged one is one line naming it."""
-    fix = "restore it with its model.safetensors, or pass another model folder"
-    cfg = _read_config(folder / "config.json", fix)
-    _weights_header(folder / "model.safetensors", "restore it, or pass another model folder")
-    return cfg
 
 
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # timm's str_to_interp_mode

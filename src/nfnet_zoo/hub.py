@@ -118,13 +118,13 @@ def _check_weights(path: Path, folder: Path) -> None:
 
 
 def _check_curves(path: Path) -> None:
-    """A PNG file, not a link: a link in a run folder someone sent you could point at any file of yours."""
+    """A PNG file (a link is refused before this, by _own_file)."""
     with suppress(OSError):
-        if not path.is_symlink() and path.is_file():
+        if path.is_file():
             with path.open("rb") as f:
                 if f.read(8) == b"\x89PNG\r\n\x1a\n":
                     return
-    raise NFNetZooError(f"{path} is not a PNG file (a link, a folder or another file) and is not pushed that way; "
+    raise NFNetZooError(f"{path} is not a PNG file (a folder or another file) and is not pushed that way; "
                         f"redraw it with `nfnet-zoo curves {path.parent}`, or remove it")
 
 

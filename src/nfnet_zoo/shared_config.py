@@ -207,7 +207,7 @@ def rewrite_shared(path, *, eval_size: Optional[int] = None, notes: Optional[lis
     path = Path(path)
     config = json.loads(path.read_text(encoding="utf-8"))
     if eval_size is None:
-        eval_size = ((config.get("pretrained_cfg") or {}).get("test_input_size") or [None])[-1]
+        eval_size = _test_size(config)
     shared = share_config(config, eval_size=eval_size, notes=notes)
     path.write_text(json.dumps(shared, indent=2) + "\n", encoding="utf-8")
     return shared
@@ -228,8 +228,13 @@ def shared_form(config: dict) -> dict:
     converted, its test size taken as the evaluation size."""
     if is_shared_form(config):
         return config
-    test = (config.get("pretrained_cfg") or {}).get("test_input_size") or [None]
-    return share_config(config, eval_size=test[-1] if isinstance(test[-1], int) else None)
+    return share_config(config, eval_size=_test_size(config))
+
+
+def _test_size(config: dict) -> Optional[int]:
+    """The test size a timm config.json's pretrained_cfg gives, if it gives one."""
+    size = ((config.get("pretrained_cfg") or {}).get("test_input_size") or [None])[-1]
+    return size if isinstance(size, int) else None
 
 
 def pretrained_cfg_of(config: dict) -> dict:
