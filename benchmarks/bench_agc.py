@@ -47,7 +47,7 @@ def run_benchmark(model_name: str = "nfnet_f0", batch_size: int = 8, img_size: i
     from timm.utils.agc import adaptive_clip_grad
 
     from nfnet_zoo import adaptive_clip_grad_, clipped_parameters, weight_decay_groups
-    from nfnet_zoo.cpu_kernels import WS_STATS
+    from nfnet_zoo.models.cpu_kernels import WS_STATS
 
     torch.manual_seed(0)
     model = timm.create_model(model_name).train()

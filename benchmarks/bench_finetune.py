@@ -43,7 +43,7 @@ def make_folder(root: Path, classes: int, per_class: int, size: int = 96) -> Pat
 
 
 def run_ours(args, data: Path, out: Path) -> list[float]:
-    from nfnet_zoo.finetune import finetune
+    from nfnet_zoo.training.finetune import finetune
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run = finetune(model=args.model, data_dir=str(data), output=str(out), epochs=args.epochs,

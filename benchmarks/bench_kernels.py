@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 import nfnet_zoo  # noqa: F401
 from nfnet_zoo import adaptive_clip_grad_, clipped_parameters, cpu_kernels, fast_kernels
-from nfnet_zoo.cpu_kernels import WS_STATS
-from nfnet_zoo.layers import GammaAct, WSConv2d, standardize_weight
+from nfnet_zoo.models.cpu_kernels import WS_STATS
+from nfnet_zoo.models.layers import GammaAct, WSConv2d, standardize_weight
 
 
 def _time(fn, inner):

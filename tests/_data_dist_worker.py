@@ -11,7 +11,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-import nfnet_zoo.image_check as image_check
+import nfnet_zoo.data.image_check as image_check
 from nfnet_zoo import NFNetZooError
 from nfnet_zoo.cli import exit_process
 from nfnet_zoo.data import load_image_data
@@ -20,7 +20,7 @@ data_dir, out, tag = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 accelerator = Accelerator(cpu=True)
 rank = accelerator.process_index
 if "--not-shared" in sys.argv:
-    from nfnet_zoo.finetune import _require_shared_run_folder
+    from nfnet_zoo.training.finetune import _require_shared_run_folder
     run = out / f"run-of-process-{rank}"  # what machines without a shared filesystem see
     run.mkdir(parents=True, exist_ok=True)
     try:

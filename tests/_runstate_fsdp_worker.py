@@ -66,7 +66,7 @@ def _run(rank, out):
     try:
         from torch.distributed.device_mesh import init_device_mesh
 
-        from nfnet_zoo.runstate import load_run_state, save_run_state
+        from nfnet_zoo.training.runstate import load_run_state, save_run_state
         torch.set_num_threads(1)
         mesh = init_device_mesh("cpu", (WORLD,))
         processes, run = _Processes(rank), out / "run"

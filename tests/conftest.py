@@ -35,7 +35,7 @@ def hub(tmp_path):
     server.stop()
 
 
-# --- the image check cache (nfnet_zoo.image_check) --------------------------------------------
+# --- the image check cache (nfnet_zoo.data.image_check) --------------------------------------------
 @pytest.fixture(autouse=True, scope="session")
 def _image_check_cache(tmp_path_factory):
     """Check results go to a folder of this test session, never to the user's cache."""

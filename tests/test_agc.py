@@ -17,9 +17,9 @@ from timm.utils.agc import adaptive_clip_grad as timm_adaptive_clip_grad
 
 from nfnet_zoo import (NFNetZooError, adaptive_clip_grad_, fast_kernels, assert_agc_supported, clipped_parameters,
                        prepare_for_fsdp2, unscale_and_clip_, weight_decay_groups)
-from nfnet_zoo.convert import convert_haiku_checkpoint, load_haiku_checkpoint, timm_keys, to_torch_layout
-from nfnet_zoo.cpu_kernels import WS_STATS
-from nfnet_zoo.layers import WSConv2d
+from nfnet_zoo.models.convert import convert_haiku_checkpoint, load_haiku_checkpoint, timm_keys, to_torch_layout
+from nfnet_zoo.models.cpu_kernels import WS_STATS
+from nfnet_zoo.models.layers import WSConv2d
 
 DATA = Path(__file__).parent / "data" / "deepmind"
 

@@ -11,7 +11,7 @@ import timm
 import torch
 
 import nfnet_zoo  # noqa: F401  (registers the variants)
-from nfnet_zoo.convert import convert_haiku_checkpoint, load_haiku_checkpoint, timm_keys
+from nfnet_zoo.models.convert import convert_haiku_checkpoint, load_haiku_checkpoint, timm_keys
 
 DATA = Path(__file__).parent / "data" / "deepmind"
 

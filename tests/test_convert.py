@@ -14,7 +14,7 @@ import torch
 
 import nfnet_zoo  # noqa: F401
 from nfnet_zoo import NFNetZooError
-from nfnet_zoo.convert import (convert_haiku_checkpoint, haiku_to_timm, infer_architecture,
+from nfnet_zoo.models.convert import (convert_haiku_checkpoint, haiku_to_timm, infer_architecture,
                                load_haiku_checkpoint, timm_keys, to_torch_layout)
 
 DATA = Path(__file__).parent / "data" / "deepmind"

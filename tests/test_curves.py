@@ -21,7 +21,7 @@ from PIL import Image
 
 from _images import make_folder
 from nfnet_zoo.cli import main as cli_main
-from nfnet_zoo.curves import INSTALL, curves_figure, read_metrics
+from nfnet_zoo.training.curves import INSTALL, curves_figure, read_metrics
 
 TINY = dict(model="nfnet_zoo_tiny", img_size=32, batch_size=8, workers=0, pretrained=False)
 BLUE, ORANGE = (31, 119, 180), (255, 127, 14)  # matplotlib's default colours of a panel's first and second line
@@ -65,7 +65,7 @@ def bare_run(tmp_path_factory) -> tuple[Path, list[str]]:
     with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _hide_matplotlib(mp)
-        from nfnet_zoo.finetune import finetune
+        from nfnet_zoo.training.finetune import finetune
         run = finetune(data_dir=str(data), output=str(out), epochs=1, clipping=0.0, **TINY)
     return run, [str(w.message) for w in caught]
 
@@ -240,7 +240,7 @@ def test_curves_command_refuses_bad_input_with_one_line(tmp_path, capsys, case, 
 
 # --- a plotting fault never stops training ------------------------------------------------------------
 def test_a_plotting_fault_warns_once_and_training_goes_on(tmp_path, monkeypatch):
-    ft = importlib.import_module("nfnet_zoo.finetune")  # the module (the package exports a function of that name)
+    ft = importlib.import_module("nfnet_zoo.training.finetune")  # the module (the package exports a function of that name)
     calls = []
 
     def broken(*args, **kwargs):

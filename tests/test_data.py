@@ -295,7 +295,7 @@ def test_evaluation_folder_of_unreadable_files_is_one_line(tmp_path):
 @pytest.fixture
 def checked(monkeypatch):
     """The keys the check decodes or reads (cache hits are not in it)."""
-    import nfnet_zoo.image_check as image_check
+    import nfnet_zoo.data.image_check as image_check
 
     class Keys(list):
         levels: set = set()
@@ -375,7 +375,7 @@ def test_results_are_remembered_for_unchanged_files_only(tmp_path, checked, monk
 
 
 def test_finetune_checks_at_the_level_asked_and_remembers_across_runs(tmp_path, checked, monkeypatch):
-    from nfnet_zoo.finetune import finetune
+    from nfnet_zoo.training.finetune import finetune
     monkeypatch.setenv("NFNET_ZOO_CACHE", str(tmp_path / "cache"))
     root = make_folder(tmp_path / "d", n_train=6, n_val=2)
     common = dict(model="nfnet_zoo_tiny", data_dir=str(root), epochs=1, img_size=32, batch_size=6, workers=0,

@@ -20,8 +20,8 @@ from _images import make_folder
 import nfnet_zoo  # noqa: F401
 from nfnet_zoo import NFNetZooError
 from nfnet_zoo.cli import main as cli_main
-from nfnet_zoo.evaluate import evaluate, predict
-from nfnet_zoo.finetune import finetune
+from nfnet_zoo.evaluation import evaluate, predict
+from nfnet_zoo.training.finetune import finetune
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
@@ -203,7 +203,7 @@ def test_weights_that_are_not_cached_fail_at_once_offline(network, tmp_path, dat
 
 def test_the_hub_probe_against_a_real_server(hub, monkeypatch):
     from huggingface_hub import constants
-    from nfnet_zoo.evaluate import _hub_reachable
+    from nfnet_zoo.models.load import _hub_reachable
     monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
     assert _hub_reachable()
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")

@@ -23,7 +23,7 @@ from _procs import wait
 import nfnet_zoo  # noqa: F401  (registers the variants)
 from nfnet_zoo import NFNetZooError
 from nfnet_zoo.cli import main as cli_main
-from nfnet_zoo.finetune import METRIC_KEYS, finetune
+from nfnet_zoo.training.finetune import METRIC_KEYS, finetune
 
 # the shared data folder holds awkward files on purpose; their warnings are asserted where they matter
 pytestmark = pytest.mark.filterwarnings("ignore:ignored 1 non-image", "ignore:skipped 2 unreadable")
@@ -108,7 +108,7 @@ def test_run_folder_contract(run, data_dir):
 
 def test_run_folder_has_its_training_curves(run):
     from PIL import Image
-    from nfnet_zoo.curves import curves_png, run_title
+    from nfnet_zoo.training.curves import curves_png, run_title
 
     with Image.open(run / "curves.png") as im:
         assert im.format == "PNG" and im.size == (1000, 700)
@@ -181,7 +181,7 @@ def test_pretrained_weights_not_cached_names_the_ways_out(data_dir, tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
     import importlib
-    ft = importlib.import_module("nfnet_zoo.finetune")  # the module (the package exports a function of that name)
+    ft = importlib.import_module("nfnet_zoo.training.finetune")  # the module (the package exports a function of that name)
     real = ft.build_losses
     calls = {"n": 0}
 

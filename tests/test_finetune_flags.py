@@ -25,8 +25,8 @@ from _images import make_folder
 import nfnet_zoo  # noqa: F401  (registers the variants)
 from nfnet_zoo.cli import main as cli_main
 
-ft = importlib.import_module("nfnet_zoo.finetune")  # the module (the package exports a function of that name)
-recipe = importlib.import_module("nfnet_zoo.recipe")
+ft = importlib.import_module("nfnet_zoo.training.finetune")  # the module (the package exports a function of that name)
+recipe = importlib.import_module("nfnet_zoo.training.recipe")
 
 # 48 training images in 6 batches of 8, 12 for validation; dropout and stochastic depth off so that runs
 # of one recipe in two forms can be compared.
@@ -367,7 +367,7 @@ import os, warnings
 os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
 from torch.utils.data import DataLoader
 from nfnet_zoo.cli import build_parser
-from nfnet_zoo.recipe import FinetuneConfig
+from nfnet_zoo.training.recipe import FinetuneConfig
 parse = build_parser().parse_args
 counts = [FinetuneConfig(model="m", data_dir="d").workers, parse(["evaluate", "m", "--data-dir", "d"]).workers,
           parse(["demo"]).workers]

@@ -82,7 +82,7 @@ def test_demo_digits_folder_is_reused_only_while_unchanged(tmp_path):
 
 
 def test_removing_an_owned_folder_deletes_exactly_its_files(tmp_path):
-    from nfnet_zoo._owned import remove_owned, write_manifest
+    from nfnet_zoo.files import remove_owned, write_manifest
     run = tmp_path / "run"
     (run / "last").mkdir(parents=True)
     (run / "model.safetensors").write_bytes(b"w" * 10)
@@ -186,7 +186,7 @@ def test_the_opcode_writer_writes_what_numpy_reads(tmp_path):
     variants below differ from a real checkpoint only in what they hold."""
     import pickle
     import numpy as np
-    from nfnet_zoo.convert import load_haiku_checkpoint
+    from nfnet_zoo.models.convert import load_haiku_checkpoint
     want = np.arange(6, dtype="<f4").reshape(2, 3)
     data = _checkpoint(_array(_dtype("f4"), (2, 3), want.tobytes()))
     np.testing.assert_array_equal(pickle.loads(data)["NFNet/~/nf_block"]["w"], want)  # numpy's reader
@@ -261,7 +261,7 @@ def test_resume_never_unpickles_what_is_planted_in_the_state(run_copy, tmp_path)
 
 def test_resume_refuses_a_state_whose_manifest_lists_planted_files(run_copy, tmp_path):
     import torch
-    from nfnet_zoo._owned import write_manifest
+    from nfnet_zoo.files import write_manifest
     marker = tmp_path / "PWNED"
     torch.save(_Payload(marker), run_copy / "state" / "custom_checkpoint_0.pkl")
     write_manifest(run_copy / "state", "manifest.json", extra={"format": 1, "processes": 1})  # a consistent forgery
@@ -287,7 +287,7 @@ def test_resume_refuses_an_accelerate_state_of_pickles(run_copy, tmp_path):
 
 def _forge(run: Path, name: str, edit) -> None:
     """Damage state/NAME with `edit(path)` and re-write the manifest so that only the content checks can tell."""
-    from nfnet_zoo._owned import write_manifest
+    from nfnet_zoo.files import write_manifest
     edit(run / "state" / name)
     write_manifest(run / "state", "manifest.json", extra={"format": 1, "processes": 1})
 
@@ -580,7 +580,7 @@ def test_a_fault_of_the_machine_is_one_line_exit_1_in_every_command(tmp_path):
 
 def test_convert_replaces_only_the_files_it_wrote(tmp_path):
     from nfnet_zoo import NFNetZooError
-    from nfnet_zoo.convert import convert_haiku_checkpoint
+    from nfnet_zoo.models.convert import convert_haiku_checkpoint
     tiny = Path(__file__).parent / "data" / "deepmind" / "tiny_d1_haiku.npz"
     out = convert_haiku_checkpoint(tiny, tmp_path / "out")
     convert_haiku_checkpoint(tiny, out)  # its own files: converted again in place
@@ -607,8 +607,8 @@ def test_fp16_on_the_cpu_is_refused_not_trained_in_float32(tmp_path, capsys):
 
 
 def test_accelerate_launch_cpu_says_it_starts_one_process(tmp_path, monkeypatch):
-    from nfnet_zoo.finetune import _accelerator
-    from nfnet_zoo.recipe import FinetuneConfig
+    from nfnet_zoo.training.finetune import _accelerator
+    from nfnet_zoo.training.recipe import FinetuneConfig
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # what `accelerate launch --cpu ...` sets
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.warns(UserWarning, match="accelerate launch --cpu` starts only one.*torchrun"):
@@ -622,7 +622,7 @@ def lock_holder(tmp_path):
     procs = []
 
     def start(run: Path) -> int:
-        code = ("import sys, time; from nfnet_zoo.runlock import RunLock; assert RunLock(sys.argv[1]).acquire() is "
+        code = ("import sys, time; from nfnet_zoo.training.runlock import RunLock; assert RunLock(sys.argv[1]).acquire() is "
                 "None; print('held', flush=True); time.sleep(600)")
         p = subprocess.Popen([sys.executable, "-c", code, str(run)], env=_env(tmp_path), stdout=subprocess.PIPE,
                              text=True)
@@ -653,8 +653,8 @@ def test_a_second_finetune_on_a_folder_in_use_is_refused(run_copy, lock_holder, 
 
 
 def test_a_killed_run_leaves_no_lock_behind(tmp_path):
-    from nfnet_zoo.runlock import RunLock
-    code = "import sys, time; from nfnet_zoo.runlock import RunLock; RunLock(sys.argv[1]).acquire(); time.sleep(600)"
+    from nfnet_zoo.training.runlock import RunLock
+    code = "import sys, time; from nfnet_zoo.training.runlock import RunLock; RunLock(sys.argv[1]).acquire(); time.sleep(600)"
     p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=_env(tmp_path))
     while not (tmp_path / ".nfnet-zoo.lock").exists() or not (tmp_path / ".nfnet-zoo.lock").read_text():
         assert p.poll() is None
@@ -670,7 +670,7 @@ def test_a_planted_lock_link_or_a_filesystem_without_locks(tmp_path, monkeypatch
     import errno
     import fcntl
     from nfnet_zoo import NFNetZooError
-    from nfnet_zoo.runlock import RunLock
+    from nfnet_zoo.training.runlock import RunLock
     (tmp_path / "target").write_text("a user's file")
     os.symlink(tmp_path / "target", tmp_path / ".nfnet-zoo.lock")
     with pytest.raises(NFNetZooError, match="nfnet-zoo.lock is a link; remove it"):

@@ -19,9 +19,9 @@ from huggingface_hub import ModelCard
 
 import nfnet_zoo
 from nfnet_zoo import NFNetZooError, push_to_hub
-from nfnet_zoo.cards import build_zoo_card, measure_model, write_zoo_cards, zoo_tags
-from nfnet_zoo.hub import COMMIT_ATTEMPTS, publish_checkpoint
-from nfnet_zoo.shared_config import rewrite_shared
+from nfnet_zoo.hub.cards import build_zoo_card, measure_model, write_zoo_cards, zoo_tags
+from nfnet_zoo.hub.push import COMMIT_ATTEMPTS, publish_checkpoint
+from nfnet_zoo.models.shared_config import rewrite_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data" / "deepmind"
@@ -202,7 +202,7 @@ def test_push_round_trip_and_unchanged_repush(hub, run, tmp_path, in_process, ca
 def test_push_uploads_the_training_curves_and_the_card_shows_them(hub, run, in_process):
     from PIL import Image
 
-    from nfnet_zoo.curves import write_curves
+    from nfnet_zoo.training.curves import write_curves
 
     assert "![" not in (run / "README.md").read_text() and "curves.png" not in (run / "README.md").read_text()
     dry = push_to_hub(run, f"{hub.user}/x", endpoint=hub.endpoint, dry_run=True)
@@ -378,13 +378,13 @@ def test_publish_of_a_released_variant_uses_zoo_card_and_config(tmp_path, monkey
     # An official F0 checkpoint's tensors, by DeepMind's own list of names and shapes (values are zeros).
     import numpy as np
 
-    import nfnet_zoo.convert
+    import nfnet_zoo.models.convert
 
     shapes = json.loads((DATA / "f0_param_shapes.json").read_text())
     params = {}
     for module, name, shape in shapes:
         params.setdefault(module, {})[name] = np.zeros(shape, np.float32)
-    monkeypatch.setattr(nfnet_zoo.convert, "load_haiku_checkpoint", lambda path: params)
+    monkeypatch.setattr(nfnet_zoo.models.convert, "load_haiku_checkpoint", lambda path: params)
     result = publish_checkpoint(tmp_path / "F0_haiku.npz", "nfnet-zoo/nfnet_f0.dm_in1k", dry_run=True)
     files = {f.path: f for f in result.files}
     assert files["README.md"].source == str(build_zoo_card("nfnet_f0.dm_in1k")).encode()

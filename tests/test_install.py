@@ -56,9 +56,9 @@ names = timm.list_models("nfnet_*")
 assert {"nfnet_f0", "nfnet_f7_plus", "nfnet_zoo_tiny"} <= set(names), names
 assert isinstance(timm.create_model("nfnet_zoo_tiny"), nfnet_zoo.NFNet)
 assert timm.__spec__.loader.__module__.startswith("_frozen_importlib"), timm.__spec__.loader
-import nfnet_zoo.finetune, nfnet_zoo.evaluate
-assert callable(nfnet_zoo.finetune) and nfnet_zoo.finetune.__module__ == "nfnet_zoo.finetune"
-assert nfnet_zoo.evaluate.__module__ == "nfnet_zoo.evaluate" and nfnet_zoo.push_to_hub.__module__ == "nfnet_zoo.hub"
+import nfnet_zoo.training.finetune, nfnet_zoo.evaluate
+assert callable(nfnet_zoo.finetune) and nfnet_zoo.finetune.__module__ == "nfnet_zoo.training.finetune"
+assert nfnet_zoo.evaluate.__module__ == "nfnet_zoo.evaluation" and nfnet_zoo.push_to_hub.__module__ == "nfnet_zoo.hub.push"
 print("ok")
 """
 _EARLIER = """

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from nfnet_zoo import cpu_kernels
-from nfnet_zoo.layers import (GammaAct, StochDepth, WSConv2d, avg_pool_same, pad_same, same_padding,
+from nfnet_zoo.models.layers import (GammaAct, StochDepth, WSConv2d, avg_pool_same, pad_same, same_padding,
                               standardize_weight)
 
 CL = torch.channels_last

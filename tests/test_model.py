@@ -11,8 +11,8 @@ import torch
 
 import nfnet_zoo  # noqa: F401
 from nfnet_zoo import fast_kernels
-from nfnet_zoo.cpu_kernels import cache_entries
-from nfnet_zoo.layers import StochDepth
+from nfnet_zoo.models.cpu_kernels import cache_entries
+from nfnet_zoo.models.layers import StochDepth
 
 
 @pytest.fixture(params=[True, False], ids=["fast", "reference"], autouse=True)

@@ -27,7 +27,7 @@ def model_dir(tmp_path_factory) -> Path:
     from timm.models import save_for_hf
 
     import nfnet_zoo  # noqa: F401
-    from nfnet_zoo.shared_config import rewrite_shared
+    from nfnet_zoo.models.shared_config import rewrite_shared
 
     root = tmp_path_factory.mktemp("received")
     torch.manual_seed(0)

@@ -156,7 +156,7 @@ def _train(model, opt, sched, ema, scaler, start: int, n: int) -> None:
 
 def test_adamw_ema_and_grad_scaler_resume_exactly(tmp_path):
     """The reference: the same objects trained on without a save/load in between, compared bit for bit."""
-    from nfnet_zoo.runstate import load_run_state, save_run_state
+    from nfnet_zoo.training.runstate import load_run_state, save_run_state
     model, opt, sched, ema, scaler = _pieces(0)
     torch.manual_seed(1)
     _train(model, opt, sched, ema, scaler, 0, 3)

@@ -189,7 +189,7 @@ def test_an_older_run_folder_is_pushed_in_the_shared_form(tmp_path):
     from timm.models import save_for_hf
 
     import nfnet_zoo
-    from nfnet_zoo.hub import push_to_hub
+    from nfnet_zoo.hub.push import push_to_hub
 
     run = tmp_path / "old"
     model = timm.create_model("nfnet_f0", num_classes=2, depths=(1, 1, 1, 1), widths=(256,) * 4)
@@ -248,7 +248,7 @@ def test_settings_timm_cannot_take_fall_back_to_nfnet_zoo_custom():
     """An activation timm's NfCfg has a gamma for but no function (softplus ...), a bottleneck timm rounds
     otherwise: not timm-native, and the shared config is still written (a crash there ended runs after epoch 1)."""
     import nfnet_zoo  # noqa: F401
-    from nfnet_zoo.shared_config import share_config, timm_native
+    from nfnet_zoo.models.shared_config import share_config, timm_native
 
     for args in ({"activation": "softplus"}, {"activation": "identity"}, {"activation": "log_sigmoid"},
                  {"expansion": 0.25}):

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 import nfnet_zoo
 from nfnet_zoo import NFNetZooError
-from nfnet_zoo.variants import VARIANTS
+from nfnet_zoo.models.variants import VARIANTS
 from _weights import pretrained_like_
 
 F_NAMES = [f"nfnet_f{i}" for i in range(8)]

@@ -22,27 +22,20 @@ Clip the gradient the optimizer will use: after fp16 unscaling, once per optimiz
 accumulated gradient, after DDP's all-reduce; in an Accelerate loop `unscale_and_clip_` does that.
 Under FSDP2 (`fully_shard`) the clipping works on the local shards (call `prepare_for_fsdp2` first);
 FSDP1 and DeepSpeed flatten parameters and are refused by `assert_agc_supported`.
-
-A `WSConv2d` weight's unit norms need not be read again: the weight standardisation of the forward
-pass leaves each unit's mean and variance on the weight, and ||W_i||^2 = var_i * n + n * mean_i^2.
 """
 from __future__ import annotations
 
 import fnmatch
 import functools
-import itertools
 import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .errors import NFNetZooError
 from .versions import FSDP2_ACCELERATE, too_old
-from . import cpu_kernels
-from .cpu_kernels import WS_STATS
 
 _GRAD_NORM_FLOOR = 1e-6  # DeepMind's max(||G||, 1e-6): a division guard, inert unless clipping * eps < 1e-6
 
@@ -93,33 +86,13 @@ class _Group:
         self.unit_p: list[torch.Tensor] = []    # tensors normed per slice of dim 0
         self.unit_g: list[torch.Tensor] = []
         self.units: list[int] = []              # slices of dim 0 held here (a shard's share under FSDP2)
-        self.ws_g: list[torch.Tensor] = []      # gradients of weights whose unit norms the forward left
-        self.ws_mean: list[torch.Tensor] = []   # (see _ws_stats)
-        self.ws_var: list[torch.Tensor] = []
-        self.ws_fan_in: list[int] = []
-        self.ws_units: list[int] = []
         self.whole_p: list[torch.Tensor] = []   # tensors normed as a whole
         self.whole_g: list[torch.Tensor] = []
         self.sharded: dict[tuple, list[int]] = {}  # (mesh, mesh dims) -> indices into whole_*
 
     def gradients_and_units(self) -> tuple[list[torch.Tensor], list[int]]:
         """Every gradient, with its count of units, in the order of the norms `_clip_group` builds."""
-        return (self.ws_g + self.unit_g + self.whole_g,
-                self.ws_units + self.units + [1] * len(self.whole_g))
-
-
-def _ws_stats(p: torch.Tensor, norm_dtype: torch.dtype) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """(mean, var * fan_in) of each unit, left on `p` by the weight standardisation of the forward pass.
-
-    Taken once (a second call reads the weight) and only while the weight is unchanged since.
-    """
-    stats = p.__dict__.pop(WS_STATS, None)
-    if stats is None:
-        return None
-    version, mean, var_n = stats
-    if version != p._version or var_n.dtype != norm_dtype or var_n.device != p.device or var_n.numel() != p.shape[0]:
-        return None
-    return mean, var_n
+        return self.unit_g + self.whole_g, self.units + [1] * len(self.whole_g)
 
 
 def _plan(params: list[torch.Tensor]) -> dict[tuple, _Group]:
@@ -135,14 +108,6 @@ def _plan(params: list[torch.Tensor]) -> dict[tuple, _Group]:
         if group is None:
             group = groups[(g_local.device, norm_dtype)] = _Group()
         if _is_unitwise(p.shape):  # the global shape: a shard holds whole units
-            stats = None if reduce or p_local is not p else _ws_stats(p, norm_dtype)
-            if stats is not None:
-                group.ws_g.append(g_local)
-                group.ws_mean.append(stats[0])
-                group.ws_var.append(stats[1])
-                group.ws_fan_in.append(p.numel() // p.shape[0])
-                group.ws_units.append(p.shape[0])
-                continue
             group.unit_p.append(p_local)
             group.unit_g.append(g_local)
             group.units.append(g_local.shape[0])
@@ -182,10 +147,6 @@ def _unit_view(scale: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 def _clip_group(group: _Group, dtype: torch.dtype, clipping: float, eps: float) -> torch.Tensor:
     parts_p, parts_g = [], []
-    if group.ws_g:  # ||W_i||^2 = var_n + fan_in * mean^2
-        squares = torch._foreach_addcmul(group.ws_var, group.ws_mean, group.ws_mean, group.ws_fan_in)
-        parts_p.append(torch.cat(squares).view(-1).sqrt_())
-        parts_g += _unit_norms(group.ws_g, dtype)
     parts_p += _unit_norms(group.unit_p, dtype)
     parts_g += _unit_norms(group.unit_g, dtype)
     if group.whole_p:
@@ -201,25 +162,7 @@ def _clip_group(group: _Group, dtype: torch.dtype, clipping: float, eps: float) 
     scale = torch.where(trigger, max_norm / g_norm.clamp_min(_GRAD_NORM_FLOOR), 1.0)
 
     grads, sizes = group.gradients_and_units()
-    if not (cpu_kernels.enabled() and trigger.device.type == "cpu"):
-        # Accelerators (and the CPU without fast kernels): one multiply per tensor, no device sync.
-        torch._foreach_mul_(grads, [_unit_view(s, g) for s, g in zip(scale.split(sizes), grads)])
-        return trigger.sum()
-    # CPU kernel, 4x on F0's AGC with clipping rare: reading the trigger costs nothing on the CPU, so
-    # rewrite only tensors with a clipped unit, and of a weight with few clipped units only those rows.
-    bounds = [0, *itertools.accumulate(sizes)]  # tensor i holds units bounds[i]:bounds[i + 1]
-    counts = F.pad(trigger.cumsum(0), (1, 0))[torch.tensor(bounds)].diff().tolist()  # clipped, per tensor
-    whole_g, whole_s = [], []
-    for g, start, end, k in zip(grads, bounds, bounds[1:], counts):
-        if k and 4 * k < end - start:
-            rows = trigger[start:end].nonzero().squeeze(1)
-            # The product in float32, rounded once to the gradient's dtype (bf16/fp16 gradients).
-            g.index_copy_(0, rows, (g.index_select(0, rows) * _unit_view(scale[start:end][rows], g)).to(g.dtype))
-        elif k:
-            whole_g.append(g)
-            whole_s.append(_unit_view(scale[start:end], g))
-    if whole_g:
-        torch._foreach_mul_(whole_g, whole_s)
+    torch._foreach_mul_(grads, [_unit_view(s, g) for s, g in zip(scale.split(sizes), grads)])
     return trigger.sum()
 
 
@@ -233,8 +176,6 @@ def adaptive_clip_grad_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]],
     zero-initialised parameters can move. Norms are taken in float32 (float64 for float64 tensors)
     whatever the gradient dtype. Works on plain tensors (single device, DDP after backward) and on
     FSDP2 DTensors sharded on dim 0. Returns `AGCStats` without synchronising the device.
-    Weights of nfnet-zoo convs get their norms from their last forward pass (used once, and only if
-    the weight is unchanged since); everything else is read.
     """
     if not (clipping > 0 and eps > 0):
         raise NFNetZooError(f"AGC needs clipping > 0 and eps > 0, got clipping={clipping}, eps={eps}; "

@@ -10,7 +10,7 @@ import os
 import sys
 
 from .errors import NFNetZooError, machine_fault
-from .flags import argtype
+from .training.flags import argtype
 from .versions import check_versions
 
 
@@ -35,7 +35,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> None:
-    from .convert import convert_haiku_checkpoint
+    from .models.convert import convert_haiku_checkpoint
 
     out = convert_haiku_checkpoint(args.src, args.out, activation=args.activation, alpha=args.alpha)
     print(f"wrote {out}/model.safetensors and {out}/config.json")
@@ -66,8 +66,8 @@ def _kwarg(text: str) -> tuple[str, object]:
 
 
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
-    from .flags import CHECK_LEVELS
-    from .recipe import BAD_IMAGES, MIXED_PRECISION, default
+    from .training.flags import CHECK_LEVELS
+    from .training.recipe import BAD_IMAGES, MIXED_PRECISION, default
 
     p = sub.add_parser(
         "finetune", help="fine-tune an NFNet (or any timm model) on a folder of images, with AGC",
@@ -156,7 +156,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_timm_recipe(p: argparse.ArgumentParser, d) -> None:
-    from .recipe import SCHEDULES
+    from .training.recipe import SCHEDULES
 
     g = p.add_argument_group("timm's augmentation, optimizers and schedules (timm train.py names)")
     g.add_argument("--aa", metavar="POLICY", help="auto-augment policy in timm's syntax, e.g. rand-m9-mstd0.5-inc1, "
@@ -179,7 +179,7 @@ def _add_timm_recipe(p: argparse.ArgumentParser, d) -> None:
 
 
 def _run_finetune(args: argparse.Namespace) -> None:
-    from .finetune import finetune
+    from .training.finetune import finetune
 
     options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "resume")}
     for key in ("model_kwargs", "opt_kwargs"):
@@ -208,13 +208,13 @@ def _add_curves(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_curves(args: argparse.Namespace) -> None:
-    from .curves import write_curves
+    from .training.curves import write_curves
 
     print(f"wrote {write_curves(args.run)}")
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    from .recipe import default_workers
+    from .training.recipe import default_workers
 
     p = sub.add_parser(
         "evaluate", help="top-1, top-5 and per-class accuracy of a model on an image folder",
@@ -240,7 +240,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> None:
     import json
-    from .evaluate import evaluate, format_evaluation
+    from .evaluation import evaluate, format_evaluation
 
     with _plain_warnings():
         result = evaluate(args.model, args.data_dir, batch_size=args.batch_size, workers=args.workers,
@@ -261,14 +261,14 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 def _run_predict(args: argparse.Namespace) -> None:
     import json
-    from .evaluate import format_predictions, predict
+    from .evaluation import format_predictions, predict
 
     results = predict(args.model, args.images, topk=args.topk)
     print(json.dumps(results, indent=2) if args.json else format_predictions(results))
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from .recipe import default_workers
+    from .training.recipe import default_workers
 
     p = sub.add_parser(
         "demo", help="fine-tune the tiny NFNet on scikit-learn's handwritten digits (CPU, no network)",
@@ -331,7 +331,7 @@ def _add_push(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_push(args: argparse.Namespace) -> None:
-    from .hub import push_to_hub
+    from .hub.push import push_to_hub
 
     print(push_to_hub(args.run, args.repo_id, dataset_id=args.dataset_id, **_hub_kwargs(args)))
 
@@ -350,7 +350,7 @@ def _add_publish(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_publish(args: argparse.Namespace) -> None:
-    from .hub import publish_checkpoint
+    from .hub.push import publish_checkpoint
 
     print(publish_checkpoint(args.src, args.repo_id, activation=args.activation, alpha=args.alpha,
                              **_hub_kwargs(args)))
@@ -369,7 +369,7 @@ def _add_cards(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_cards(args: argparse.Namespace) -> None:
-    from .hub import write_zoo_cards
+    from .hub.push import write_zoo_cards
 
     changed = write_zoo_cards(args.out, namespace=args.namespace)
     print("\n".join(f"wrote {p}" for p in changed) if changed else "model cards and hub configs are up to date")

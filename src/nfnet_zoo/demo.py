@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ._owned import check_manifest, remove_owned, write_manifest
-from .curves import CURVES
+from .files import check_manifest, remove_owned, write_manifest
+from .training.curves import CURVES
 from .errors import NFNetZooError
 
 DEMO_MODEL = "nfnet_zoo_tiny"
@@ -97,8 +97,8 @@ def run_demo(output: str | Path = "runs/demo", workers: int = 2) -> Path:
     An earlier demo run in OUTPUT is replaced; any other content of OUTPUT, or a DIGITS folder beside it
     that the demo did not write, is refused before anything is written.
     """
-    from .evaluate import evaluate, format_evaluation
-    from .finetune import finetune
+    from .evaluation import evaluate, format_evaluation
+    from .training.finetune import finetune
 
     output = Path(output)
     data_root = output.parent / DATASET

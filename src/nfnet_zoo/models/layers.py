@@ -6,9 +6,9 @@ Each equation is written once, with plain PyTorch ops:
 - `GammaAct`: gamma * f(x), gamma chosen so that unit-variance Gaussian inputs keep unit variance.
 - `SqueezeExcite`: SE with plain ReLU and a 2 * sigmoid gate.
 - `StochDepth`: drop a whole sample's residual branch, without 1/keep rescaling.
-This is what GPUs, `torch.compile`, FX, TorchScript, `torch.func` and `torch.export` run. On a CPU
-in eager mode the modules hand their forward to `cpu_kernels`, which computes the same faster
-(`cpu_kernels.active` decides; `nfnet_zoo.fast_kernels(False)` turns that off).
+Every device and runtime runs exactly this (eager, `torch.compile`, FX, TorchScript, `torch.func`,
+`torch.export`), so all of them give the same bits. For serving, `inference.optimize_for_inference`
+computes each standardised weight once instead of every forward (the same bits again).
 """
 
 from typing import List, Tuple
@@ -17,8 +17,6 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
-
-from . import cpu_kernels
 
 # Gammas of DeepMind's `base.nonlinearities`: 1 / std(f(x)) for x ~ N(0, 1).
 NONLINEARITY_GAMMA = {
@@ -123,17 +121,10 @@ class WSConv2d(nn.Conv2d):
         nn.init.kaiming_normal_(self.weight, nonlinearity="linear")  # haiku VarianceScaling(1, fan_in)
         nn.init.zeros_(self.bias)
 
-    def train(self, mode: bool = True) -> "WSConv2d":
-        cpu_kernels.clear_cache(self)
-        return super().train(mode)
-
     def standardized_weight(self) -> torch.Tensor:
         return standardize_weight(self.weight, self.gain, self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():  # TorchScript compiles only the other branch
-            if cpu_kernels.active(x):
-                return cpu_kernels.ws_conv2d(self, x)
         if self.stride[0] > 1:
             x = pad_same(x, self.kernel_size[0], self.stride[0])
         return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding, self.dilation,

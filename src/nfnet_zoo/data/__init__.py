@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ._files import write_json_atomic
-from .errors import NFNetZooError
+from ..files import write_json_atomic
+from ..errors import NFNetZooError
 from .image_check import CHECK_LEVELS, CheckCache, Gather, check_samples
 
 # What PIL reads and timm's folder reader would list, plus the common extras users have.

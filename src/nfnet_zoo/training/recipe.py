@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from .errors import NFNetZooError
+from ..errors import NFNetZooError
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from .data import EpochSampler, ImageData, WorkerSignals
+    from ..data import EpochSampler, ImageData, WorkerSignals
 
 # torch, timm and the data code are imported inside the builders: `nfnet-zoo --help` reads the defaults
 # below and must not wait seconds for them.
@@ -149,7 +149,7 @@ def build_model(cfg: FinetuneConfig, classes: list[str], log: Callable[[str], No
     """The model with a head for `classes`; returns (model, model_args for config.json, base_model)."""
     import timm
     from timm.models._builder import resolve_pretrained_cfg
-    from .evaluate import check_model_name, create_pretrained, has_pretrained_weights, read_checkpoint
+    from ..models.load import check_model_name, create_pretrained, has_pretrained_weights, read_checkpoint
     if cfg.model_args is not None:  # a resumed run: its own record; the weights come from its state
         return _rebuild(cfg, classes), {**cfg.model_args, "num_classes": len(classes)}, cfg.base_model
     kwargs = dict(cfg.model_kwargs)
@@ -194,7 +194,7 @@ def build_model(cfg: FinetuneConfig, classes: list[str], log: Callable[[str], No
 def _rebuild(cfg: FinetuneConfig, classes: list[str]) -> nn.Module:
     """The architecture a run recorded in args.json (`model_args`), randomly initialised."""
     import timm
-    from .evaluate import check_model_name
+    from ..models.load import check_model_name
     kwargs = {k: v for k, v in cfg.model_args.items() if k not in ("num_classes", "global_pool")}
     kwargs.update({k: v for k, v in (("drop_rate", cfg.drop), ("drop_path_rate", cfg.drop_path)) if v is not None})
     name = check_model_name(cfg.model)
@@ -216,9 +216,9 @@ def _check_state_fits(cfg: FinetuneConfig, name: str, kwargs: dict, num_classes:
     import math
 
     import timm
-    from .evaluate import weights_shapes
+    from ..models.load import weights_shapes
     from .runstate import state_dir
-    from .shared_config import state_shapes
+    from ..models.shared_config import state_shapes
     folder = state_dir(Path(cfg.output)) if cfg.output else None
     if folder is None or not (folder / "model.safetensors").is_file():
         return  # no state yet (killed before the first save): nothing to compare, the restart is small
@@ -275,8 +275,8 @@ def build_loaders(cfg: FinetuneConfig, data: ImageData, model: nn.Module, accele
     workers' signal handling (data.WorkerSignals), which the loop holds while it trains."""
     import torch
     from timm.data import create_transform, resolve_data_config
-    from .data import EpochSampler, ImageDataset, WorkerSignals
-    from .variants import deepmind_crop_pct
+    from ..data import EpochSampler, ImageDataset, WorkerSignals
+    from ..models.variants import deepmind_crop_pct
     train_size, test_size = image_sizes(cfg, model)
     dc = resolve_data_config(model=model)
     aa = deepmind_randaugment(cfg.model) if cfg.aa == "deepmind" else cfg.aa
@@ -333,7 +333,7 @@ def build_losses(cfg: FinetuneConfig, num_classes: int) -> tuple[Optional[Any], 
 def build_optimizer(cfg: FinetuneConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     """timm's optimizer `cfg.opt` over DeepMind's decay partition (agc.weight_decay_groups)."""
     from timm.optim import create_optimizer_v2
-    from .agc import weight_decay_groups
+    from ..agc import weight_decay_groups
     # Our groups state DeepMind's no-decay set (gains, skip gains, biases), whatever the optimizer.
     return create_optimizer_v2(weight_decay_groups(model, cfg.weight_decay), opt=cfg.opt, lr=lr,
                                momentum=cfg.momentum, weight_decay=cfg.weight_decay, **cfg.opt_kwargs)
@@ -361,7 +361,7 @@ def deepmind_randaugment(model: Optional[str]) -> str:
 
     DeepMind's level "415" is 4 layers at magnitude 15 on TF's 0-10 scale; timm needs `mmax` for M > 10.
     """
-    from .variants import RANDAUG_LEVEL
+    from ..models.variants import RANDAUG_LEVEL
     level = RANDAUG_LEVEL.get((model or "").split(".")[0])
     if level is None:
         raise NFNetZooError(f"--aa deepmind needs an NFNet-F variant (nfnet_f0 ... nfnet_f7_plus), not {model}; "

@@ -42,18 +42,19 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ._files import write_bytes_atomic, write_json_atomic
-from .agc import assert_agc_supported, clipped_parameters, prepare_for_fsdp2, unscale_and_clip_
+from ..files import write_bytes_atomic, write_json_atomic
+from ..agc import assert_agc_supported, clipped_parameters, prepare_for_fsdp2, unscale_and_clip_
 from .curves import CURVES, INSTALL, curves_png, plotting_problem, run_title
-from .data import ImageData, WorkerSignals, load_image_data
-from .errors import NFNetZooError
-from .evaluate import check_checkpoint, evaluate, predict, topk_correct
+from ..data import ImageData, WorkerSignals, load_image_data
+from ..errors import NFNetZooError
+from ..evaluation import topk_correct
+from ..models.load import check_checkpoint
 from .flags import CHECK_LEVELS, check_finetune
 from .recipe import (MIXED_PRECISION, BAD_IMAGES, RESUMABLE_OVERRIDES, FinetuneConfig, build_loaders, build_losses,
                      build_model, build_optimizer, build_scheduler, check_timm_names, image_sizes)
 from .runlock import LOCK, RunLock
 from .runstate import check_room, load_run_state, save_run_state, state_dir
-from .shared_config import rewrite_shared
+from ..models.shared_config import rewrite_shared
 
 METRIC_KEYS = ("epoch", "train_loss", "val_loss", "top1", "top5", "lr", "images_per_sec", "clipped_fraction")
 
@@ -749,7 +750,7 @@ def _finish(cfg: FinetuneConfig, run: Path, data: ImageData, progress: _Progress
                "base_model": cfg.base_model, "img_size": img_size, "train_time_s": round(progress.train_time, 1)}
     write_json_atomic(run / "summary.json", summary)
     try:
-        from .hub import write_model_card
+        from ..hub.push import write_model_card
     except ImportError:
         warnings.warn("model card not written: nfnet_zoo.hub is not available")
     else:
@@ -760,4 +761,4 @@ def _finish(cfg: FinetuneConfig, run: Path, data: ImageData, progress: _Progress
           f"(nfnet_zoo.load_model('{run}'), or timm.create_model('local-dir:{run}', pretrained=True))")
 
 
-__all__ = ["finetune", "FinetuneConfig", "evaluate", "predict"]  # evaluate/predict: re-exported for the package
+__all__ = ["finetune"]

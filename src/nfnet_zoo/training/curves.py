@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from ._files import write_bytes_atomic
-from .errors import NFNetZooError
+from ..files import write_bytes_atomic
+from ..errors import NFNetZooError
 
 CURVES = "curves.png"
 INSTALL = "pip install 'nfnet-zoo[plots]'"

@@ -27,9 +27,9 @@ from typing import Iterator, Optional, Union
 from urllib.parse import urlsplit
 
 from .cards import build_checkpoint_card, build_model_card, build_zoo_card, write_model_card, write_zoo_cards, zoo_tags
-from .curves import CURVES
-from .errors import NFNetZooError
-from .shared_config import exact_architecture, is_timm_own, shared_form
+from ..training.curves import CURVES
+from ..errors import NFNetZooError
+from ..models.shared_config import exact_architecture, is_timm_own, shared_form
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def _shared_config_file(run: Path) -> _File:
     that nothing goes up that `predict` would refuse."""
     import json
 
-    from .evaluate import check_model_folder, weights_shapes
+    from ..models.load import check_model_folder, weights_shapes
 
     path = run / "config.json"
     config, _, _ = check_model_folder(path, run / "model.safetensors", str(run), "restore the one finetune wrote")
@@ -187,7 +187,7 @@ def _run_files(run: Path, repo_id: str, dataset_id: Optional[str] = None) -> tup
 def _api(token: Optional[str], endpoint: Optional[str]):
     from huggingface_hub import HfApi, get_token
 
-    from . import __version__
+    from .. import __version__
 
     if token is None and get_token() is None:
         raise NFNetZooError("no Hugging Face token found: run `hf auth login`, set HF_TOKEN, or pass --token")
@@ -427,7 +427,7 @@ def publish_checkpoint(src: Union[str, os.PathLike], repo_id: str, *, activation
     """
     import json
 
-    from .convert import convert_haiku_checkpoint
+    from ..models.convert import convert_haiku_checkpoint
 
     src = Path(src)
     with tempfile.TemporaryDirectory(prefix="nfnet-zoo-publish-") as tmp:

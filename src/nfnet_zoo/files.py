@@ -1,7 +1,9 @@
-"""Folders a command can prove it wrote: a manifest of every file in it (size, sha256), written last.
+"""The files commands write.
 
-A command deletes or reuses a folder only when the folder holds exactly the files its manifest lists,
-unchanged; a user's file beside them, an edited or a missing one, and it refuses instead.
+- Atomic writes: a reader (or a run killed mid-write) sees the old file or the new one, never half.
+- Ownership manifests, for folders a command can prove it wrote: every file in it (size, sha256), written
+  last. A command deletes or reuses a folder only when the folder holds exactly the files its manifest
+  lists, unchanged; a user's file beside them, an edited or a missing one, and it refuses instead.
 """
 from __future__ import annotations
 
@@ -9,10 +11,38 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-from ._files import write_json_atomic
 
+def write_bytes_atomic(path: Path, data: bytes) -> bool:
+    """Write `data` to `path` atomically; False (and no write) when the file already holds it."""
+    path = Path(path)
+    if path.is_file() and path.read_bytes() == data:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # beside the target: os.replace stays atomic
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return True
+
+
+def write_text_atomic(path: Path, text: str) -> bool:
+    """Write `text` (UTF-8, newlines as given) to `path` atomically; False (and no write) when the file already
+    holds it."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: Path, obj: Any, indent: int = 2, lines: bool = False) -> None:
+    """JSON (or, with `lines`, one JSON object per line of the iterable `obj`) written atomically."""
+    text = "".join(json.dumps(o) + "\n" for o in obj) if lines else json.dumps(obj, indent=indent) + "\n"
+    write_text_atomic(path, text)
+
+
+# --- ownership manifests ---------------------------------------------------------------------
 OWNED = ".nfnet-zoo-files.json"
 
 

@@ -15,7 +15,6 @@ from timm.layers import ClassifierHead
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
-from . import cpu_kernels
 from .layers import GammaAct, SqueezeExcite, StochDepth, WSConv2d, avg_pool_same, bottleneck_width, hidden_width
 
 
@@ -63,18 +62,6 @@ class DownsampleAvg(nn.Module):
         return self.conv(avg_pool_same(x) if self.stride > 1 else x)
 
 
-class _Stem(nn.Sequential):
-    """conv1, then (activation, conv) pairs; on a CPU the gammas fold into the convs (`cpu_kernels.stem`)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():  # TorchScript compiles only the other branch
-            if cpu_kernels.block_active(self, x):
-                return cpu_kernels.stem(self, x)
-        for layer in self:
-            x = layer(x)
-        return x
-
-
 class NFBlock(nn.Module):
     """h_{i+1} = h_i + alpha * skip_gain * f(h_i / beta_i), f a bottleneck with two grouped 3x3s and SE.
 
@@ -108,9 +95,6 @@ class NFBlock(nn.Module):
         self.skipinit_gain = nn.Parameter(torch.zeros((), **dd))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():  # TorchScript compiles only the other branch
-            if cpu_kernels.block_active(self, x):
-                return cpu_kernels.nf_block(self, x)
         out = self.act1(x) * self.beta
         shortcut = x
         if self.downsample is not None:
@@ -148,7 +132,7 @@ class NFNet(nn.Module):
             stride = 2 if i in (0, len(stem_widths) - 1) else 1
             stem.append((f"conv{i + 1}", WSConv2d(ch, w, 3, stride=stride, **dd)))
             ch = w
-        self.stem = _Stem(OrderedDict(stem))
+        self.stem = nn.Sequential(OrderedDict(stem))  # conv1, then (activation, conv) pairs
         self.feature_info = [dict(num_chs=stem_widths[-2], reduction=2, module=f"stem.act{len(stem_widths)}")]
 
         # beta = 1 / expected_std; the expected variance resets after each stage's first block.

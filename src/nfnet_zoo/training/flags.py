@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from .errors import NFNetZooError
+from ..errors import NFNetZooError
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,9 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from ._files import write_json_atomic
-from ._owned import sha256
-from .errors import NFNetZooError
+from ..files import write_json_atomic
+from ..files import sha256
+from ..errors import NFNetZooError
 from .variants import VARIANTS
 
 HaikuParams = dict[str, dict[str, np.ndarray]]

@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from .errors import NFNetZooError
+from ..errors import NFNetZooError
 
 LOCK = ".nfnet-zoo.lock"
 

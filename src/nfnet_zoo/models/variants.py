@@ -16,9 +16,9 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._builder import resolve_pretrained_cfg
 
 from . import nfnet_zoo as _timm_module
-from .errors import NFNetZooError
+from ..errors import NFNetZooError
 from .nfnet import NFNet, NFNetCfg
-from .versions import FLOORS, too_old
+from ..versions import FLOORS, too_old
 
 PAPER = "arXiv:2102.06171"
 PAPER_NAME = "High-Performance Large-Scale Image Recognition Without Normalization"

@@ -29,8 +29,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ._owned import check_manifest, read_manifest, write_manifest
-from .errors import NFNetZooError
+from ..files import check_manifest, read_manifest, write_manifest
+from ..errors import NFNetZooError
 
 FORMAT = 1
 MANIFEST = "manifest.json"
