@@ -2,8 +2,9 @@
 torch.func, torch.export, device/dtype construction.
 
 Each case runs for `nfnet_zoo_tiny` and `nfnet_f0`; the TorchScript, FX and device cases also for
-timm's own `dm_nfnet_f0`, the control that defines "passes in timm" (it passes the others too). Inputs are small, as in timm's suite. The fast CPU kernels are on (the
-default): every tracer and transform below must find its way to the reference layers by itself.
+timm's own `dm_nfnet_f0`, the control that defines "passes in timm" (it passes the others too). Inputs
+are small, as in timm's suite. The eager model is the only path, so FX (exact in timm's
+`test_model_forward_fx`), TorchScript, features through FX and torch.export give its bits exactly.
 """
 import inspect
 
@@ -82,9 +83,9 @@ def test_features_only_and_intermediates(name):
         assert len(outs) == len(features.feature_info.channels()) >= 4
         assert [o.shape[1] for o in outs] == features.feature_info.channels()
         final, inter = model.forward_intermediates(x)
-        torch.testing.assert_close(final, model.forward_features(x))
+        assert torch.equal(final, model.forward_features(x))
         for a, b in zip(inter, outs):  # the same weights (same seed): the same features
-            torch.testing.assert_close(a, b)
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -94,7 +95,7 @@ def test_torchscript(name):
     x = _input()
     scripted = torch.jit.script(model)
     with torch.no_grad():
-        torch.testing.assert_close(scripted(x), model(x), rtol=1e-4, atol=1e-5)
+        assert torch.equal(scripted(x), model(x))
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -107,8 +108,8 @@ def test_fx_forward_backward_and_script(name):
     with torch.no_grad():
         y = model(x)
         (out,) = fx(x).values()
-        torch.testing.assert_close(out, y, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(torch.jit.script(fx)(x)[train_nodes[-1]], y, rtol=1e-4, atol=1e-5)
+        assert torch.equal(out, y)  # timm's test_model_forward_fx: exact
+        assert torch.equal(torch.jit.script(fx)(x)[train_nodes[-1]], y)
     fx.train()
     (out,) = fx(_input(2)).values()
     out.mean().backward()
@@ -125,7 +126,7 @@ def test_features_fx_with_torchscript(name):
     with torch.no_grad():
         outs = torch.jit.script(model)(x)
         for a, b in zip(outs, reference(x)):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            assert torch.equal(a, b)
 
 
 def test_torchvision_feature_extractor_plain(name="nfnet_zoo_tiny"):
@@ -136,7 +137,7 @@ def test_torchvision_feature_extractor_plain(name="nfnet_zoo_tiny"):
     with torch.no_grad():
         out = fx(x)
         _, inter = model.forward_intermediates(x, indices=[2])
-    torch.testing.assert_close(out["c3"], inter[0])
+    assert torch.equal(out["c3"], inter[0])
     assert out["c5"].shape[1] == model.cfg.widths[-1]
 
 
@@ -176,7 +177,7 @@ def test_per_sample_gradients_with_vmap_equal_a_loop():
     batched = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
     for i in range(3):
         model.zero_grad()
-        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()  # eager, with the CPU kernels
+        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
         for n, p in model.named_parameters():
             torch.testing.assert_close(batched[n][i], p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
@@ -197,7 +198,7 @@ def test_export_gives_the_eager_logits():
     x = _input(2)
     exported = torch.export.export(model, (x,))
     with torch.no_grad():
-        torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-4, atol=1e-5)
+        assert torch.equal(exported.module()(x), model(x))
 
 
 def test_dynamo_onnx_export_gives_the_eager_logits(tmp_path):
@@ -213,19 +214,18 @@ def test_dynamo_onnx_export_gives_the_eager_logits(tmp_path):
 
 
 def test_compile_fullgraph_and_export():
-    # Under compile the model takes the reference layers whatever the switch: one run suffices.
     model = _create("nfnet_zoo_tiny", num_classes=5).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         y = model(x)
         compiled = torch.compile(model, fullgraph=True, backend="eager")  # fullgraph: no graph breaks
-        torch.testing.assert_close(compiled(x), y)
+        assert torch.equal(compiled(x), y)
     model.train()
     torch.compile(model, fullgraph=True, backend="eager")(x).sum().backward()
     model.eval()
     exported = torch.export.export(model, (x,))
     with torch.no_grad():
-        torch.testing.assert_close(exported.module()(x), y)
+        assert torch.equal(exported.module()(x), y)
 
 
 # --- Inductor ------------------------------------------------------------------------------------

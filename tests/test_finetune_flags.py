@@ -349,16 +349,6 @@ def test_torchcompile_trains_the_compiled_model_like_eager(data_dir, tmp_path):
     assert set(model.state_dict()) == set(_weights(compiled))
 
 
-def test_fast_kernels_off_trains_what_the_kernels_train(baseline, data_dir, tmp_path):
-    """The reference layers (what GPUs, compile and torch.func run) and the CPU kernels fine-tune alike."""
-    with nfnet_zoo.fast_kernels(False):
-        reference = _run(data_dir, tmp_path / "reference")
-    _assert_close(_weights(reference / "last"), _weights(baseline / "last"), rtol=1e-3, atol=1e-4)
-    ours, theirs = (json.loads((r / "metrics.jsonl").read_text()) for r in (baseline, reference))
-    assert ours["clipped_fraction"] == pytest.approx(theirs["clipped_fraction"], abs=0.02)
-    assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-3)
-
-
 def test_default_workers_stay_within_the_cpus_available():
     """On a machine with one CPU for us, the default -j of finetune, evaluate and demo passes torch's own
     check of the worker count (DataLoader.check_worker_number_rationality warns above it)."""
