@@ -2,8 +2,7 @@
 import timm
 import torch
 
-import nfnet_zoo  # noqa: F401  (registers the variants)
-from nfnet_zoo import weight_decay_groups
+from nfnet_zoo import weight_decay_groups  # importing nfnet_zoo registers the variants
 
 MODEL_KWARGS = dict(num_classes=10, depths=(1, 1, 1, 1), widths=(32, 64, 96, 128), group_width=8,
                     drop_rate=0.0, stochdepth_rate=0.0)

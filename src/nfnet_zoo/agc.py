@@ -51,37 +51,46 @@ class AGCStats:
         return self.clipped.item() / self.units if self.units else 0.0
 
 
-# --- sharded parameters: the one extension point --------------------------------------------
-class Shard(NamedTuple):
-    """This process's part of a parameter and its gradient, laid out alike and holding whole units."""
+@torch.no_grad()
+def adaptive_clip_grad_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], clipping: float = 0.01,
+                        eps: float = 1e-3) -> AGCStats:
+    """Clip gradients unit-wise in place, as DeepMind's AGC (see the module docstring).
 
-    param: torch.Tensor
-    grad: torch.Tensor
-    # Sums squared norms over the processes in place (hashable: tensors sharing it are summed at
-    # once); None when the whole tensor is here.
-    sum_over_shards: Optional[Callable[[torch.Tensor], None]] = None
+    `parameters`: the tensors to clip, usually `clipped_parameters(model)` (parameters without a
+    gradient are skipped). `clipping` is the paper's lambda; `eps` floors the weight norm so that
+    zero-initialised parameters can move. Norms are taken in float32 (float64 for float64 tensors)
+    whatever the gradient dtype. Works on plain tensors (single device, DDP after backward) and,
+    once `agc_distributed` is imported (`prepare_for_fsdp2` does), on FSDP2 DTensors sharded on
+    dim 0. Returns `AGCStats` without synchronising the device.
+    """
+    if not (clipping > 0 and eps > 0):
+        raise NFNetZooError(f"AGC needs clipping > 0 and eps > 0, got clipping={clipping}, eps={eps}; "
+                            "the paper uses clipping=0.01 (batch 4096: 0.01-0.02) and eps=1e-3")
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return AGCStats(torch.zeros((), dtype=torch.long), 0)
+    clipped, units = [], 0
+    for (_, dtype), batch in _batches(params).items():
+        clipped.append(_clip_batch(batch, dtype, clipping, eps))
+        units += sum(batch.grads_and_units()[1])
+    total = clipped[0]
+    for count in clipped[1:]:  # batches on other devices
+        total = total + count.to(total.device)
+    return AGCStats(total, units)
 
 
-# Functions giving the `Shard` of a sharded parameter, or None when they do not know its type.
-_SHARDINGS: list[Callable[[torch.Tensor], Optional[Shard]]] = []
-
-
-def register_sharding(local_shard: Callable[[torch.Tensor], Optional[Shard]]) -> None:
-    """Teach AGC a sharded tensor type (`agc_distributed` registers FSDP2's DTensor on import)."""
-    if local_shard not in _SHARDINGS:
-        _SHARDINGS.append(local_shard)
-
-
-def _shard(p: torch.Tensor) -> Shard:
-    for local_shard in _SHARDINGS:
-        shard = local_shard(p)
-        if shard is not None:
-            return shard
-    if type(p).__module__.startswith("torch.distributed"):
-        raise NFNetZooError(f"AGC got a sharded parameter ({type(p).__name__}) but does not know its shards; "
-                            "import nfnet_zoo.agc_distributed (prepare_for_fsdp2 and unscale_and_clip_ "
-                            "live there) before clipping")
-    return Shard(p, p.grad)
+def _clip_batch(batch: _Batch, dtype: torch.dtype, clipping: float, eps: float) -> torch.Tensor:
+    """The formula on every unit of the batch at once; returns how many units were clipped."""
+    w_norm, g_norm = _norms(batch, dtype)             # ||W_i||, ||G_i||
+    max_norm = w_norm.clamp_min_(eps).mul_(clipping)  # clipping * max(||W_i||, eps)
+    trigger = g_norm > max_norm                       # only where ||G_i|| > max_norm_i
+    # G_i <- G_i * max_norm_i / max(||G_i||, 1e-6)
+    scale = torch.where(trigger, max_norm / g_norm.clamp_min(_GRAD_NORM_FLOOR), 1.0)
+    grads, units = batch.grads_and_units()
+    torch._foreach_mul_(grads, [_unit_view(s, g) for s, g in zip(scale.split(units), grads)])
+    return trigger.sum()
 
 
 # --- unit-wise norms, batched by device and norm dtype ---------------------------------------
@@ -151,44 +160,37 @@ def _unit_view(scale: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return scale.view(-1, *(1,) * (g.ndim - 1)) if g.ndim else scale.view(())
 
 
-def _clip_batch(batch: _Batch, dtype: torch.dtype, clipping: float, eps: float) -> torch.Tensor:
-    w_norm, g_norm = _norms(batch, dtype)
-    max_norm = w_norm.clamp_min_(eps).mul_(clipping)  # clipping * max(||W_i||, eps)
-    trigger = g_norm > max_norm
-    scale = torch.where(trigger, max_norm / g_norm.clamp_min(_GRAD_NORM_FLOOR), 1.0)
-    grads, units = batch.grads_and_units()
-    torch._foreach_mul_(grads, [_unit_view(s, g) for s, g in zip(scale.split(units), grads)])
-    return trigger.sum()
+# --- sharded parameters: the one extension point --------------------------------------------
+class Shard(NamedTuple):
+    """This process's part of a parameter and its gradient, laid out alike and holding whole units."""
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    # Sums squared norms over the processes in place (hashable: tensors sharing it are summed at
+    # once); None when the whole tensor is here.
+    sum_over_shards: Optional[Callable[[torch.Tensor], None]] = None
 
 
-@torch.no_grad()
-def adaptive_clip_grad_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], clipping: float = 0.01,
-                        eps: float = 1e-3) -> AGCStats:
-    """Clip gradients unit-wise in place, as DeepMind's AGC (see the module docstring).
+# Functions giving the `Shard` of a sharded parameter, or None when they do not know its type.
+_SHARDINGS: list[Callable[[torch.Tensor], Optional[Shard]]] = []
 
-    `parameters`: the tensors to clip, usually `clipped_parameters(model)` (parameters without a
-    gradient are skipped). `clipping` is the paper's lambda; `eps` floors the weight norm so that
-    zero-initialised parameters can move. Norms are taken in float32 (float64 for float64 tensors)
-    whatever the gradient dtype. Works on plain tensors (single device, DDP after backward) and on
-    FSDP2 DTensors sharded on dim 0 (see `agc_distributed`). Returns `AGCStats` without
-    synchronising the device.
-    """
-    if not (clipping > 0 and eps > 0):
-        raise NFNetZooError(f"AGC needs clipping > 0 and eps > 0, got clipping={clipping}, eps={eps}; "
-                            "the paper uses clipping=0.01 (batch 4096: 0.01-0.02) and eps=1e-3")
-    if isinstance(parameters, torch.Tensor):
-        parameters = [parameters]
-    params = [p for p in parameters if p.grad is not None]
-    if not params:
-        return AGCStats(torch.zeros((), dtype=torch.long), 0)
-    clipped, units = [], 0
-    for (_, dtype), batch in _batches(params).items():
-        clipped.append(_clip_batch(batch, dtype, clipping, eps))
-        units += sum(batch.grads_and_units()[1])
-    total = clipped[0]
-    for count in clipped[1:]:  # batches on other devices
-        total = total + count.to(total.device)
-    return AGCStats(total, units)
+
+def register_sharding(local_shard: Callable[[torch.Tensor], Optional[Shard]]) -> None:
+    """Teach AGC a sharded tensor type (`agc_distributed` registers FSDP2's DTensor on import)."""
+    if local_shard not in _SHARDINGS:
+        _SHARDINGS.append(local_shard)
+
+
+def _shard(p: torch.Tensor) -> Shard:
+    for local_shard in _SHARDINGS:
+        shard = local_shard(p)
+        if shard is not None:
+            return shard
+    if type(p).__module__.startswith("torch.distributed"):
+        raise NFNetZooError(f"AGC got a sharded parameter ({type(p).__name__}) but does not know its shards; "
+                            "import nfnet_zoo.agc_distributed (prepare_for_fsdp2 and unscale_and_clip_ "
+                            "live there) before clipping")
+    return Shard(p, p.grad)
 
 
 # --- which parameters: clipped, decayed ----------------------------------------------------
