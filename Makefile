@@ -41,8 +41,8 @@ FLOOR_TESTS := tests/test_versions.py tests/test_variants.py tests/test_install.
 	tests/test_finetune.py::test_run_folder_contract tests/test_finetune.py::test_result_loads_with_timm_local_dir \
 	tests/test_finetune.py::test_checkpoint_with_other_classes_gets_a_new_head tests/test_finetune.py::test_cli_faults_are_one_line \
 	tests/test_evaluate.py tests/test_hub.py tests/test_received.py tests/test_data.py::test_saved_hf_dataset_with_a_corrupt_row \
-	tests/test_agc.py::test_accelerate_accumulation_clips_once_on_the_accumulated_gradient \
-	tests/test_agc.py::test_refuses_fsdp1_and_deepspeed tests/test_ecosystem.py::test_meta_device_and_dtype
+	tests/test_agc_distributed.py::test_accelerate_accumulation_clips_once_on_the_accumulated_gradient \
+	tests/test_agc_distributed.py::test_refuses_fsdp1_and_deepspeed tests/test_ecosystem.py::test_meta_device_and_dtype
 test-floors: $(FLOOR)/.installed
 	$(FLOOR)/bin/python -m pytest -q $(FLOOR_TESTS)
 

@@ -15,21 +15,11 @@ from torch import nn
 from timm.optim import create_optimizer_v2
 from timm.utils.agc import adaptive_clip_grad as timm_adaptive_clip_grad
 
-from nfnet_zoo import (NFNetZooError, adaptive_clip_grad_, fast_kernels, assert_agc_supported, clipped_parameters,
-                       prepare_for_fsdp2, unscale_and_clip_, weight_decay_groups)
+from _tiny_nfnet import batch, sgd, tiny
+from nfnet_zoo import NFNetZooError, adaptive_clip_grad_, clipped_parameters, weight_decay_groups
 from nfnet_zoo.models.convert import convert_haiku_checkpoint, load_haiku_checkpoint, timm_keys, to_torch_layout
-from nfnet_zoo.models.cpu_kernels import WS_STATS
-from nfnet_zoo.models.layers import WSConv2d
 
 DATA = Path(__file__).parent / "data" / "deepmind"
-
-
-@pytest.fixture(params=[True, False], ids=["fast", "reference"])
-def kernels(request):
-    """With the CPU kernels (rows of few clipped units rewritten alone, weight norms from the forward
-    pass) and without (one multiply per tensor: the branch accelerators take)."""
-    with fast_kernels(request.param):
-        yield request.param
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +53,6 @@ def _assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: 
     assert err < tol, f"{what}: relative error {err:.2e} >= {tol:.0e}"
 
 
-@pytest.mark.usefixtures("kernels")
 def test_two_sgd_agc_steps_match_deepmind(deepmind, converted_dir, device):
     steps, ref, hyper, _ = deepmind
     model = _converted(converted_dir).to(device)
@@ -85,7 +74,6 @@ def test_two_sgd_agc_steps_match_deepmind(deepmind, converted_dir, device):
                         f"momentum {step + 1} {name}")
 
 
-@pytest.mark.usefixtures("kernels")
 def test_optax_agc_on_all_params_matches_deepmind(deepmind, device):
     steps, ref, hyper, _ = deepmind
     for step in (0, 1):
@@ -106,7 +94,6 @@ def test_optax_agc_on_all_params_matches_deepmind(deepmind, device):
         assert (tensors[gain].grad.cpu() - want[gain]).abs().max() > 1e-3 * want[gain].abs().max()
 
 
-@pytest.mark.usefixtures("kernels")
 def test_model_backward_reproduces_deepmind_gradients(deepmind, converted_dir, device):
     # The whole chain: converted weights -> our forward/backward -> DeepMind's step-0 gradients.
     steps, ref, hyper, _ = deepmind
@@ -143,9 +130,8 @@ def test_partition_matches_deepmind(deepmind, converted_dir):
         assert decay == decay_clipped | decay_not_clipped
 
 
-@pytest.mark.parametrize("top", [2.0, 1.1])  # about half the units clipped; a few (rows rewritten alone)
+@pytest.mark.parametrize("top", [2.0, 1.1])  # about half the units clipped; a few
 @pytest.mark.parametrize("shape", [(16, 8, 3, 3), (16, 1, 3, 3), (32, 16, 1, 1), (10, 64), (7, 3, 5), "cl"])
-@pytest.mark.usefixtures("kernels")
 def test_matches_timm_on_weights(shape, top, device):
     # Where both define the unit (one per slice of dim 0), DeepMind's AGC and timm's coincide.
     torch.manual_seed(0)
@@ -167,10 +153,9 @@ def test_matches_timm_on_weights(shape, top, device):
     assert stats.clipped.item() == changed.sum().item() and stats.units == shape[0]
 
 
-@pytest.mark.usefixtures("kernels")
 def test_one_call_over_many_tensors_matches_timm_per_tensor():
     # Units of all tensors are clipped in one pass; each tensor must get exactly its own scales back,
-    # whether it has no clipped unit, a few (rows rewritten), most, all, or no unit at all.
+    # whether it has no clipped unit, a few, most, all, or no unit at all.
     torch.manual_seed(0)
     weights = [((8, 4, 3, 3), 0.5), ((64, 32), 1.1), ((0, 5), 2.0), ((12, 6, 1, 1), 3.0), ((4, 2, 3, 3), 1.1)]
     ours, theirs, grads = [], [], []
@@ -197,7 +182,6 @@ def test_one_call_over_many_tensors_matches_timm_per_tensor():
     assert changed[-1] == 1 and stats.clipped.item() == sum(changed) and stats.units == sum(units)
 
 
-@pytest.mark.usefixtures("kernels")
 def test_low_precision_gradients_use_float32_norms():
     torch.manual_seed(0)
     w = torch.randn(64, 32, 3, 3)
@@ -210,14 +194,13 @@ def test_low_precision_gradients_use_float32_norms():
     torch.testing.assert_close(low.grad.float(), ref.grad, rtol=1.6e-2, atol=1e-5)
 
 
-@pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("clipping,clipped", [(1e4, "none"), (0.02, "a few"), (1e-9, "all")])
 def test_low_precision_model_matches_the_float32_computation(dtype, clipping, clipped, device):
     # A model cast to bf16/fp16 (pure low-precision training, FSDP2 mixed precision): real
     # low-precision parameters and gradients, clipped against the float32 clipping of the same values.
-    model = _tiny().to(device=device, dtype=dtype)
-    x, y = (t.to(device) for t in _batch())
+    model = tiny().to(device=device, dtype=dtype)
+    x, y = (t.to(device) for t in batch())
     F.cross_entropy(model(x.to(dtype)).float(), y).backward()
     params = clipped_parameters(model)
     wide = []
@@ -234,14 +217,13 @@ def test_low_precision_model_matches_the_float32_computation(dtype, clipping, cl
     assert {"none": count == 0, "a few": 0 < count < moving / 2, "all": count == moving}[clipped], (count, moving)
     few_in_a_tensor = any(0 < int((p.grad.float() != w.grad).flatten(1).any(1).sum()) < len(p) / 4
                           for p, w in zip(params, wide) if p.ndim > 1)
-    assert few_in_a_tensor or clipped != "a few"  # the row-rewrite case that crashed
+    assert few_in_a_tensor or clipped != "a few"  # a few clipped units in a tensor (it once crashed)
     for p, w in zip(params, wide):
         assert p.grad.dtype == dtype
         torch.testing.assert_close(p.grad, w.grad.to(dtype), rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10,
                                    atol=0)
 
 
-@pytest.mark.usefixtures("kernels")
 def test_stats_count_units_without_sync():
     w, b, gain, skip = torch.ones(4, 2), torch.ones(4), torch.ones(4, 1, 1, 1), torch.ones(())
     for t in (w, b, gain, skip):
@@ -257,6 +239,18 @@ def test_stats_count_units_without_sync():
     with pytest.raises(NFNetZooError, match="clipping > 0"):
         adaptive_clip_grad_([w], clipping=0)
 
+
+
+def test_sharded_tensor_of_an_unknown_kind_is_refused():
+    # agc_distributed teaches AGC FSDP2's DTensor; any other torch.distributed tensor is not taken for whole.
+    class Sharded(torch.Tensor):
+        pass
+
+    Sharded.__module__ = "torch.distributed.elsewhere"
+    t = torch.ones(4, 3).as_subclass(Sharded)
+    t.grad = torch.ones(4, 3)
+    with pytest.raises(NFNetZooError, match=r"sharded parameter \(Sharded\).*import nfnet_zoo.agc_distributed"):
+        adaptive_clip_grad_([t])
 
 # --- which parameters, on any timm model ------------------------------------------------------
 @pytest.mark.parametrize("name", ["nfnet_zoo_tiny", "resnet18", "vit_tiny_patch16_224", "convnext_atto",
@@ -298,31 +292,10 @@ def test_headless_unknown_and_patterns():
 
 
 # --- training settings ------------------------------------------------------------------------
-def _tiny(seed=0):
-    torch.manual_seed(seed)
-    model = timm.create_model("nfnet_zoo_tiny", num_classes=10, depths=(1, 1, 1, 1), widths=(32, 64, 96, 128),
-                              group_width=8, drop_rate=0.0, stochdepth_rate=0.0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("skipinit_gain"):
-                p.fill_(0.5)  # residual branches on, so every parameter gets a gradient
-    return model
-
-
-def _batch(n=4, size=32, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, size, size, generator=g), torch.randint(0, 10, (n,), generator=g)
-
-
-def _sgd(model):
-    return torch.optim.SGD(weight_decay_groups(model, 1e-4), lr=0.2, momentum=0.9, nesterov=True)
-
-
-@pytest.mark.usefixtures("kernels")
 def test_fp16_grad_scaler_unscales_first_and_keeps_skipped_steps():
-    x, y = _batch()
-    reference, scaled = _tiny(), _tiny()
-    ref_opt, opt = _sgd(reference), _sgd(scaled)
+    x, y = batch()
+    reference, scaled = tiny(), tiny()
+    ref_opt, opt = sgd(reference), sgd(scaled)
     F.cross_entropy(reference(x), y).backward()
     adaptive_clip_grad_(clipped_parameters(reference))
     ref_opt.step()
@@ -346,142 +319,3 @@ def test_fp16_grad_scaler_unscales_first_and_keeps_skipped_steps():
     scaler.update()
     assert scaler.get_scale() == 2.0 ** 11
     assert all(torch.equal(p, before[n]) for n, p in scaled.named_parameters())
-
-
-@pytest.mark.usefixtures("kernels")
-def test_accelerate_accumulation_clips_once_on_the_accumulated_gradient():
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    x, y = _batch(8)
-    reference = _tiny()
-    ref_opt = _sgd(reference)
-    for _ in range(2):
-        ref_opt.zero_grad()
-        F.cross_entropy(reference(x), y).backward()
-        adaptive_clip_grad_(clipped_parameters(reference))
-        ref_opt.step()
-
-    try:
-        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
-        model = _tiny()
-        model, optimizer = accelerator.prepare(model, _sgd(model))
-        clipped, results = clipped_parameters(model), []
-        for _ in range(2):
-            for micro in (slice(0, 4), slice(4, 8)):
-                with accelerator.accumulate(model):
-                    accelerator.backward(F.cross_entropy(model(x[micro]), y[micro]))
-                    results.append(unscale_and_clip_(accelerator, clipped))
-                    optimizer.step()
-                    optimizer.zero_grad()
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-    assert [r is None for r in results] == [True, False, True, False]
-    for (n, a), b in zip(reference.named_parameters(), model.parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=n)
-
-
-def test_refuses_fsdp1_and_deepspeed():
-    import inspect
-
-    import accelerate
-    from accelerate import Accelerator, FullyShardedDataParallelPlugin
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import DistributedType
-
-    # A real Accelerator with the configuration Accelerate sets up under FSDP / DeepSpeed launches.
-    # accelerate < 1.6 (make test-floors) has only FSDP1: its plugin takes no fsdp_version
-    has_fsdp2 = "fsdp_version" in inspect.signature(FullyShardedDataParallelPlugin).parameters
-    try:
-        accelerator = Accelerator(cpu=True)
-        assert_agc_supported(accelerator)
-        state = accelerator.state
-        state.distributed_type = DistributedType.FSDP
-        state.fsdp_plugin = FullyShardedDataParallelPlugin(**({"fsdp_version": 1} if has_fsdp2 else {}))
-        with pytest.raises(NFNetZooError) as err:
-            assert_agc_supported(accelerator)
-        message = str(err.value)
-        assert "FSDP1" in message and "fsdp_version=2" in message and "DDP" in message and "\n" not in message
-        if has_fsdp2:
-            state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
-            assert accelerator.is_fsdp2
-            assert_agc_supported(accelerator)
-        else:  # the version found and the one FSDP2 needs
-            assert (f"accelerate {accelerate.__version__} found, nfnet-zoo needs >= 1.6: "
-                    "pip install -U 'accelerate>=1.6'") in message
-        state.distributed_type = DistributedType.DEEPSPEED
-        with pytest.raises(NFNetZooError, match="DeepSpeed flattens"):
-            unscale_and_clip_(accelerator, [])
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-    assert_agc_supported(_tiny())  # a plain model is fine; FSDP1-wrapped: tests/test_agc_distributed.py
-
-
-@pytest.mark.usefixtures("kernels")
-def test_prepare_for_fsdp2_keeps_timm_state_dict():
-    # Sharded state dicts (0-d again) are checked in tests/test_agc_distributed.py.
-    model, reference = _tiny(), _tiny()
-    before = list(model.parameters())
-    prepare_for_fsdp2(model)
-    assert model.stages[0][0].skipinit_gain.shape == (1,)
-    assert all(p is q for p, q in zip(model.parameters(), before))  # an optimizer built before stays valid
-    sd, ref_sd = model.state_dict(), reference.state_dict()
-    assert list(sd) == list(ref_sd)
-    assert all(torch.equal(sd[k].reshape(ref_sd[k].shape), ref_sd[k]) for k in sd)
-    with torch.no_grad():
-        reference.stages[1][0].skipinit_gain.fill_(0.25)
-    model.load_state_dict(reference.state_dict())  # a timm checkpoint, 0-d skip gains
-    assert model.stages[1][0].skipinit_gain.item() == 0.25
-    model.load_state_dict(model.state_dict())
-    x, y = _batch()
-    torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
-    F.cross_entropy(model(x), y).backward()
-    F.cross_entropy(reference(x), y).backward()
-    a, b = adaptive_clip_grad_(clipped_parameters(model)), adaptive_clip_grad_(clipped_parameters(reference))
-    assert (a.units, a.clipped.item()) == (b.units, b.clipped.item())
-    for (n, p), q in zip(model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad.reshape(q.shape), q.grad, rtol=1e-6, atol=0, msg=n)
-
-
-# --- weight norms left by the forward pass --------------------------------------------------
-def _clip_twice(model, clipping, after_forward=lambda: None):
-    """AGC as a training step runs it, then again on the same gradients with the weights read."""
-    x, y = _batch()
-    F.cross_entropy(model(x), y).backward()
-    after_forward()
-    params = clipped_parameters(model)
-    left = sum(WS_STATS in p.__dict__ for p in params)
-    grads = [p.grad.clone() for p in params]
-    first = adaptive_clip_grad_(params, clipping)
-    assert not any(WS_STATS in p.__dict__ for p in params)  # each is used once
-    fast = [p.grad.clone() for p in params]
-    for p, g in zip(params, grads):
-        p.grad.copy_(g)
-    second = adaptive_clip_grad_(params, clipping)
-    return left, first, second, fast, [p.grad for p in params]
-
-
-def test_weight_norms_left_by_the_forward_pass_equal_the_read_ones():
-    model = _tiny()
-    n_convs = sum(isinstance(m, WSConv2d) for m in model.modules())
-    left, first, second, fast, read = _clip_twice(model, 0.05)
-    assert left == n_convs
-    assert 0 < first.clipped.item() == second.clipped.item() < first.units  # the test can tell
-    for a, b in zip(fast, read):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
-
-
-def test_weight_changed_after_the_forward_pass_is_read_again():
-    model = _tiny()
-    conv = model.stages[1][0].conv2
-
-    def update():
-        with torch.no_grad():
-            conv.weight.mul_(3.0)  # an in-place update between forward and clipping
-    # Nearly every unit clips, so each clipped gradient is proportional to its weight norm.
-    _, first, second, fast, read = _clip_twice(model, 1e-5, update)
-    assert first.clipped.item() > first.units // 2
-    for a, b in zip(fast, read):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)

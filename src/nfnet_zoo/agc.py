@@ -21,21 +21,20 @@ DeepMind's optimizer (`SGD_AGC` with the NFNet experiment's partition) in PyTorc
 Clip the gradient the optimizer will use: after fp16 unscaling, once per optimizer step on the
 accumulated gradient, after DDP's all-reduce; in an Accelerate loop `unscale_and_clip_` does that.
 Under FSDP2 (`fully_shard`) the clipping works on the local shards (call `prepare_for_fsdp2` first);
-FSDP1 and DeepSpeed flatten parameters and are refused by `assert_agc_supported`.
+FSDP1 and DeepSpeed flatten parameters and are refused by `assert_agc_supported`. Those three, and
+how a sharded tensor's norms are summed over processes, are in `agc_distributed`.
 """
 from __future__ import annotations
 
 import fnmatch
 import functools
-import sys
-from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
 
 from .errors import NFNetZooError
-from .versions import FSDP2_ACCELERATE, too_old
 
 _GRAD_NORM_FLOOR = 1e-6  # DeepMind's max(||G||, 1e-6): a division guard, inert unless clipping * eps < 1e-6
 
@@ -52,120 +51,6 @@ class AGCStats:
         return self.clipped.item() / self.units if self.units else 0.0
 
 
-@functools.lru_cache(maxsize=1024)  # called for every tensor of every step; a model has few shapes
-def _is_unitwise(shape: torch.Size) -> bool:
-    # More than one non-unit dimension: one norm per slice of dim 0; else one norm for the tensor.
-    return sum(s != 1 for s in shape) > 1
-
-
-def _dtensor_type() -> Optional[type]:
-    # A DTensor can only exist once its module is imported; skipping the import keeps startup fast.
-    module = sys.modules.get("torch.distributed.tensor")
-    return getattr(module, "DTensor", None)
-
-
-def _local(p: torch.Tensor, dtensor: type) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-    """A DTensor's local (parameter, gradient) and the mesh dims to reduce whole-tensor norms over."""
-    if not isinstance(p.grad, dtensor) or p.grad.placements != p.placements:
-        raise NFNetZooError("a sharded parameter has a gradient laid out differently from itself; "
-                            "clip after backward of a model wrapped only by fully_shard (FSDP2)")
-    dims = []
-    for i, placement in enumerate(p.placements):
-        if placement.is_partial() or (placement.is_shard() and placement.dim != 0):
-            raise NFNetZooError(f"AGC needs parameters sharded on dim 0 (FSDP2's default), got "
-                                f"{p.placements}; do not pass shard_placement_fn to fully_shard")
-        if placement.is_shard():
-            dims.append(i)
-    return p.to_local(), p.grad.to_local(), (p.device_mesh, tuple(dims)) if dims else ()
-
-
-class _Group:
-    """Tensors whose norms are computed together: same device and norm dtype."""
-
-    def __init__(self) -> None:
-        self.unit_p: list[torch.Tensor] = []    # tensors normed per slice of dim 0
-        self.unit_g: list[torch.Tensor] = []
-        self.units: list[int] = []              # slices of dim 0 held here (a shard's share under FSDP2)
-        self.whole_p: list[torch.Tensor] = []   # tensors normed as a whole
-        self.whole_g: list[torch.Tensor] = []
-        self.sharded: dict[tuple, list[int]] = {}  # (mesh, mesh dims) -> indices into whole_*
-
-    def gradients_and_units(self) -> tuple[list[torch.Tensor], list[int]]:
-        """Every gradient, with its count of units, in the order of the norms `_clip_group` builds."""
-        return self.unit_g + self.whole_g, self.units + [1] * len(self.whole_g)
-
-
-def _plan(params: list[torch.Tensor]) -> dict[tuple, _Group]:
-    groups: dict[tuple, _Group] = {}
-    dtensor = _dtensor_type()
-    for p in params:
-        if dtensor is not None and isinstance(p, dtensor):
-            p_local, g_local, reduce = _local(p, dtensor)
-        else:
-            p_local, g_local, reduce = p, p.grad, ()
-        norm_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-        group = groups.get((g_local.device, norm_dtype))
-        if group is None:
-            group = groups[(g_local.device, norm_dtype)] = _Group()
-        if _is_unitwise(p.shape):  # the global shape: a shard holds whole units
-            group.unit_p.append(p_local)
-            group.unit_g.append(g_local)
-            group.units.append(g_local.shape[0])
-        else:
-            if reduce:
-                group.sharded.setdefault(reduce, []).append(len(group.whole_p))
-            group.whole_p.append(p_local)
-            group.whole_g.append(g_local)
-    return groups
-
-
-_NORM_DIMS = {n: tuple(range(1, n)) for n in range(2, 12)}
-
-
-def _unit_norms(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-    # torch has no foreach reduction along a dim, so this is one reduction kernel per weight tensor.
-    return [torch.linalg.vector_norm(t, 2, _NORM_DIMS[t.ndim], dtype=dtype) for t in tensors]
-
-
-def _reduce_sharded_norms(group: _Group, p_norms: torch.Tensor, g_norms: torch.Tensor) -> None:
-    """Whole-tensor norms of sharded tensors: all-reduce the squared sums over the shards."""
-    import torch.distributed as dist
-
-    for (mesh, dims), index in group.sharded.items():
-        idx = torch.tensor(index, device=p_norms.device)
-        squares = torch.cat([p_norms[idx], g_norms[idx]]).square_()
-        for dim in dims:
-            dist.all_reduce(squares, group=mesh.get_group(dim))
-        squares.sqrt_()
-        p_norms[idx], g_norms[idx] = squares.split(len(index))
-
-
-def _unit_view(scale: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    # One scale per slice of dim 0 (a 0-d gradient has one unit).
-    return scale.view(-1, *(1,) * (g.ndim - 1)) if g.ndim else scale.view(())
-
-
-def _clip_group(group: _Group, dtype: torch.dtype, clipping: float, eps: float) -> torch.Tensor:
-    parts_p, parts_g = [], []
-    parts_p += _unit_norms(group.unit_p, dtype)
-    parts_g += _unit_norms(group.unit_g, dtype)
-    if group.whole_p:
-        wp = torch.stack(torch._foreach_norm(group.whole_p, 2, dtype=dtype))
-        wg = torch.stack(torch._foreach_norm(group.whole_g, 2, dtype=dtype))
-        if group.sharded:
-            _reduce_sharded_norms(group, wp, wg)
-        parts_p.append(wp)
-        parts_g.append(wg)
-    p_norm, g_norm = torch.cat(parts_p), torch.cat(parts_g)
-    max_norm = p_norm.clamp_min_(eps).mul_(clipping)
-    trigger = g_norm > max_norm
-    scale = torch.where(trigger, max_norm / g_norm.clamp_min(_GRAD_NORM_FLOOR), 1.0)
-
-    grads, sizes = group.gradients_and_units()
-    torch._foreach_mul_(grads, [_unit_view(s, g) for s, g in zip(scale.split(sizes), grads)])
-    return trigger.sum()
-
-
 @torch.no_grad()
 def adaptive_clip_grad_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], clipping: float = 0.01,
                         eps: float = 1e-3) -> AGCStats:
@@ -174,8 +59,9 @@ def adaptive_clip_grad_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]],
     `parameters`: the tensors to clip, usually `clipped_parameters(model)` (parameters without a
     gradient are skipped). `clipping` is the paper's lambda; `eps` floors the weight norm so that
     zero-initialised parameters can move. Norms are taken in float32 (float64 for float64 tensors)
-    whatever the gradient dtype. Works on plain tensors (single device, DDP after backward) and on
-    FSDP2 DTensors sharded on dim 0. Returns `AGCStats` without synchronising the device.
+    whatever the gradient dtype. Works on plain tensors (single device, DDP after backward) and,
+    once `agc_distributed` is imported (`prepare_for_fsdp2` does), on FSDP2 DTensors sharded on
+    dim 0. Returns `AGCStats` without synchronising the device.
     """
     if not (clipping > 0 and eps > 0):
         raise NFNetZooError(f"AGC needs clipping > 0 and eps > 0, got clipping={clipping}, eps={eps}; "
@@ -186,13 +72,125 @@ def adaptive_clip_grad_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]],
     if not params:
         return AGCStats(torch.zeros((), dtype=torch.long), 0)
     clipped, units = [], 0
-    for (_, dtype), group in _plan(params).items():
-        clipped.append(_clip_group(group, dtype, clipping, eps))
-        units += sum(group.gradients_and_units()[1])
+    for (_, dtype), batch in _batches(params).items():
+        clipped.append(_clip_batch(batch, dtype, clipping, eps))
+        units += sum(batch.grads_and_units()[1])
     total = clipped[0]
-    for count in clipped[1:]:  # groups on other devices
+    for count in clipped[1:]:  # batches on other devices
         total = total + count.to(total.device)
     return AGCStats(total, units)
+
+
+def _clip_batch(batch: _Batch, dtype: torch.dtype, clipping: float, eps: float) -> torch.Tensor:
+    """The formula on every unit of the batch at once; returns how many units were clipped."""
+    w_norm, g_norm = _norms(batch, dtype)             # ||W_i||, ||G_i||
+    max_norm = w_norm.clamp_min_(eps).mul_(clipping)  # clipping * max(||W_i||, eps)
+    trigger = g_norm > max_norm                       # only where ||G_i|| > max_norm_i
+    # G_i <- G_i * max_norm_i / max(||G_i||, 1e-6)
+    scale = torch.where(trigger, max_norm / g_norm.clamp_min(_GRAD_NORM_FLOOR), 1.0)
+    grads, units = batch.grads_and_units()
+    torch._foreach_mul_(grads, [_unit_view(s, g) for s, g in zip(scale.split(units), grads)])
+    return trigger.sum()
+
+
+# --- unit-wise norms, batched by device and norm dtype ---------------------------------------
+@functools.lru_cache(maxsize=1024)  # called for every tensor of every step; a model has few shapes
+def _is_unitwise(shape: torch.Size) -> bool:
+    # More than one non-unit dimension: one norm per slice of dim 0; else one norm for the tensor.
+    return sum(s != 1 for s in shape) > 1
+
+
+@dataclass
+class _Batch:
+    """Tensors whose norms are computed together: same device and norm dtype."""
+
+    unit_w: list[torch.Tensor] = field(default_factory=list)   # normed per slice of dim 0
+    unit_g: list[torch.Tensor] = field(default_factory=list)
+    units: list[int] = field(default_factory=list)             # slices of dim 0 held here
+    whole_w: list[torch.Tensor] = field(default_factory=list)  # normed as a whole
+    whole_g: list[torch.Tensor] = field(default_factory=list)
+    sharded: dict[Callable, list[int]] = field(default_factory=dict)  # sum_over_shards -> whole_* indices
+
+    def grads_and_units(self) -> tuple[list[torch.Tensor], list[int]]:
+        """Every gradient with its count of units, in the order of `_norms`."""
+        return self.unit_g + self.whole_g, self.units + [1] * len(self.whole_g)
+
+
+def _batches(params: list[torch.Tensor]) -> dict[tuple, _Batch]:
+    batches: dict[tuple, _Batch] = {}
+    for p in params:
+        w, g, sum_over_shards = _shard(p)
+        norm_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        batch = batches.setdefault((g.device, norm_dtype), _Batch())
+        if _is_unitwise(p.shape):  # the global shape: a shard holds whole units
+            batch.unit_w.append(w)
+            batch.unit_g.append(g)
+            batch.units.append(g.shape[0])
+        else:
+            if sum_over_shards is not None:
+                batch.sharded.setdefault(sum_over_shards, []).append(len(batch.whole_w))
+            batch.whole_w.append(w)
+            batch.whole_g.append(g)
+    return batches
+
+
+_NORM_DIMS = {n: tuple(range(1, n)) for n in range(2, 12)}
+
+
+def _norms(batch: _Batch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """||W_i|| and ||G_i|| of every unit of the batch."""
+    # torch has no foreach reduction along a dim, so this is one reduction kernel per weight tensor.
+    w = [torch.linalg.vector_norm(t, 2, _NORM_DIMS[t.ndim], dtype=dtype) for t in batch.unit_w]
+    g = [torch.linalg.vector_norm(t, 2, _NORM_DIMS[t.ndim], dtype=dtype) for t in batch.unit_g]
+    if batch.whole_w:
+        whole_w = torch.stack(torch._foreach_norm(batch.whole_w, 2, dtype=dtype))
+        whole_g = torch.stack(torch._foreach_norm(batch.whole_g, 2, dtype=dtype))
+        for sum_over_shards, index in batch.sharded.items():  # a whole tensor's norm from its shards
+            idx = torch.tensor(index, device=whole_w.device)
+            squares = torch.cat([whole_w[idx], whole_g[idx]]).square_()
+            sum_over_shards(squares)
+            whole_w[idx], whole_g[idx] = squares.sqrt_().split(len(index))
+        w.append(whole_w)
+        g.append(whole_g)
+    return torch.cat(w), torch.cat(g)
+
+
+def _unit_view(scale: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    # One scale per slice of dim 0 (a 0-d gradient has one unit).
+    return scale.view(-1, *(1,) * (g.ndim - 1)) if g.ndim else scale.view(())
+
+
+# --- sharded parameters: the one extension point --------------------------------------------
+class Shard(NamedTuple):
+    """This process's part of a parameter and its gradient, laid out alike and holding whole units."""
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    # Sums squared norms over the processes in place (hashable: tensors sharing it are summed at
+    # once); None when the whole tensor is here.
+    sum_over_shards: Optional[Callable[[torch.Tensor], None]] = None
+
+
+# Functions giving the `Shard` of a sharded parameter, or None when they do not know its type.
+_SHARDINGS: list[Callable[[torch.Tensor], Optional[Shard]]] = []
+
+
+def register_sharding(local_shard: Callable[[torch.Tensor], Optional[Shard]]) -> None:
+    """Teach AGC a sharded tensor type (`agc_distributed` registers FSDP2's DTensor on import)."""
+    if local_shard not in _SHARDINGS:
+        _SHARDINGS.append(local_shard)
+
+
+def _shard(p: torch.Tensor) -> Shard:
+    for local_shard in _SHARDINGS:
+        shard = local_shard(p)
+        if shard is not None:
+            return shard
+    if type(p).__module__.startswith("torch.distributed"):
+        raise NFNetZooError(f"AGC got a sharded parameter ({type(p).__name__}) but does not know its shards; "
+                            "import nfnet_zoo.agc_distributed (prepare_for_fsdp2 and unscale_and_clip_ "
+                            "live there) before clipping")
+    return Shard(p, p.grad)
 
 
 # --- which parameters: clipped, decayed ----------------------------------------------------
@@ -274,122 +272,5 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str,
     return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay)
 
 
-# --- distributed training and Accelerate ---------------------------------------------------
-def _flattening_wrapper(target: Any) -> Optional[str]:
-    """Name of the wrapper that flattens `target`'s parameters (FSDP1, DeepSpeed), or None."""
-    if hasattr(target, "distributed_type") and hasattr(target, "state"):  # an accelerate Accelerator
-        kind = str(getattr(target.distributed_type, "value", target.distributed_type))
-        if kind == "DEEPSPEED":
-            return "DeepSpeed"
-        if kind == "FSDP":
-            plugin = getattr(target.state, "fsdp_plugin", None)
-            if getattr(plugin, "fsdp_version", 1) != 2:
-                return "FSDP1"
-        return None
-    for module in target.modules():
-        names = {c.__name__ for c in type(module).__mro__}
-        if "FullyShardedDataParallel" in names:
-            return "FSDP1"
-        if "DeepSpeedEngine" in names:
-            return "DeepSpeed"
-    for p in target.parameters():
-        if getattr(p, "_is_flat_param", False):
-            return "FSDP1"
-        if hasattr(p, "ds_id"):  # DeepSpeed ZeRO-3 partitions parameters in place
-            return "DeepSpeed"
-    return None
-
-
-def assert_agc_supported(target: Any) -> None:
-    """Refuse AGC where parameters are flattened: FSDP1 (FlatParameter) and DeepSpeed.
-
-    `target`: an `accelerate.Accelerator` (checks its distributed configuration) or a model,
-    wrapped or not. Unit-wise norms need each parameter's own shape; raises `NFNetZooError`
-    naming what to use instead.
-    """
-    wrapper = _flattening_wrapper(target)
-    if wrapper:
-        fix = "use FSDP2 (FullyShardedDataParallelPlugin(fsdp_version=2) / torch fully_shard) or DDP"
-        old = too_old("accelerate", FSDP2_ACCELERATE) if hasattr(target, "distributed_type") else None
-        if wrapper == "FSDP1" and old:  # this accelerate cannot make FSDP2 (fsdp_version: 2 is ignored)
-            fix = f"use DDP, or FSDP2 (fsdp_version=2), which needs a newer accelerate: {old}"
-        raise NFNetZooError(f"AGC needs each parameter's own shape for its unit-wise norms, but {wrapper} "
-                            f"flattens parameters; {fix}")
-
-
-def unscale_and_clip_(accelerator: Any, parameters: Iterable[torch.Tensor], clipping: float = 0.01,
-                      eps: float = 1e-3) -> Optional[AGCStats]:
-    """AGC in an Accelerate loop: call right after `accelerator.backward(loss)`, before `optimizer.step()`.
-
-    On gradient-accumulation micro-steps (`accelerator.sync_gradients` false) it does nothing and
-    returns None, so the accumulated gradient is clipped once. On the syncing step it refuses FSDP1
-    and DeepSpeed, unscales fp16 gradients (`accelerator.unscale_gradients()`; a step GradScaler
-    skips for inf/nan stays skipped) and clips `parameters`, usually `clipped_parameters(model)`
-    built after `accelerator.prepare`. Raises `NFNetZooError` if none of them has a gradient.
-    """
-    if not accelerator.sync_gradients:
-        return None
-    assert_agc_supported(accelerator)
-    accelerator.unscale_gradients()
-    stats = adaptive_clip_grad_(parameters, clipping, eps)
-    if stats.units == 0:
-        raise NFNetZooError("none of the parameters given to AGC has a gradient; build "
-                            "clipped_parameters(model) after accelerator.prepare(model), which replaces "
-                            "parameters under FSDP2")
-    return stats
-
-
-def _squeeze_scalars(names: tuple[str, ...]):
-    def hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
-        dtensor = _dtensor_type()
-        for name in names:
-            value = state_dict.get(prefix + name)
-            # Only sharded values: Accelerate's cpu_ram_efficient_loading shards the unsharded (1,) ones.
-            if dtensor is not None and isinstance(value, dtensor) and value.device.type != "meta":
-                state_dict[prefix + name] = value.full_tensor().reshape(())
-    return hook
-
-
-def _unsqueeze_scalars(names: tuple[str, ...]):
-    def hook(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-        dtensor = _dtensor_type()
-        for name in names:
-            value, param = state_dict.get(prefix + name), getattr(module, name)
-            if value is None or value.shape != ():
-                continue
-            value = value.reshape(1)
-            if dtensor is not None and isinstance(param, dtensor) and not isinstance(value, dtensor):
-                from torch.distributed.tensor import distribute_tensor
-
-                # Every rank holds the full value: slice locally, no communication.
-                value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements,
-                                          src_data_rank=None)
-            state_dict[prefix + name] = value
-    return hook
-
-
-def prepare_for_fsdp2(model: nn.Module) -> nn.Module:
-    """Make `model` shardable by `fully_shard` (FSDP2): its 0-d parameters (skip gains) become (1,).
-
-    Call before `fully_shard` / `accelerator.prepare` (its `cpu_ram_efficient_loading` included),
-    before the first optimizer step. The parameters keep their identity; forward results, AGC (still
-    one unit) and weight decay are unchanged. Once sharded, `state_dict()` (hence
-    `get_model_state_dict`, `accelerator.get_state_dict`) gives the skip gains 0-d again, so saved
-    checkpoints stay timm-compatible; gathering them is a collective, so call it on every rank.
-    `load_state_dict()` accepts 0-d and (1,) skip gains. Returns the same model.
-    """
-    for module in _unwrap(model).modules():
-        names = tuple(n for n, p in module.named_parameters(recurse=False) if p.ndim == 0)
-        if not names:
-            continue
-        # (1,) rather than FSDP2's ignored_params: ignored gains would get no gradient all-reduce.
-        for name in names:
-            param = getattr(module, name)
-            param.data = param.data.reshape(1)  # same Parameter object: optimizers built before stay valid
-        module.register_state_dict_post_hook(_squeeze_scalars(names))
-        module.register_load_state_dict_pre_hook(_unsqueeze_scalars(names))
-    return model
-
-
-__all__ = ["AGCStats", "adaptive_clip_grad_", "clipped_parameters", "weight_decay_groups",
-           "assert_agc_supported", "unscale_and_clip_", "prepare_for_fsdp2"]
+__all__ = ["AGCStats", "adaptive_clip_grad_", "clipped_parameters", "weight_decay_groups", "Shard",
+           "register_sharding"]

@@ -43,7 +43,8 @@ import torch
 from torch import nn
 
 from ..files import write_bytes_atomic, write_json_atomic
-from ..agc import assert_agc_supported, clipped_parameters, prepare_for_fsdp2, unscale_and_clip_
+from ..agc import clipped_parameters
+from ..agc_distributed import assert_agc_supported, prepare_for_fsdp2, unscale_and_clip_
 from .curves import CURVES, INSTALL, curves_png, plotting_problem, run_title
 from ..data import ImageData, WorkerSignals, load_image_data
 from ..errors import NFNetZooError
