@@ -19,7 +19,7 @@ from huggingface_hub import ModelCard
 
 import nfnet_zoo
 from nfnet_zoo import NFNetZooError, push_to_hub
-from nfnet_zoo.hub.cards import build_zoo_card, measure_model, write_zoo_cards, zoo_tags
+from nfnet_zoo.models.cards import build_zoo_card, measure_model, write_zoo_cards, zoo_tags
 from nfnet_zoo.hub.push import COMMIT_ATTEMPTS, publish_checkpoint
 from nfnet_zoo.models.shared_config import rewrite_shared
 

@@ -24,7 +24,7 @@ _PUBLIC = {
     "assert_agc_supported": "agc_distributed", "prepare_for_fsdp2": "agc_distributed",
     "unscale_and_clip_": "agc_distributed",
     "push_to_hub": "hub.push", "publish_checkpoint": "hub.push", "PushResult": "hub.push",
-    "write_model_card": "hub.cards", "write_zoo_cards": "hub.cards",
+    "write_model_card": "models.cards", "write_zoo_cards": "models.cards",
     "finetune": "training.finetune", "FinetuneConfig": "training.recipe",
     "evaluate": "evaluation", "predict": "evaluation",
 }

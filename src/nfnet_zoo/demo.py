@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .files import check_manifest, remove_owned, write_manifest
-from .training.curves import CURVES
+from .files import CURVES, check_manifest, remove_owned, write_manifest
 from .errors import NFNetZooError
 
 DEMO_MODEL = "nfnet_zoo_tiny"

@@ -13,6 +13,9 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+# The files of a model folder (a run folder holds them beside its training records): what push publishes.
+WEIGHTS, CONFIG, CARD, CURVES = "model.safetensors", "config.json", "README.md", "curves.png"
+
 
 def write_bytes_atomic(path: Path, data: bytes) -> bool:
     """Write `data` to `path` atomically; False (and no write) when the file already holds it."""

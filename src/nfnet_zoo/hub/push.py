@@ -23,17 +23,16 @@ import time
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 from urllib.parse import urlsplit
 
-from .cards import build_checkpoint_card, build_model_card, build_zoo_card, write_model_card, write_zoo_cards, zoo_tags
-from ..training.curves import CURVES
 from ..errors import NFNetZooError
+from ..files import CARD, CONFIG, CURVES, WEIGHTS
+from ..models.cards import build_checkpoint_card, build_model_card, build_zoo_card, write_model_card, write_zoo_cards, zoo_tags
 from ..models.shared_config import exact_architecture, is_timm_own, shared_form
 
 logger = logging.getLogger(__name__)
 
-UPLOADED = ("model.safetensors", "config.json", "README.md", CURVES)
 COMMIT_ATTEMPTS = 3
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
@@ -103,11 +102,12 @@ class PushResult:
 
 
 # --- what to upload ------------------------------------------------------------------------
-def _check_weights(path: Path, folder: Path) -> None:
+def _weights_file(run: Path, repo_id: str, dataset_id: Optional[str]) -> _File:
     from safetensors import SafetensorError, safe_open
 
+    path = run / WEIGHTS
     if not path.is_file():
-        raise NFNetZooError(f"{folder} has no model.safetensors: only safetensors weights are pushed; export the "
+        raise NFNetZooError(f"{run} has no model.safetensors: only safetensors weights are pushed; export the "
                             "model with timm.models.save_for_hf(model, DIR, safe_serialization=True)")
     try:
         with safe_open(str(path), "pt") as f:
@@ -115,17 +115,62 @@ def _check_weights(path: Path, folder: Path) -> None:
                 raise SafetensorError("no tensors")
     except (SafetensorError, OSError, ValueError) as e:
         raise NFNetZooError(f"{path} is not a readable safetensors file ({e}); re-export the model") from None
+    return _File(WEIGHTS, path)
 
 
-def _check_curves(path: Path) -> None:
-    """A PNG file (a link is refused before this, by _own_file)."""
+def _config_file(run: Path, repo_id: str, dataset_id: Optional[str]) -> _File:
+    """config.json as it is when already in the shared form (or timm's own nfnet_fN, as plain timm wrote it),
+    else converted (shared_config.py); first checked against the weights as nfnet-zoo's loader checks them, so
+    that nothing goes up that `predict` would refuse."""
+    import json
+
+    from ..models.load import check_model_folder, weights_shapes
+
+    path = run / CONFIG
+    config, _, _ = check_model_folder(path, run / WEIGHTS, str(run), "restore the one finetune wrote")
+    if is_timm_own(config, weights_shapes(run / WEIGHTS, "re-export the model")):
+        return _File(CONFIG, path, "(timm's own nfnet_fN, as timm wrote it)")
+    try:
+        shared = shared_form(config)
+    except (ValueError, KeyError, TypeError) as e:
+        raise NFNetZooError(f"{path} is not a timm config.json ({str(e).splitlines()[0][:80] if str(e) else ''}); "
+                            f"restore the one finetune wrote") from None
+    if shared is config:
+        return _File(CONFIG, path)
+    return _File(CONFIG, (json.dumps(shared, indent=2) + "\n").encode(),
+                 "(converted to the shared form: loads in timm and transformers)")
+
+
+def _card_file(run: Path, repo_id: str, dataset_id: Optional[str]) -> _File:
+    # the untouched draft; `nfnet-zoo curves` may have drawn curves.png after finetune wrote it
+    drafts = {str(build_model_card(run, curves=shown)).encode() for shown in {(run / CURVES).is_file(), False}}
+    readme = run / CARD
+    if readme.is_file() and readme.read_bytes() not in drafts:
+        return _File(CARD, readme, "(your edited model card)")
+    # missing, or the untouched draft: fill in the repo id for the usage snippet
+    return _File(CARD, str(build_model_card(run, repo_id, dataset_id=dataset_id)).encode(),
+                 "(model card built from the run)")
+
+
+def _curves_file(run: Path, repo_id: str, dataset_id: Optional[str]) -> Optional[_File]:
+    """A PNG file when there is one (optional; a link is refused before this)."""
+    path = run / CURVES
+    if not (path.exists() or path.is_symlink()):
+        return None
     with suppress(OSError):
         if path.is_file():
             with path.open("rb") as f:
                 if f.read(8) == b"\x89PNG\r\n\x1a\n":
-                    return
+                    return _File(CURVES, path, "(training curves, shown by the card)")
     raise NFNetZooError(f"{path} is not a PNG file (a folder or another file) and is not pushed that way; "
-                        f"redraw it with `nfnet-zoo curves {path.parent}`, or remove it")
+                        f"redraw it with `nfnet-zoo curves {run}`, or remove it")
+
+
+# What push publishes from a run folder, in order (the config is checked against the weights, the card
+# names the curves): each file with how it is checked and prepared. Everything else in the folder stays.
+PUBLISHED: dict[str, Callable[[Path, str, Optional[str]], Optional[_File]]] = {
+    WEIGHTS: _weights_file, CONFIG: _config_file, CARD: _card_file, CURVES: _curves_file,
+}
 
 
 def _own_file(path: Path) -> None:
@@ -136,50 +181,13 @@ def _own_file(path: Path) -> None:
                             f"at any file of yours); replace it with the file it stands for, or remove it")
 
 
-def _shared_config_file(run: Path) -> _File:
-    """config.json as it is when already in the shared form (or timm's own nfnet_fN, as plain timm wrote it),
-    else converted (shared_config.py); first checked against the weights as nfnet-zoo's loader checks them, so
-    that nothing goes up that `predict` would refuse."""
-    import json
-
-    from ..models.load import check_model_folder, weights_shapes
-
-    path = run / "config.json"
-    config, _, _ = check_model_folder(path, run / "model.safetensors", str(run), "restore the one finetune wrote")
-    if is_timm_own(config, weights_shapes(run / "model.safetensors", "re-export the model")):
-        return _File("config.json", path, "(timm's own nfnet_fN, as timm wrote it)")
-    try:
-        shared = shared_form(config)
-    except (ValueError, KeyError, TypeError) as e:
-        raise NFNetZooError(f"{path} is not a timm config.json ({str(e).splitlines()[0][:80] if str(e) else ''}); "
-                            f"restore the one finetune wrote") from None
-    if shared is config:
-        return _File("config.json", path)
-    return _File("config.json", (json.dumps(shared, indent=2) + "\n").encode(),
-                 "(converted to the shared form: loads in timm and transformers)")
-
-
 def _run_files(run: Path, repo_id: str, dataset_id: Optional[str] = None) -> tuple[list[_File], list[str]]:
     if not run.is_dir():
         raise NFNetZooError(f"{run} is not a folder; pass a run folder written by `nfnet-zoo finetune`")
-    for name in UPLOADED:
+    for name in PUBLISHED:
         _own_file(run / name)
-    _check_weights(run / "model.safetensors", run)
-    config = _shared_config_file(run)
-    curves = run / CURVES
-    # the untouched draft; `nfnet-zoo curves` may have drawn curves.png after finetune wrote it
-    drafts = {str(build_model_card(run, curves=shown)).encode() for shown in {curves.is_file(), False}}
-    readme = run / "README.md"
-    if readme.is_file() and readme.read_bytes() not in drafts:
-        card = _File("README.md", readme, "(your edited model card)")
-    else:  # missing, or the untouched draft: fill in the repo id for the usage snippet
-        card = _File("README.md", str(build_model_card(run, repo_id, dataset_id=dataset_id)).encode(),
-                     "(model card built from the run)")
-    files = [_File("model.safetensors", run / "model.safetensors"), config, card]
-    if curves.exists() or curves.is_symlink():
-        _check_curves(curves)
-        files.append(_File(CURVES, curves, "(training curves, shown by the card)"))
-    skipped = sorted(p.name + ("/" if p.is_dir() else "") for p in run.iterdir() if p.name not in UPLOADED)
+    files = [f for f in (prepare(run, repo_id, dataset_id) for prepare in PUBLISHED.values()) if f is not None]
+    skipped = sorted(p.name + ("/" if p.is_dir() else "") for p in run.iterdir() if p.name not in PUBLISHED)
     return files, skipped
 
 

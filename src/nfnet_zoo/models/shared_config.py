@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from typing import Any, Optional
+from typing import Optional
 
 SECTION = "nfnet_zoo"
 # timm's standardisation is (w - mean) / sqrt(var + eps); DeepMind's rsqrt(max(var * fan_in, 1e-4)) has no

@@ -15,10 +15,9 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from ..files import write_bytes_atomic
+from ..files import CURVES, write_bytes_atomic
 from ..errors import NFNetZooError
 
-CURVES = "curves.png"
 INSTALL = "pip install 'nfnet-zoo[plots]'"
 # (panel title, y label, [(metrics.jsonl key, legend label, line style, marker)])
 PANELS = (

@@ -14,7 +14,7 @@ The run folder RUN:
   curves.png                       loss, top-1/top-5, learning rate and AGC clipped fraction per epoch (redrawn
                                    each epoch; needs matplotlib: pip install 'nfnet-zoo[plots]')
   args.json, data.json             resolved arguments; the exact file list and split
-  summary.json, README.md          results; model card draft (nfnet_zoo.hub.write_model_card)
+  summary.json, README.md          results; model card draft (nfnet_zoo.write_model_card)
   state/                           the resumable state, no pickles (runstate.py; every --save-every steps
                                    and each epoch)
 
@@ -751,7 +751,7 @@ def _finish(cfg: FinetuneConfig, run: Path, data: ImageData, progress: _Progress
                "base_model": cfg.base_model, "img_size": img_size, "train_time_s": round(progress.train_time, 1)}
     write_json_atomic(run / "summary.json", summary)
     try:
-        from ..hub.push import write_model_card
+        from ..models.cards import write_model_card
     except ImportError:
         warnings.warn("model card not written: nfnet_zoo.hub is not available")
     else:

@@ -16,11 +16,10 @@ from typing import Any, Optional, Union
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ..files import write_text_atomic
-from ..training.curves import CURVES
+from ..files import CURVES, write_text_atomic
 from ..errors import NFNetZooError
-from ..models.shared_config import exact_architecture, rewrite_shared, shared_form, timm_native
-from ..models.variants import DM_ACCURACY, ORIGIN, PAPER_NAME, RANDAUG_LEVEL, VARIANTS, list_pretrained_names
+from .shared_config import exact_architecture, rewrite_shared, shared_form, timm_native
+from .variants import DM_ACCURACY, ORIGIN, PAPER_NAME, RANDAUG_LEVEL, VARIANTS, list_pretrained_names
 
 ZOO_NAMESPACE = "nfnet-zoo"  # where the project publishes its zoo; `nfnet-zoo cards --namespace` changes it
 PAPER_URL = "https://arxiv.org/abs/2102.06171"
