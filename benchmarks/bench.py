@@ -68,6 +68,8 @@ def _interleaved(fns: dict[str, Callable[[], object]], device, repeats: int, war
             times[k].append(time.perf_counter() - t)
             faults[k].append(_minor_faults() - f)
     result: dict = {k: statistics.median(v) for k, v in times.items()}
+    if "on" in times and "off" in times:
+        result["ratios"] = [b / a for a, b in zip(times["on"], times["off"])]
     if "ours" in times and "timm" in times:
         ratios = [b / a for a, b in zip(times["ours"], times["timm"])]
         result["spread"] = (min(ratios), max(ratios))
@@ -148,6 +150,36 @@ def bench_inference(theirs, ours, device, batch: int, size: int, repeats: int, c
             print(_fmt_row(rows[-1]), flush=True)
     ours.to(memory_format=torch.contiguous_format)
     theirs.to(memory_format=torch.contiguous_format)
+    return rows
+
+
+def bench_speed_path(ours, device, batch: int, size: int, repeats: int) -> list[dict]:
+    """The package's one speed path on and off on the same model: `standardize_once` (what
+    optimize_for_inference serves) against the model itself, eval, fp32 and bf16 autocast, both formats."""
+    from nfnet_zoo.models.inference import standardize_once
+
+    x = torch.randn(batch, 3, size, size, device=device)
+    rows = []
+    model = ours.eval()
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        model.to(memory_format=fmt)
+        served = standardize_once(model)
+        xf = x.contiguous(memory_format=fmt)
+        for name, dtype in (("fp32", None), ("bfloat16 autocast", torch.bfloat16)):
+            def run(m, dtype=dtype):
+                with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32,
+                                                            enabled=dtype is not None):
+                    return m(xf)
+
+            same = torch.equal(run(served), run(model))
+            t = _interleaved({"on": lambda: run(served), "off": lambda: run(model)}, device, repeats)
+            ratios = t["ratios"]
+            rows.append(dict(case=f"eval {name}, {'channels_last' if fmt == torch.channels_last else 'NCHW'}",
+                             batch=batch, size=size, on_s=t["on"], off_s=t["off"], ratio=t["off"] / t["on"],
+                             spread=(min(ratios), max(ratios)), same_bits=same))
+            print(f"speed path {rows[-1]['case']}: on {t['on'] * 1e3:.0f} ms, off {t['off'] * 1e3:.0f} ms, "
+                  f"{rows[-1]['ratio']:.2f}x, same bits: {same}", flush=True)
+    model.to(memory_format=torch.contiguous_format)
     return rows
 
 
@@ -297,8 +329,41 @@ def _merge_main(old: str, lines: list[str], gpu: bool) -> str:
     return cpu_part.rstrip("\n") + "\n\n" + "\n".join(section) + "\n"
 
 
+# Measured at e61264f (the last commit with them), kernels on vs off on the same nfnet_f0 (random weights), medians
+# of 7 interleaved rounds on this 2-core machine, `nfnet_zoo.fast_kernels(True/False)`; removed at c2d7fc4 because
+# their eval output was not the reference's bits (5.9e-8 on nfnet_zoo_tiny, 2.0e-7 on nfnet_f0), which timm's exact
+# FX test requires. (case, kernels on ms, off ms, off / on, single rounds)
+REMOVED_KERNELS = [
+    ("eval fp32, NCHW", "8 x 256", 1360, 1619, 1.21, "1.10-1.27"),
+    ("eval fp32, channels_last", "8 x 256", 1152, 1512, 1.31, "1.28-1.34"),
+    ("eval bfloat16 autocast, channels_last", "8 x 256", 622, 842, 1.35, "1.33-1.36"),
+    ("training step (fwd, bwd, AGC, SGD), NCHW", "8 x 192", 2147, 2367, 1.10, "1.04-1.22"),
+    ("training step (fwd, bwd, AGC, SGD), channels_last", "8 x 192", 2031, 2391, 1.17, "0.67-2.09"),
+]
+
+
+def _speed_path_lines(rows: list[dict]) -> list[str]:
+    lines = ["", "## The speed path on and off (same model)", "",
+             "`optimize_for_inference` serves a copy whose weight standardisation is computed once "
+             "(`nfnet_zoo.models.inference.standardize_once`); \"off\" is the model itself, the reference path "
+             "and the only one training takes. Same `nfnet_f0` weights, same input, interleaved; off / on above 1: "
+             "the speed path is faster. \"same bits\": `torch.equal` of the two outputs.", "",
+             "| case | batch x px | on ms | off ms | off / on | single repeats | same bits |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['batch']} x {r['size']} | {r['on_s'] * 1e3:.0f} | {r['off_s'] * 1e3:.0f} | "
+                     f"{r['ratio']:.2f}x | {r['spread'][0]:.2f}-{r['spread'][1]:.2f} | "
+                     f"{'yes' if r['same_bits'] else 'NO'} |")
+    lines += ["", "Training has no speed path: the CPU kernels that had one were removed because they did not give "
+              "the reference's bits. What they bought, kernels on vs off on the same `nfnet_f0`, measured at "
+              "e61264f before their removal (medians of 7 interleaved rounds, this machine):", "",
+              "| case | batch x px | kernels on ms | off ms | off / on | single rounds |", "|---|---|---|---|---|---|"]
+    lines += [f"| {c} | {b} | {on} | {off} | {r:.2f}x | {s} |" for c, b, on, off, r, s in REMOVED_KERNELS]
+    return lines
+
+
 def write_markdown(path: Path, machine: str, command: str, rows: list[dict], agc: dict | None,
-                   mem: dict | None, e2e: str | None, repeats: int, gpu: bool = False) -> None:
+                   mem: dict | None, e2e: str | None, repeats: int, gpu: bool = False,
+                   speed: list[dict] | None = None) -> None:
     lines = [f"Machine: {machine}", "", f"Command: `{command}`", "",
              "Ratios are timm / ours for time (above 1: ours is faster). Each figure is the median of "
              f"{repeats} runs after warm-up, the two models alternating; \"single repeats\" gives the lowest and "
@@ -317,6 +382,8 @@ def write_markdown(path: Path, machine: str, command: str, rows: list[dict], agc
         lines.append(f"| {r['case']} | {r['batch']} x {r['size']} | {r['ours_s'] * 1e3:.0f} | "
                      f"{r['timm_s'] * 1e3:.0f} | {r['ratio']:.2f}x | {r['spread'][0]:.2f}-{r['spread'][1]:.2f} | "
                      f"{faults} | {dev} |")
+    if speed:
+        lines += _speed_path_lines(speed)
     if agc:
         lines += ["", "## AGC alone (F0 gradients, batch 8, 192 px)", "",
                   f"ours {agc['ours_ms']:.1f} ms, timm's `adaptive_clip_grad` {agc['timm_ms']:.1f} ms: "
@@ -337,7 +404,7 @@ def write_markdown(path: Path, machine: str, command: str, rows: list[dict], agc
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer repeats")
-    p.add_argument("--skip", default="", help="comma-separated: inference,compile,train,agc,memory,e2e")
+    p.add_argument("--skip", default="", help="comma-separated: inference,compile,speedpath,train,agc,memory,e2e")
     p.add_argument("--out", default=str(HERE.parent / "BENCHMARKS.md"))
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -356,6 +423,7 @@ def main() -> None:
     rows = []
     if "inference" not in skip:
         rows += bench_inference(theirs, ours, device, 32 if gpu else 8, 256, repeats, "compile" not in skip)
+    speed = None if "speedpath" in skip else bench_speed_path(ours, device, 32 if gpu else 8, 256, repeats)
     if "train" not in skip:
         rows += bench_train(theirs, ours, device, 32 if gpu else 8, 192, repeats)
     agc = None
@@ -373,7 +441,7 @@ def main() -> None:
         e2e = r.stdout[r.stdout.find("\nnfnet_zoo_tiny"):] if r.returncode == 0 else f"failed: {r.stderr[-500:]}"
         print(e2e, flush=True)
     command = "python benchmarks/bench.py" + (" --quick" if args.quick else "") + (f" --skip {args.skip}" if skip else "")
-    write_markdown(Path(args.out), machine, command, rows, agc, mem, e2e, repeats, gpu=gpu)
+    write_markdown(Path(args.out), machine, command, rows, agc, mem, e2e, repeats, gpu=gpu, speed=speed)
     print(f"wrote {args.out}")
 
 

@@ -93,3 +93,19 @@ def test_fast_kernels_is_a_deprecated_no_op():
         with pytest.warns(DeprecationWarning, match="does nothing"):
             with nfnet_zoo.fast_kernels(False):
                 assert torch.equal(model(x), want)
+
+
+def test_make_bench_speed_path_table_runs_and_finds_the_same_bits():
+    """`make bench`'s on/off table (benchmarks/bench.py), on a tiny model: every case measured, same bits."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench
+
+    rows = bench.bench_speed_path(_model(), torch.device("cpu"), batch=1, size=32, repeats=1)
+    assert [r["case"] for r in rows] == ["eval fp32, NCHW", "eval bfloat16 autocast, NCHW", "eval fp32, channels_last",
+                                         "eval bfloat16 autocast, channels_last"]
+    assert all(r["same_bits"] and r["on_s"] > 0 and r["off_s"] > 0 for r in rows)
+    table = bench._speed_path_lines(rows)
+    assert sum(line.startswith("| eval") for line in table) == 4 + 3  # measured, plus the removed kernels' eval rows
