@@ -119,6 +119,8 @@ def key_value(text: str) -> tuple[str, object]:
 
 
 _EPOCHS = Range(int, 1, 100_000)
+_BATCH = Range(int, 1, 65_536)
+_WORKERS = Range(int, 0, 1024)
 _AREA = Range(float, 0, 1, open="lo")
 
 
@@ -161,7 +163,7 @@ class FinetuneConfig:
     epochs: int = setting(
         10, group=RECIPE, within=_EPOCHS, resumable=True, help="epochs")
     batch_size: int = setting(  # global batch = batch_size * processes * grad_accum_steps
-        32, group=RECIPE, within=Range(int, 1, 65_536), short="-b", help="batch size per process")
+        32, group=RECIPE, within=_BATCH, short="-b", help="batch size per process")
     lr: Optional[float] = setting(
         None, group=RECIPE, within=Range(float, 0, 100, open="lo", optional=True),
         shown="--lr-base x global batch / 256", help="learning rate")
@@ -244,7 +246,7 @@ class FinetuneConfig:
         42, group=RECIPE, within=Range(int, 0, 2 ** 32 - 1),  # numpy's seeds are 32-bit
         help="seed of initialisation, shuffle and augmentation")
     workers: int = setting(
-        default_factory=default_workers, group=RUNNING, within=Range(int, 0, 1024), resumable=True, short="-j",
+        default_factory=default_workers, group=RUNNING, within=_WORKERS, resumable=True, short="-j",
         shown="4, or the CPUs available if fewer", machine=True, help="data loading processes per training process")
     pretrained: Optional[bool] = setting(
         None, group=MODEL_DATA, switch=True, action=argparse.BooleanOptionalAction, shown="yes where they exist",
@@ -375,7 +377,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     only the flags given reach finetune() (the others keep their defaults, or a resumed run's values)."""
     groups: dict[str, Any] = {}
     for name, s in SETTINGS.items():
-        group = groups.get(s.group) or groups.setdefault(s.group, parser.add_argument_group(s.group))
+        if s.group not in groups:
+            groups[s.group] = parser.add_argument_group(s.group)
         said = shown_default(name)
         kwargs = {"help": (s.help + (f" (default: {said})" if said else "")).replace("%", "%%")}
         if s.action:
@@ -385,7 +388,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
         if s.choices:
             kwargs["choices"] = s.choices
         kwargs.update({k: getattr(s, k) for k in ("nargs", "const", "metavar") if getattr(s, k) is not None})
-        group.add_argument(*([s.short] if s.short else []), flag(name), **kwargs)
+        groups[s.group].add_argument(*([s.short] if s.short else []), flag(name), **kwargs)
     groups[RUNNING].add_argument("--resume", nargs="?", const="", metavar="RUN", help=resume_help())
 
 
@@ -426,8 +429,8 @@ def markdown_table() -> str:
 # --- the other commands' numeric flags -----------------------------------------------------------------------
 OTHER: dict[str, Range] = {
     "alpha": Range(float, 0, 10, open="lo"),    # convert/publish: the residual scaling alpha
-    "batch_size": Range(int, 1, 65_536),
-    "workers": Range(int, 0, 1024),
+    "batch_size": _BATCH,                       # evaluate
+    "workers": _WORKERS,                        # evaluate, demo
     "topk": Range(int, 1, 1_000_000),
 }
 
