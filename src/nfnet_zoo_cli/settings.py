@@ -8,6 +8,11 @@ it is free-form), whether `--resume` may change it, and what argparse needs beyo
 - `RESUMABLE` and `--resume`'s help, which lists it;
 - `markdown_table`: README's table of the flags (tests/test_settings.py holds the README to it).
 
+To add a flag to `nfnet-zoo finetune`: add a field with `setting(...)` to FinetuneConfig (its default, help, group,
+and a range, choices, on/off, or what it is if free-form; `resumable=True` only if it changes how a run runs, not
+what it computes), read `cfg.<name>` where the run uses it (nfnet_zoo/training/recipe.py or finetune.py), and
+paste the new `markdown_table()` into README (tests/test_settings.py says so when it differs).
+
 Pure Python (stdlib only): `nfnet-zoo --help` and usage errors read this module before anything imports torch.
 """
 from __future__ import annotations
