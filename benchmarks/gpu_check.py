@@ -101,7 +101,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="nfnet-zoo-gpu-check-"))
     env = dict(os.environ, DEVICE=args.device, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
-    nfnet_zoo = [sys.executable, "-m", "nfnet_zoo.cli"]
+    nfnet_zoo = [sys.executable, "-m", "nfnet_zoo_cli"]
     results: list[tuple[str, str, float]] = []
 
     def step(name: str, cmd: list[str], timeout: float, check=None) -> str:

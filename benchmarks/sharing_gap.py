@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "nfnet_zoo.cli"]
+CLI = [sys.executable, "-m", "nfnet_zoo_cli"]
 
 
 def _run(args: list) -> str:

@@ -13,7 +13,7 @@ from accelerate.utils import gather_object
 
 import nfnet_zoo.data.image_check as image_check
 from nfnet_zoo import NFNetZooError
-from nfnet_zoo.cli import exit_process
+from nfnet_zoo_cli import exit_process
 from nfnet_zoo.data import load_image_data
 
 data_dir, out, tag = sys.argv[1], Path(sys.argv[2]), sys.argv[3]

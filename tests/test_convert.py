@@ -19,7 +19,7 @@ from nfnet_zoo.models.convert import (convert_haiku_checkpoint, haiku_to_timm, i
 
 DATA = Path(__file__).parent / "data" / "deepmind"
 TINY = DATA / "tiny_d1_haiku.npz"
-CLI = [sys.executable, "-m", "nfnet_zoo.cli"]
+CLI = [sys.executable, "-m", "nfnet_zoo_cli"]
 
 
 def _manifest():

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from _images import make_folder
-from nfnet_zoo.cli import main as cli_main
+from nfnet_zoo_cli import main as cli_main
 from nfnet_zoo.training.curves import INSTALL, curves_figure, read_metrics
 
 TINY = dict(model="nfnet_zoo_tiny", img_size=32, batch_size=8, workers=0, pretrained=False)
@@ -186,7 +186,7 @@ def test_curves_command_says_nothing_about_matplotlibs_own_cache(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MPL", "XDG_"))}
     env.update(HOME=str(tmp_path / "no-home"), XDG_CONFIG_HOME="/proc/no-config", XDG_CACHE_HOME="/proc/no-cache",
                PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
-    r = subprocess.run([sys.executable, "-m", "nfnet_zoo.cli", "curves", str(run)], env=env, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "nfnet_zoo_cli", "curves", str(run)], env=env, capture_output=True,
                        text=True, timeout=120)
     assert (r.returncode, r.stdout, r.stderr) == (0, f"wrote {run / 'curves.png'}\n", "")
     assert (run / "curves.png").read_bytes().startswith(b"\x89PNG")
@@ -265,7 +265,7 @@ def test_values_near_the_float_limit_are_marked_not_an_error(tmp_path):
                                                                           lr=0.1)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
-    r = subprocess.run([sys.executable, "-m", "nfnet_zoo.cli", "curves", str(run)], env=env, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "nfnet_zoo_cli", "curves", str(run)], env=env, capture_output=True,
                        text=True, timeout=120)
     assert (r.returncode, r.stderr) == (0, ""), r.stderr
     panels = _panels(curves_figure(read_metrics(run)))

@@ -19,7 +19,7 @@ from PIL import Image
 from _images import make_folder
 import nfnet_zoo  # noqa: F401
 from nfnet_zoo import NFNetZooError
-from nfnet_zoo.cli import main as cli_main
+from nfnet_zoo_cli import main as cli_main
 from nfnet_zoo.evaluation import evaluate, predict
 from nfnet_zoo.training.finetune import finetune
 
@@ -127,7 +127,7 @@ def test_faults_are_one_line_errors(case, message, run, tmp_path):
 
 def test_registered_name_without_cached_weights(tmp_path, data_dir):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    r = subprocess.run([sys.executable, "-m", "nfnet_zoo.cli", "evaluate", "nfnet_f0", "--data-dir", str(data_dir)],
+    r = subprocess.run([sys.executable, "-m", "nfnet_zoo_cli", "evaluate", "nfnet_f0", "--data-dir", str(data_dir)],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "not in the local cache" in r.stderr.strip().splitlines()[-1]
@@ -175,7 +175,7 @@ def recording(self, address):
     calls.append(address)
     return connect(self, address)
 socket.socket.connect = recording
-from nfnet_zoo.cli import main
+from nfnet_zoo_cli import main
 rc = main(sys.argv[1:])
 print(f"connections: {len(calls)}", file=sys.stderr)
 sys.exit(rc)

@@ -22,7 +22,7 @@ from _images import add_awkward_files, make_folder
 from _procs import wait
 import nfnet_zoo  # noqa: F401  (registers the variants)
 from nfnet_zoo import NFNetZooError
-from nfnet_zoo.cli import main as cli_main
+from nfnet_zoo_cli import main as cli_main
 from nfnet_zoo.training.finetune import METRIC_KEYS, finetune
 
 # the shared data folder holds awkward files on purpose; their warnings are asserted where they matter
@@ -48,7 +48,7 @@ def _spawn(cmd: list[str], tmp_path: Path) -> subprocess.Popen:
 
 
 def _cli(args: list[str], tmp_path: Path) -> subprocess.Popen:
-    return _spawn([sys.executable, "-m", "nfnet_zoo.cli", *args], tmp_path)
+    return _spawn([sys.executable, "-m", "nfnet_zoo_cli", *args], tmp_path)
 
 
 def _run_cli(args: list[str], tmp_path: Path, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -274,7 +274,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(data_dir, tmp_
     one = _run_cli([*common, "-b", "8", "--output", str(tmp_path / "one")], tmp_path)
     assert one.returncode == 0, one.stderr
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-              "-m", "nfnet_zoo.cli", *common, "-b", "4", "--output", str(tmp_path / "two")]
+              "-m", "nfnet_zoo_cli", *common, "-b", "4", "--output", str(tmp_path / "two")]
     two = wait(_spawn(launch, tmp_path), timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 process(es)" in two.stdout
@@ -306,7 +306,7 @@ def test_a_refusal_under_torchrun_leaves_the_process_group(tmp_path, capsys):
 def test_the_command_keeps_its_status_and_output_when_it_skips_teardown(tmp_path, torchrun):
     env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_RUN_ID"}
     env.update(PYTHONPATH=os.pathsep.join(sys.path), **({"TORCHELASTIC_RUN_ID": "t"} if torchrun else {}))
-    r = subprocess.run([sys.executable, "-m", "nfnet_zoo.cli", "finetune", "--resume"], env=env, cwd=tmp_path,
+    r = subprocess.run([sys.executable, "-m", "nfnet_zoo_cli", "finetune", "--resume"], env=env, cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr == "nfnet-zoo finetune: error: --resume needs the run folder: " \
         "--resume RUN (or --output RUN --resume)\n"

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from _images import make_folder
 import nfnet_zoo  # noqa: F401  (registers the variants)
-from nfnet_zoo.cli import main as cli_main
+from nfnet_zoo_cli import main as cli_main
 
 ft = importlib.import_module("nfnet_zoo.training.finetune")  # the module (the package exports a function of that name)
 recipe = importlib.import_module("nfnet_zoo.training.recipe")
@@ -356,7 +356,7 @@ def test_default_workers_stay_within_the_cpus_available():
 import os, warnings
 os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
 from torch.utils.data import DataLoader
-from nfnet_zoo.cli import build_parser
+from nfnet_zoo_cli import build_parser
 from nfnet_zoo.training.recipe import FinetuneConfig
 parse = build_parser().parse_args
 counts = [FinetuneConfig(model="m", data_dir="d").workers, parse(["evaluate", "m", "--data-dir", "d"]).workers,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-CLI = [sys.executable, "-m", "nfnet_zoo.cli"]
+CLI = [sys.executable, "-m", "nfnet_zoo_cli"]
 
 
 def _env(tmp_path: Path) -> dict:
@@ -225,7 +225,7 @@ TINY_RUN = ["--model", "nfnet_zoo_tiny", "--img-size", "32", "-b", "8", "--no-pr
 def saved_run(tmp_path_factory) -> Path:
     """A tiny run stopped after epoch 1 of 2 (its state is resumable), copied by each test that damages it."""
     from _images import make_folder
-    from nfnet_zoo.cli import main
+    from nfnet_zoo_cli import main
     tmp = tmp_path_factory.mktemp("saved")
     data = make_folder(tmp / "data", n_train=8, n_val=2)
     assert main(["finetune", *TINY_RUN, "--epochs", "1", "--data-dir", str(data), "--output", str(tmp / "run")]) == 0
@@ -343,7 +343,7 @@ DAMAGE = {
 
 @pytest.mark.parametrize("case", sorted(DAMAGE))
 def test_a_damaged_state_is_one_line_never_an_inexact_resume(run_copy, case, capsys):
-    from nfnet_zoo.cli import main
+    from nfnet_zoo_cli import main
     name, edit, forge, words = DAMAGE[case]
     (_forge(run_copy, name, edit) if forge else edit(run_copy / "state" / name))
     before = snapshot(run_copy)
@@ -382,7 +382,7 @@ OTHER_BAD = [  # (command line, where the command would write)
 
 
 def _refused_in_process(args: list, capsys) -> str:
-    from nfnet_zoo.cli import main
+    from nfnet_zoo_cli import main
     try:
         code = main([str(a) for a in args])
     except SystemExit as e:  # argparse's refusals
@@ -424,8 +424,8 @@ def test_model_kwargs_timm_refuses_are_one_line(kwargs, tmp_path, capsys):
 
 
 def test_the_lists_above_cover_every_numeric_flag_of_every_command():
-    """A numeric flag added later without a range fails here (the ranges live in nfnet_zoo/flags.py)."""
-    from nfnet_zoo.cli import build_parser
+    """A numeric flag added later without a range fails here (the ranges live in nfnet_zoo_cli/settings.py)."""
+    from nfnet_zoo_cli import build_parser
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
     covered = set(BAD_FLAGS) | {"--scale"} | {f"{a[0]} {x}" for a, _ in OTHER_BAD for x in a if x.startswith("-")}
@@ -468,7 +468,7 @@ def test_a_run_killed_before_its_first_state_is_restarted_by_the_same_command(ru
     and temporary files but no state/: --resume says "start it again", and the same command does."""
     import json
     import shutil
-    from nfnet_zoo.cli import main
+    from nfnet_zoo_cli import main
     shutil.rmtree(run_copy / "state")
     for name in ("summary.json", "README.md"):  # written only after the last state save
         (run_copy / name).unlink()
@@ -515,7 +515,7 @@ def test_damaged_model_folders_are_one_line(saved_run, tmp_path, damage, command
 
 # --- the machine: read-only or full disk -> one line, exit 1, before training, the earlier state kept ---------------
 def _resume(run: Path, capsys) -> tuple[int, list]:
-    from nfnet_zoo.cli import main
+    from nfnet_zoo_cli import main
     code = main(["finetune", "--resume", str(run), "--epochs", "2"])
     return code, capsys.readouterr().err.strip().splitlines()
 

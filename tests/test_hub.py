@@ -73,7 +73,7 @@ def _env(hub, tmp_path, token: bool = True) -> dict:
 
 
 def _cli(env: dict, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nfnet_zoo.cli", *map(str, args)], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "nfnet_zoo_cli", *map(str, args)], env=env, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -152,7 +152,7 @@ def in_process(hub, monkeypatch):
 
 def _main(capsys, *args) -> tuple[int, str, str]:
     """`nfnet-zoo ARGS` in this process (for steps where a fresh interpreter adds nothing)."""
-    from nfnet_zoo.cli import main
+    from nfnet_zoo_cli import main
 
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()

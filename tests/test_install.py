@@ -17,8 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "torchvision", "timm", "accelerate", "huggingface_hub", "PIL", "numpy", "safetensors", "matplotlib")
-# what the `nfnet-zoo` console script runs (pyproject.toml: nfnet_zoo.cli:main)
-CONSOLE_SCRIPT = "import sys; from nfnet_zoo.cli import main; sys.exit(main())"
+# what the `nfnet-zoo` console script runs (pyproject.toml: nfnet_zoo_cli:run)
+CONSOLE_SCRIPT = "import sys; from nfnet_zoo_cli import run; sys.exit(run())"
 
 
 def _imported_modules(args: list[str]) -> tuple[subprocess.CompletedProcess, set[str]]:
@@ -42,7 +42,8 @@ def test_help_and_usage_errors_import_no_heavy_library(args, code, says):
     r, modules = _imported_modules(args)
     assert r.returncode == code, r.stderr[-2000:]
     assert says in " ".join((r.stdout if code == 0 else r.stderr).split())  # argparse wraps lines
-    assert "nfnet_zoo" in modules  # the log is real: it saw our package
+    assert "nfnet_zoo_cli" in modules  # the log is real: it saw our command line
+    assert "nfnet_zoo" not in modules  # whose import registers the models with timm
     assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
 
 
@@ -106,7 +107,7 @@ def test_every_import_is_declared_in_pyproject():
     package = _declared(project["dependencies"]) | {d for reqs in extras.values() for d in _declared(reqs)}
     tests = _declared(project["dependencies"]) | _declared(extras["test"])
     # this project's own modules: the package and the helper files beside the tests and benchmarks
-    local = {"nfnet_zoo"} | {f.stem for d in ("tests", "benchmarks", "experiments") for f in (ROOT / d).glob("*.py")}
+    local = {"nfnet_zoo", "nfnet_zoo_cli"} | {f.stem for d in ("tests", "benchmarks", "experiments") for f in (ROOT / d).glob("*.py")}
     as_dist = lambda names: {DISTRIBUTION.get(n, n).lower().replace("_", "-") for n in names - local}
     assert as_dist(_top_level_imports(ROOT / "src")) <= package
     assert as_dist(_top_level_imports(ROOT / "tests")) <= tests

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from _images import make_folder
 
-CLI = [sys.executable, "-m", "nfnet_zoo.cli"]
+CLI = [sys.executable, "-m", "nfnet_zoo_cli"]
 LABELS = ["bright", "dark", "mid"]
 
 
@@ -105,7 +105,7 @@ def _one_line(args, env=None) -> str:
 
 def _one_line_here(args, capsys) -> str:
     """The same in this process (the command's code path is the same; an interpreter start costs seconds)."""
-    from nfnet_zoo.cli import main
+    from nfnet_zoo_cli import main
     code = main([str(a) for a in args])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, (code, err)
@@ -137,7 +137,7 @@ def test_evaluate_and_finetune_checkpoint_refuse_the_same(model_dir, tmp_path, d
 
 _PEAK = r"""
 import resource, sys
-from nfnet_zoo.cli import main
+from nfnet_zoo_cli import main
 code = main(sys.argv[1:])
 print(code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 """

@@ -25,7 +25,7 @@ def _launch(args: list, tmp_path: Path) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
     env.pop("PYTEST_CURRENT_TEST", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "nfnet_zoo.cli", "finetune", *map(str, args)]
+           "-m", "nfnet_zoo_cli", "finetune", *map(str, args)]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 

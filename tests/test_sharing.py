@@ -17,7 +17,7 @@ import torch
 
 from _images import make_folder
 
-CLI = [sys.executable, "-m", "nfnet_zoo.cli"]
+CLI = [sys.executable, "-m", "nfnet_zoo_cli"]
 F_SHAPE = ["depths=(1,1,1,1)", "widths=(256,256,256,256)"]  # an F-family stem: timm's NfCfg describes it
 LOADERS_SCRIPT = str(Path(__file__).parent / "_loaders.py")
 NATIVE_GAP = 1e-3  # what the issue allows timm's own NFNet (erf GELU) against nfnet-zoo's probabilities

@@ -70,7 +70,7 @@ def _fake_installed(folder: Path, name: str, version: str) -> Path:
 def test_a_release_older_than_its_floor_is_one_line(tmp_path, command):
     old = _fake_installed(tmp_path / "site", "timm", "1.0.15")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(old), str(ROOT / "src")])}
-    r = subprocess.run([sys.executable, "-m", "nfnet_zoo.cli", *command], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "nfnet_zoo_cli", *command], capture_output=True, text=True,
                        timeout=120, env=env, cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr == (f"nfnet-zoo {command[0]}: error: timm 1.0.15 found, nfnet-zoo needs >= {FLOORS['timm']}: "

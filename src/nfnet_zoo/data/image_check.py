@@ -25,9 +25,10 @@ from typing import Callable, Optional
 import PIL
 from PIL import Image, ImageFile
 
+from nfnet_zoo_cli.settings import CHECK_LEVELS
+
 from ..files import write_json_atomic
 from ..errors import NFNetZooError
-from ..training.flags import CHECK_LEVELS
 
 _CACHE_FORMAT = "nfnet-zoo image check 1"
 _END_MARKERS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND"}

@@ -42,6 +42,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from nfnet_zoo_cli.settings import RESUMABLE, SettingError, flag, validate
+
 from ..files import write_bytes_atomic, write_json_atomic
 from ..agc import clipped_parameters
 from ..agc_distributed import assert_agc_supported, prepare_for_fsdp2, unscale_and_clip_
@@ -50,9 +52,8 @@ from ..data import ImageData, WorkerSignals, load_image_data
 from ..errors import NFNetZooError
 from ..evaluation import topk_correct
 from ..models.load import check_checkpoint
-from .flags import CHECK_LEVELS, check_finetune
-from .recipe import (MIXED_PRECISION, BAD_IMAGES, RESUMABLE_OVERRIDES, FinetuneConfig, build_loaders, build_losses,
-                     build_model, build_optimizer, build_scheduler, check_timm_names, image_sizes)
+from .recipe import (FinetuneConfig, build_loaders, build_losses, build_model, build_optimizer, build_scheduler,
+                     check_timm_names, image_sizes)
 from .runlock import LOCK, RunLock
 from .runstate import check_room, load_run_state, save_run_state, state_dir
 from ..models.shared_config import rewrite_shared
@@ -161,7 +162,7 @@ def _resolve(config: Optional[FinetuneConfig], resume: Optional[str], overrides:
         if state_dir(run) is None:  # the same command starts it again: see _restartable
             raise NFNetZooError(f"{run} has no saved state yet (it stopped before its first save); start it again "
                                 f"with the same command (its arguments are in {run}/args.json)")
-        check_finetune(overrides)
+        _check_settings(overrides)
         try:
             saved = json.loads((run / "args.json").read_text(encoding="utf-8"))
             if not isinstance(saved, dict):
@@ -173,12 +174,12 @@ def _resolve(config: Optional[FinetuneConfig], resume: Optional[str], overrides:
                                 f"it, or start a new run") from None
         if cfg.checkpoint and cfg.model_args is None:  # a run of an older nfnet-zoo: rebuilt from the checkpoint
             check_checkpoint(cfg.checkpoint)
-        changed = sorted(k for k, v in overrides.items() if k not in RESUMABLE_OVERRIDES and k != "output"
+        changed = sorted(k for k, v in overrides.items() if k not in RESUMABLE and k != "output"
                          and getattr(cfg, k, None) != v)
         if changed:
-            raise NFNetZooError(f"cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} when "
+            raise NFNetZooError(f"cannot change {', '.join(map(flag, changed))} when "
                                 f"resuming (they are fixed in {run}/args.json); start a new run to change them")
-        for k in RESUMABLE_OVERRIDES & overrides.keys():
+        for k in RESUMABLE & overrides.keys():
             setattr(cfg, k, overrides[k])
         cfg.output = str(run)
         return cfg, run, True
@@ -227,16 +228,18 @@ def _check_config(cfg: FinetuneConfig) -> None:
         raise NFNetZooError("no data: pass --data-dir DIR with DIR/<class>/<image> (or DIR/train and DIR/val)")
     if not isinstance(cfg.model or cfg.checkpoint, str):
         raise NFNetZooError("no model: pass --model NAME (e.g. nfnet_f0), or --checkpoint RUN of an earlier run")
-    if cfg.mixed_precision not in MIXED_PRECISION:
-        raise NFNetZooError(f"--mixed-precision must be one of {MIXED_PRECISION}")
-    if cfg.bad_images not in BAD_IMAGES:
-        raise NFNetZooError(f"--bad-images must be one of {BAD_IMAGES}")
-    if cfg.check_images not in CHECK_LEVELS:
-        raise NFNetZooError(f"--check-images must be one of {CHECK_LEVELS}")
     if cfg.model_args is not None and not (isinstance(cfg.model_args, dict) and isinstance(cfg.model, str)):
         raise NFNetZooError("model_args must be a JSON object beside the model's name")
-    check_finetune(cfg.to_json())
+    _check_settings(cfg.to_json())
     check_timm_names(cfg)
+
+
+def _check_settings(values: dict[str, Any]) -> None:
+    """The settings' declared ranges and choices (nfnet_zoo_cli.settings.validate), as our one-line error."""
+    try:
+        validate(values)
+    except SettingError as e:
+        raise NFNetZooError(str(e)) from None
 
 
 def _load_data(run: Path, resuming: bool) -> ImageData:
@@ -314,7 +317,7 @@ def _accelerator(cfg: FinetuneConfig, run: Path):
     if os.environ.get("ACCELERATE_USE_CPU") == "True" and not several:
         # `accelerate launch --cpu` starts one process, whatever --num_processes says
         warnings.warn("one training process: `accelerate launch --cpu` starts only one; for several CPU "
-                      "processes use torchrun --nproc-per-node N -m nfnet_zoo.cli finetune --cpu ...")
+                      "processes use torchrun --nproc-per-node N -m nfnet_zoo_cli finetune --cpu ...")
     if cfg.report_to and not accelerator.log_with:  # Accelerate only warns, and the curves would be lost
         raise NFNetZooError(f"--report-to {cfg.report_to}: the tracker's package is not installed; "
                             f"pip install {cfg.report_to if cfg.report_to != 'all' else 'tensorboard'}, "
@@ -371,7 +374,8 @@ def finetune(config: Optional[FinetuneConfig] = None, *, resume: Optional[str] =
     """Fine-tune `config.model` on `config.data_dir`; returns the run folder (see the module docstring).
 
     Pass a FinetuneConfig and/or its fields as keyword arguments; `resume=RUN` continues a run from
-    its saved state (only `RESUMABLE_OVERRIDES` may then change). Raises NFNetZooError on bad input.
+    its saved state (only the settings in nfnet_zoo_cli.settings.RESUMABLE may then change). Raises NFNetZooError
+    on bad input.
     """
     cfg, run, resuming = _resolve(config, resume, overrides)
     lock = RunLock(run)  # taken in _setup by the main process, before anything is written in RUN

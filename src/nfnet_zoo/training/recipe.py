@@ -1,6 +1,7 @@
-"""The fine-tuning recipe: every knob of `nfnet-zoo finetune` with its default, in one place.
+"""The fine-tuning recipe: how each piece of a run is built from its FinetuneConfig.
 
-Defaults are the paper's ImageNet recipe (Brock et al. 2021, section 4 and appendix) adapted to
+The settings and their defaults are declared once, in nfnet_zoo_cli/settings.py (FinetuneConfig). The defaults
+are the paper's ImageNet recipe (Brock et al. 2021, section 4 and appendix) adapted to
 fine-tuning a pretrained model on a small dataset:
 - SGD with Nesterov momentum 0.9; lr = lr_base * global_batch / 256 with the paper's lr_base 0.1;
 - 10 epochs: 1 of linear warmup (the paper: 5 of 360), then cosine decay to zero, per optimizer step;
@@ -9,17 +10,16 @@ fine-tuning a pretrained model on a small dataset:
 - the variant's dropout and stochastic depth; mixup/cutmix off (small datasets);
 - train at the variant's train size with random-resized crops and flips; evaluate as DeepMind
   does at the variant's test size (squash-resize to S + 32, centre crop S, bicubic).
-Below the defaults: how each piece is built from them (model, data pipeline, loss, optimizer,
-schedule), so that `finetune.py` holds only the loop and the run folder.
+Here: how each piece is built from them (model, data pipeline, loss, optimizer, schedule), so that
+`finetune.py` holds only the loop and the run folder.
 """
 from __future__ import annotations
 
-import dataclasses
-import os
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from nfnet_zoo_cli.settings import SCHEDULES, FinetuneConfig
 
 from ..errors import NFNetZooError
 
@@ -29,111 +29,8 @@ if TYPE_CHECKING:
 
     from ..data import EpochSampler, ImageData, WorkerSignals
 
-# torch, timm and the data code are imported inside the builders: `nfnet-zoo --help` reads the defaults
-# below and must not wait seconds for them.
-
-MIXED_PRECISION = ("no", "bf16", "fp16")
-BAD_IMAGES = ("skip", "error")
-
-
-@dataclass
-class FinetuneConfig:
-    """Resolved arguments of one fine-tuning run (stored as RUN/args.json)."""
-
-    model: Optional[str] = None          # registered name (nfnet_f0 ...); None: from --checkpoint's run
-    data_dir: Optional[str] = None
-    output: Optional[str] = None
-    epochs: int = 10
-    batch_size: int = 32                 # per process; global batch = batch_size * processes * grad_accum_steps
-    lr: Optional[float] = None           # None: lr_base * global_batch / 256
-    lr_base: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 2e-5
-    warmup_epochs: float = 1.0
-    warmup_lr: float = 0.0
-    min_lr: float = 0.0
-    smoothing: float = 0.1
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    drop: Optional[float] = None         # None: the variant's dropout
-    drop_path: Optional[float] = None    # None: the variant's stochastic depth rate
-    model_ema: bool = False
-    model_ema_decay: float = 0.9998
-    clipping: float = 0.01               # AGC lambda; 0 turns AGC off
-    img_size: Optional[int] = None       # None: the variant's train size
-    test_img_size: Optional[int] = None  # None: the variant's test size (scaled with --img-size)
-    hflip: float = 0.5
-    scale: tuple[float, float] = (0.08, 1.0)
-    # timm's own pieces by name, as timm's train.py takes them
-    aa: Optional[str] = None             # auto-augment policy (rand-m9-mstd0.5-inc1 ...); "deepmind": the variant's
-    opt: str = "sgd"                     # timm optimizer; timm's "sgd" is SGD with Nesterov momentum (the paper's)
-    opt_kwargs: dict[str, Any] = field(default_factory=dict)
-    sched: str = "cosine"                # timm schedule, stepped per optimizer update
-    decay_epochs: float = 90             # step: epochs between decays (timm's default)
-    decay_milestones: list[int] = field(default_factory=lambda: [90, 180, 270])  # multistep (timm's default)
-    decay_rate: float = 0.1              # step, multistep: lr factor per decay; poly: the power
-    torchcompile: Optional[str] = None   # torch.compile backend of the training model (inductor ...); None: eager
-    grad_accum_steps: int = 1
-    channels_last: bool = False
-    seed: int = 42
-    workers: int = field(default_factory=lambda: default_workers())  # 4, or the CPUs available if fewer
-    pretrained: Optional[bool] = None    # None: pretrained where the variant has released weights
-    checkpoint: Optional[str] = None
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    mixed_precision: str = "no"
-    cpu: bool = False
-    val_split: float = 0.1
-    report_to: Optional[str] = None
-    bad_images: str = "skip"
-    check_images: str = "full"           # start-up check of the images: full, header or none (image_check.py)
-    save_every: int = 500                # optimizer steps between resumable state saves (and each epoch)
-    log_interval: int = 10
-    # filled in when the run starts
-    base_model: Optional[str] = None
-    dataset: Optional[str] = None
-    model_args: Optional[dict[str, Any]] = None  # what built the architecture (--model-kwargs and --checkpoint's
-    #                                              config.json): --resume rebuilds from these, never from files
-    #                                              elsewhere that may have changed since
-
-    def global_batch(self, num_processes: int) -> int:
-        return self.batch_size * num_processes * self.grad_accum_steps
-
-    def resolved_lr(self, num_processes: int) -> float:
-        return self.lr if self.lr is not None else self.lr_base * self.global_batch(num_processes) / 256
-
-    def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["scale"] = list(self.scale)
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "FinetuneConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        if "scale" in d:
-            d["scale"] = tuple(d["scale"])
-        return cls(**d)
-
-
-# What may change when a run is resumed: how it runs, not what it computes (plus a longer schedule).
-RESUMABLE_OVERRIDES = frozenset({"epochs", "workers", "report_to", "log_interval", "save_every", "cpu",
-                                 "bad_images", "check_images"})
-
-
-def default_workers(most: int = 4) -> int:
-    """Data loading processes by default: `most`, or fewer where fewer CPUs are available to this process
-    (more would only contend, and torch's DataLoader warns about them)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # no sched_getaffinity (macOS, Windows)
-        cpus = os.cpu_count() or 1
-    return max(1, min(most, cpus))
-
-
-def default(name: str) -> Any:
-    """The default of one FinetuneConfig field (for --help texts)."""
-    f = FinetuneConfig.__dataclass_fields__[name]
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+# torch, timm and the data code are imported inside the builders. FinetuneConfig, the declaration of every
+# setting, lives in the light nfnet_zoo_cli.settings that the command line reads for --help.
 
 
 def eval_size_for(train_size: int, variant_train: int, variant_test: int) -> int:
@@ -339,11 +236,6 @@ def build_optimizer(cfg: FinetuneConfig, model: nn.Module, lr: float) -> torch.o
                                momentum=cfg.momentum, weight_decay=cfg.weight_decay, **cfg.opt_kwargs)
 
 
-# timm's schedules that are functions of the update count: exact on resume, stepped per update.
-# Not "plateau" (per epoch, on a metric, with state of its own; deprecated in timm) nor "none".
-SCHEDULES = ("cosine", "tanh", "step", "multistep", "poly", "wsd", "rsqrt", "constant")
-
-
 def build_scheduler(cfg: FinetuneConfig, optimizer: torch.optim.Optimizer, updates_per_epoch: int) -> Any:
     """timm's schedule `cfg.sched` with linear warmup, stepped per optimizer update (`step_update`)."""
     from timm.scheduler import create_scheduler_v2
@@ -377,8 +269,6 @@ def check_timm_names(cfg: FinetuneConfig) -> None:
     import torch
     from timm.data import create_transform
     from timm.optim import create_optimizer_v2, list_optimizers
-    if cfg.sched not in SCHEDULES:
-        raise NFNetZooError(f"--sched {cfg.sched} is not supported; pass one of {', '.join(SCHEDULES)}")
     try:
         create_optimizer_v2([torch.zeros(1, requires_grad=True)], opt=cfg.opt, lr=0.1, **cfg.opt_kwargs)
     except (ValueError, AssertionError, TypeError, ImportError) as e:
@@ -398,7 +288,5 @@ def check_timm_names(cfg: FinetuneConfig) -> None:
                                 "rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, v0 or deepmind") from None
 
 
-__all__ = ["FinetuneConfig", "RESUMABLE_OVERRIDES", "MIXED_PRECISION", "BAD_IMAGES", "default",
-           "eval_size_for", "build_model", "load_checkpoint", "build_loaders", "image_sizes",
-           "build_losses", "build_optimizer", "build_scheduler", "SCHEDULES", "deepmind_randaugment",
-           "check_timm_names"]
+__all__ = ["FinetuneConfig", "eval_size_for", "build_model", "load_checkpoint", "build_loaders", "image_sizes",
+           "build_losses", "build_optimizer", "build_scheduler", "deepmind_randaugment", "check_timm_names"]

@@ -1,6 +1,7 @@
-"""Command line: argument parsing only; each command calls one public function of the package.
+"""Command line: argument parsing only; each command calls one public function of nfnet_zoo.
 
-Imports of the heavy modules happen inside the handlers so that `nfnet-zoo --help` stays fast.
+This package imports nothing of nfnet_zoo (whose import loads torch and timm) for `--help`, usage errors or
+parsing: each handler imports what it calls, and `main` the error types once the arguments are parsed.
 """
 from __future__ import annotations
 
@@ -9,9 +10,7 @@ import contextlib
 import os
 import sys
 
-from .errors import NFNetZooError, machine_fault
-from .training.flags import argtype
-from .versions import check_versions
+from .settings import BAD_IMAGES, CHECK_LEVELS, add_finetune_arguments, argtype, default_workers, finetune_options
 
 
 # --- convert ---------------------------------------------------------------------------------
@@ -35,7 +34,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> None:
-    from .models.convert import convert_haiku_checkpoint
+    from nfnet_zoo.models.convert import convert_haiku_checkpoint
 
     out = convert_haiku_checkpoint(args.src, args.out, activation=args.activation, alpha=args.alpha)
     print(f"wrote {out}/model.safetensors and {out}/config.json")
@@ -54,21 +53,7 @@ def _plain_warnings():
         warnings.formatwarning = original
 
 
-def _kwarg(text: str) -> tuple[str, object]:
-    import ast
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
-
-
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
-    from .training.flags import CHECK_LEVELS
-    from .training.recipe import BAD_IMAGES, MIXED_PRECISION, default
-
     p = sub.add_parser(
         "finetune", help="fine-tune an NFNet (or any timm model) on a folder of images, with AGC",
         description="Fine-tune on DIR/<class>/<image> (or DIR/train + DIR/val, or a Hugging Face dataset "
@@ -82,111 +67,15 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
         "val top-1), RUN/last/, metrics.jsonl, curves.png (with matplotlib: the `plots` extra), summary.json, "
         "README.md, args.json and a resumable state.",
         argument_default=argparse.SUPPRESS)
-    d = default
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", help="registered model name, e.g. nfnet_f0 (default: the architecture of --checkpoint)")
-    g.add_argument("--data-dir", help="image folder: DIR/<class>/*, DIR/train + DIR/val (or validation), "
-                   "or a datasets.save_to_disk folder")
-    g.add_argument("--output", help="run folder to create (default: runs/MODEL-DATASET)")
-    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction,
-                   help="start from the variant's released weights (default: yes where they exist)")
-    g.add_argument("--checkpoint", metavar="PATH",
-                   help="start from local weights: a run folder or a .safetensors file")
-    g.add_argument("--model-kwargs", nargs="+", type=_kwarg, metavar="KEY=VALUE",
-                   help="architecture overrides passed to timm.create_model, e.g. widths=(32,64,128,256)")
-    g.add_argument("--val-split", type=float, help=f"fraction of each class held out for validation when DIR "
-                   f"has no val/ folder (fixed split) (default: {d('val_split')})")
-    g.add_argument("--bad-images", choices=BAD_IMAGES, help="corrupt, truncated or unreadable image files: "
-                   f"leave them out with a warning (skip) or stop (error) (default: {d('bad_images')})")
-    g.add_argument("--check-images", choices=CHECK_LEVELS, help="before training, full: decode every image; "
-                   "header: read headers and end markers only (for very large sets; catches non-images and "
-                   "truncated JPEG/PNG files, not damage inside the data); none: no check, as timm's train.py. "
-                   "Each process checks its share; results are remembered for unchanged files (in "
-                   f"$NFNET_ZOO_CACHE, default $HF_HOME/nfnet-zoo) (default: {d('check_images')})")
-    g = p.add_argument_group("recipe (timm train.py names)")
-    g.add_argument("--epochs", type=int, help=f"epochs (default: {d('epochs')})")
-    g.add_argument("-b", "--batch-size", type=int, help=f"batch size per process (default: {d('batch_size')})")
-    g.add_argument("--lr", type=float, help="learning rate (default: --lr-base x global batch / 256)")
-    g.add_argument("--lr-base", type=float, help=f"learning rate per 256 images (default: {d('lr_base')}, the paper's)")
-    g.add_argument("--momentum", type=float, help=f"Nesterov momentum (default: {d('momentum')})")
-    g.add_argument("--weight-decay", type=float, help="weight decay, not on gains, skip gains and biases "
-                   f"(default: {d('weight_decay')}, the paper's)")
-    g.add_argument("--warmup-epochs", type=float, help=f"linear warmup epochs (default: {d('warmup_epochs')})")
-    g.add_argument("--warmup-lr", type=float, help=f"learning rate warmup starts at (default: {d('warmup_lr')})")
-    g.add_argument("--min-lr", type=float, help=f"learning rate the cosine ends at (default: {d('min_lr')})")
-    g.add_argument("--smoothing", type=float, help=f"label smoothing (default: {d('smoothing')})")
-    g.add_argument("--mixup", type=float, help=f"mixup alpha, 0 = off (default: {d('mixup')})")
-    g.add_argument("--cutmix", type=float, help=f"cutmix alpha, 0 = off (default: {d('cutmix')})")
-    g.add_argument("--drop", type=float, help="dropout before the classifier (default: the variant's)")
-    g.add_argument("--drop-path", type=float, help="stochastic depth rate of the last block (default: the variant's)")
-    g.add_argument("--clipping", type=float, help="AGC lambda on every parameter but the classifier weight, "
-                   f"0 = off (default: {d('clipping')}, the paper's)")
-    g.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights (timm ModelEmaV3); "
-                   "it is the one validated and exported")
-    g.add_argument("--model-ema-decay", type=float, help=f"EMA decay (default: {d('model_ema_decay')})")
-    g.add_argument("--img-size", type=int, help="training image size (default: the variant's train size); "
-                   "evaluation uses the variant's test size, scaled alike")
-    g.add_argument("--test-img-size", type=int, help="evaluation image size (default: see --img-size)")
-    g.add_argument("--hflip", type=float, help=f"horizontal flip probability (default: {d('hflip')})")
-    g.add_argument("--scale", type=float, nargs=2, metavar=("MIN", "MAX"),
-                   help=f"random-resized-crop area range (default: {d('scale')})")
-    g.add_argument("--seed", type=int, help=f"seed of initialisation, shuffle and augmentation (default: {d('seed')})")
-    _add_timm_recipe(p, d)
-    g = p.add_argument_group("running")
-    g.add_argument("--grad-accum-steps", type=int, help=f"micro-batches per optimizer step (default: {d('grad_accum_steps')})")
-    g.add_argument("--mixed-precision", choices=MIXED_PRECISION, help="autocast dtype; fp16 (with loss scaling) "
-                   f"needs a GPU, bf16 runs on CPUs too (default: {d('mixed_precision')})")
-    g.add_argument("--channels-last", action="store_true", help="channels-last memory layout (faster on GPUs)")
-    g.add_argument("--torchcompile", nargs="?", const="inductor", metavar="BACKEND",
-                   help="compile the training model with torch.compile (timm's flag; BACKEND default: inductor); "
-                   "the first steps are slower while it compiles")
-    g.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
-    g.add_argument("-j", "--workers", type=int, help="data loading processes per training process (default: 4, "
-                   f"or the CPUs available if fewer: {d('workers')} here)")
-    g.add_argument("--resume", nargs="?", const="", metavar="RUN",
-                   help="continue RUN (default: --output) from its last saved state with its saved arguments; "
-                   "only --epochs, --workers, --report-to, --save-every, --log-interval, --cpu, --bad-images and "
-                   "--check-images may change (--epochs N: the schedule is stretched to end at epoch N)")
-    g.add_argument("--save-every", type=int, help="optimizer steps between resumable state saves, besides each "
-                   f"epoch's end; 0 = epochs only (default: {d('save_every')})")
-    g.add_argument("--log-interval", type=int, help=f"steps between progress updates (default: {d('log_interval')})")
-    g.add_argument("--report-to", metavar="TRACKER", help="Accelerate tracker for curves: tensorboard, wandb, "
-                   "mlflow, ... or all (default: none)")
+    add_finetune_arguments(p)  # every flag, from FinetuneConfig's declarations (settings.py)
     p.set_defaults(func=_run_finetune)
 
 
-def _add_timm_recipe(p: argparse.ArgumentParser, d) -> None:
-    from .training.recipe import SCHEDULES
-
-    g = p.add_argument_group("timm's augmentation, optimizers and schedules (timm train.py names)")
-    g.add_argument("--aa", metavar="POLICY", help="auto-augment policy in timm's syntax, e.g. rand-m9-mstd0.5-inc1, "
-                   "augmix-m5-w4-d2, v0; `deepmind`: the variant's RandAugment as DeepMind trained it from scratch "
-                   "(F0 rand-n4-m5, F1-F2 rand-n4-m10, F3-F7 rand-n4-m15-mmax15). Default: none; fine-tuning a "
-                   "pretrained model for a few epochs on a small dataset does best with light augmentation; use it "
-                   "when training from scratch (--no-pretrained)")
-    g.add_argument("--opt", metavar="NAME", help=f"optimizer by timm's name (timm.optim.list_optimizers()): sgd is "
-                   f"SGD with Nesterov momentum (the paper's), adamw, lamb, lion, ...; DeepMind's weight-decay groups "
-                   f"and AGC apply to every one; --lr-base is the SGD rate: give --lr for others (default: {d('opt')})")
-    g.add_argument("--opt-kwargs", nargs="+", type=_kwarg, metavar="KEY=VALUE",
-                   help="further optimizer arguments, e.g. betas=(0.9,0.99) eps=1e-6")
-    g.add_argument("--sched", choices=SCHEDULES, help="learning-rate schedule by timm's name, after the linear "
-                   f"warmup, updated every optimizer step (default: {d('sched')})")
-    g.add_argument("--decay-epochs", type=float, help=f"step: epochs between decays (default: {d('decay_epochs')})")
-    g.add_argument("--decay-milestones", type=int, nargs="+", metavar="EPOCH",
-                   help=f"multistep: epochs to decay at (default: {' '.join(map(str, d('decay_milestones')))})")
-    g.add_argument("--decay-rate", type=float, help=f"step, multistep: lr factor at each decay; poly: the power "
-                   f"(default: {d('decay_rate')})")
-
-
 def _run_finetune(args: argparse.Namespace) -> None:
-    from .training.finetune import finetune
+    from nfnet_zoo.errors import NFNetZooError
+    from nfnet_zoo.training.finetune import finetune
 
-    options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "resume")}
-    for key in ("model_kwargs", "opt_kwargs"):
-        if key in options:
-            options[key] = dict(options[key])
-    if "scale" in options:
-        options["scale"] = tuple(options["scale"])
+    options = finetune_options(args)
     resume = getattr(args, "resume", None)
     if resume == "":
         if "output" not in options:
@@ -208,14 +97,12 @@ def _add_curves(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_curves(args: argparse.Namespace) -> None:
-    from .training.curves import write_curves
+    from nfnet_zoo.training.curves import write_curves
 
     print(f"wrote {write_curves(args.run)}")
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    from .training.recipe import default_workers
-
     p = sub.add_parser(
         "evaluate", help="top-1, top-5 and per-class accuracy of a model on an image folder",
         description="Evaluate MODEL on DIR's val/ (or validation/) folder, or on all of DIR/<class>/* "
@@ -229,9 +116,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-j", "--workers", type=argtype("workers"), default=default_workers(),
                    help=f"data loading processes (default: 4, or the CPUs available if fewer: {default_workers()} "
                    "here)")
-    p.add_argument("--bad-images", choices=("skip", "error"), default="skip",
+    p.add_argument("--bad-images", choices=BAD_IMAGES, default="skip",
                    help="unreadable image files: leave out with a warning, or stop (default: skip)")
-    p.add_argument("--check-images", choices=("full", "header", "none"), default="full",
+    p.add_argument("--check-images", choices=CHECK_LEVELS, default="full",
                    help="check before evaluating: decode every image (full), headers only (header), or none "
                    "(default: full)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -240,7 +127,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> None:
     import json
-    from .evaluation import evaluate, format_evaluation
+    from nfnet_zoo.evaluation import evaluate, format_evaluation
 
     with _plain_warnings():
         result = evaluate(args.model, args.data_dir, batch_size=args.batch_size, workers=args.workers,
@@ -261,15 +148,13 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 def _run_predict(args: argparse.Namespace) -> None:
     import json
-    from .evaluation import format_predictions, predict
+    from nfnet_zoo.evaluation import format_predictions, predict
 
     results = predict(args.model, args.images, topk=args.topk)
     print(json.dumps(results, indent=2) if args.json else format_predictions(results))
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from .training.recipe import default_workers
-
     p = sub.add_parser(
         "demo", help="fine-tune the tiny NFNet on scikit-learn's handwritten digits (CPU, no network)",
         description="Build an image folder from scikit-learn's 1,797 handwritten digits (shipped with the "
@@ -283,7 +168,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from nfnet_zoo.demo import run_demo
 
     with _plain_warnings():
         run_demo(args.output, workers=args.workers)
@@ -331,7 +216,7 @@ def _add_push(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_push(args: argparse.Namespace) -> None:
-    from .hub.push import push_to_hub
+    from nfnet_zoo.hub.push import push_to_hub
 
     print(push_to_hub(args.run, args.repo_id, dataset_id=args.dataset_id, **_hub_kwargs(args)))
 
@@ -350,7 +235,7 @@ def _add_publish(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_publish(args: argparse.Namespace) -> None:
-    from .hub.push import publish_checkpoint
+    from nfnet_zoo.hub.push import publish_checkpoint
 
     print(publish_checkpoint(args.src, args.repo_id, activation=args.activation, alpha=args.alpha,
                              **_hub_kwargs(args)))
@@ -369,7 +254,7 @@ def _add_cards(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_cards(args: argparse.Namespace) -> None:
-    from .hub.push import write_zoo_cards
+    from nfnet_zoo.hub.push import write_zoo_cards
 
     changed = write_zoo_cards(args.out, namespace=args.namespace)
     print("\n".join(f"wrote {p}" for p in changed) if changed else "model cards and hub configs are up to date")
@@ -405,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     # timm <= 1.0.21 uses torch.jit.interface, which torch 2.14 deprecates with a warning at its import: a line before
     # every command's output that is timm's to fix, not the user's
     warnings.filterwarnings("ignore", message="`torch.jit.interface` is deprecated", category=FutureWarning)
+    from nfnet_zoo.errors import NFNetZooError, machine_fault  # nfnet_zoo imports torch and timm: only now
+    from nfnet_zoo.versions import check_versions
     try:
         check_versions()
         args.func(args)
@@ -451,6 +338,3 @@ def exit_process(code: int) -> None:
     sys.stderr.flush()
     os._exit(code)
 
-
-if __name__ == "__main__":
-    run()
