@@ -80,7 +80,7 @@ def _unfit_python() -> str | None:
         problem = f"{sys.executable} has no {', '.join(missing)}"
     else:
         sys.path.insert(0, str(ROOT / "src"))
-        from nfnet_zoo.versions import FLOORS, too_old
+        from nfnet_zoo_cli.versions import FLOORS, too_old
         problem = "; ".join(filter(None, (too_old(name, floor) for name, floor in FLOORS.items())))
     return problem and (f"gpu-check: error: {problem}; pass PYTHON=/path/to/python of an environment with "
                         "nfnet-zoo's dependencies (`make setup` makes .venv/bin/python, which gpu-check then uses)")

@@ -58,7 +58,7 @@ assert timm.list_models(module="nfnet_zoo") == sorted(timm.list_models(module="n
 assert isinstance(timm.create_model("nfnet_zoo_tiny"), nfnet_zoo.NFNet)
 # registration is all the import does: training, the Hub client, data loading and plots load on first use
 loaded = {m for m in sys.modules if m.startswith("nfnet_zoo.")}
-assert loaded <= {"nfnet_zoo.errors", "nfnet_zoo.versions", "nfnet_zoo.models", "nfnet_zoo.models.layers",
+assert loaded <= {"nfnet_zoo.errors", "nfnet_zoo.models", "nfnet_zoo.models.layers",
                   "nfnet_zoo.models.nfnet", "nfnet_zoo.models.nfnet_zoo", "nfnet_zoo.models.variants"}, sorted(loaded)
 assert not {"accelerate", "matplotlib", "datasets"} & set(sys.modules), sorted(sys.modules)
 assert callable(nfnet_zoo.finetune) and nfnet_zoo.finetune.__module__ == "nfnet_zoo.training.finetune"

@@ -16,7 +16,7 @@ PACKAGES = ("nfnet_zoo", "nfnet_zoo_cli")
 
 # Layers, lowest first: a module may import from its own layer and those below, never from above.
 LAYERS = [
-    ("nfnet_zoo.errors", "nfnet_zoo.versions", "nfnet_zoo.files", "nfnet_zoo_cli.settings"),
+    ("nfnet_zoo.errors", "nfnet_zoo.files", "nfnet_zoo_cli.settings", "nfnet_zoo_cli.versions"),
     ("nfnet_zoo.models",),
     ("nfnet_zoo.agc", "nfnet_zoo.agc_distributed", "nfnet_zoo.data"),
     ("nfnet_zoo.evaluation",),

@@ -1,5 +1,5 @@
 """The declared floors: pyproject.toml's lower bounds, what `make test-floors` installs (constraints-floor.txt)
-and what the commands check (nfnet_zoo/versions.py) agree, and a release older than its floor is refused in
+and what the commands check (nfnet_zoo_cli/versions.py) agree, and a release older than its floor is refused in
 one line.
 
 References: pyproject.toml and the constraints files as pip reads them, and the interpreter's own package
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from nfnet_zoo.versions import FLOORS
+from nfnet_zoo_cli.versions import FLOORS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,8 +79,8 @@ def test_a_release_older_than_its_floor_is_one_line(tmp_path, command):
 
 
 def test_the_installed_releases_pass_their_floors():
-    from nfnet_zoo.versions import check_versions, too_old
-    check_versions()  # this environment: make test's pins or make test-floors' floors
+    from nfnet_zoo_cli.versions import check_versions, too_old
+    assert check_versions() is None  # this environment: make test's pins or make test-floors' floors
     assert too_old("torch", "2.6") is None  # a local build's version: 2.14.1+cpu and the like
     assert too_old("torch", "999.0").startswith("torch ")
     assert too_old("no-such-distribution", "1.0") == ("no-such-distribution is not installed, nfnet-zoo needs "

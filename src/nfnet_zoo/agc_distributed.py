@@ -21,7 +21,7 @@ from torch import nn
 
 from .agc import AGCStats, Shard, _unwrap, adaptive_clip_grad_, register_sharding
 from .errors import NFNetZooError
-from .versions import FSDP2_ACCELERATE, too_old
+from nfnet_zoo_cli.versions import FSDP2_ACCELERATE, too_old
 
 
 # --- FSDP2's DTensor shards ----------------------------------------------------------------

@@ -290,10 +290,13 @@ def main(argv: list[str] | None = None) -> int:
     # timm <= 1.0.21 uses torch.jit.interface, which torch 2.14 deprecates with a warning at its import: a line before
     # every command's output that is timm's to fix, not the user's
     warnings.filterwarnings("ignore", message="`torch.jit.interface` is deprecated", category=FutureWarning)
+    from .versions import check_versions
+    old = check_versions()  # before nfnet_zoo's import, which an old torch or timm could break
+    if old:
+        print(f"nfnet-zoo {args.command}: error: {old}", file=sys.stderr)
+        return 2
     from nfnet_zoo.errors import NFNetZooError, machine_fault  # nfnet_zoo imports torch and timm: only now
-    from nfnet_zoo.versions import check_versions
     try:
-        check_versions()
         args.func(args)
     except NFNetZooError as e:
         print(f"nfnet-zoo {args.command}: error: {e}", file=sys.stderr)

@@ -18,7 +18,7 @@ from timm.models._builder import resolve_pretrained_cfg
 from . import nfnet_zoo as _timm_module
 from ..errors import NFNetZooError
 from .nfnet import NFNet, NFNetCfg
-from ..versions import FLOORS, too_old
+from nfnet_zoo_cli.versions import FLOORS, too_old
 
 PAPER = "arXiv:2102.06171"
 PAPER_NAME = "High-Performance Large-Scale Image Recognition Without Normalization"

@@ -2,15 +2,14 @@
 
 These are pyproject.toml's lower bounds; constraints-floor.txt installs exactly them and CI runs the
 version-touching tests there (`make test-floors`) as well as at the pins (`make test`).
-tests/test_install.py holds the three to one another. Read from the installed metadata: nothing is imported.
+tests/test_versions.py holds the three to one another. Read from the installed metadata: nothing is imported,
+so the command line checks before `import nfnet_zoo` (which imports torch and timm) can fail on an old release.
 """
 from __future__ import annotations
 
 import re
 from importlib import metadata
 from typing import Optional
-
-from .errors import NFNetZooError
 
 # distribution -> oldest release, and why not older (where the reason is ours, not a dependency's)
 FLOORS = {
@@ -44,11 +43,10 @@ def too_old(distribution: str, needed: str) -> Optional[str]:
     return f"{distribution} {found} found, nfnet-zoo needs >= {needed}: pip install -U '{distribution}>={needed}'"
 
 
-def check_versions() -> None:
-    """Raise NFNetZooError naming every dependency older than its floor (one line)."""
+def check_versions() -> Optional[str]:
+    """One line naming every dependency older than its floor; None when all are recent enough."""
     problems = [p for name, floor in FLOORS.items() if (p := too_old(name, floor))]
-    if problems:
-        raise NFNetZooError("; ".join(problems))
+    return "; ".join(problems) or None
 
 
 __all__ = ["FLOORS", "FSDP2_ACCELERATE", "too_old", "check_versions"]
