@@ -20,7 +20,7 @@ data_dir, out, tag = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 accelerator = Accelerator(cpu=True)
 rank = accelerator.process_index
 if "--not-shared" in sys.argv:
-    from nfnet_zoo.training.finetune import _require_shared_run_folder
+    from nfnet_zoo.training.run_folder import require_shared_run_folder as _require_shared_run_folder
     run = out / f"run-of-process-{rank}"  # what machines without a shared filesystem see
     run.mkdir(parents=True, exist_ok=True)
     try:

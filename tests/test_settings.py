@@ -103,7 +103,7 @@ def _another(name: str):
 
 def test_resume_changes_exactly_what_its_help_lists(tmp_path):
     from nfnet_zoo.errors import NFNetZooError
-    from nfnet_zoo.training.finetune import _resolve
+    from nfnet_zoo.training.run_folder import resolve as _resolve
     run = _run_folder(tmp_path)
     listed = re.search(r"only (.*) may change", " ".join(_flags()["--resume"].help.split()))[1]
     listed = set(re.split(r", | and ", listed))

@@ -1,39 +1,21 @@
-"""Fine-tune an NFNet on the user's images with Accelerate and AGC (`nfnet-zoo finetune`).
+"""Fine-tune an NFNet on the user's images with Accelerate and AGC (`nfnet-zoo finetune`): the loop.
 
 `finetune` reads as Accelerate's examples do, on one screen: `_setup` (accelerator, data, model, optimizer
 and schedule, `prepare`), then per epoch `_train_one_epoch` (forward, backward, AGC on the accumulated
 gradient, step), `_validate` (`gather_for_metrics`), `_end_of_epoch` (metrics, best/last exports) and `_save`
-(the resumable state, runstate.py, for `--resume`).
-
-The run folder RUN:
-  model.safetensors, config.json   best epoch by val top-1 (timm `save_for_hf`, config.json in the shared
-                                   form of shared_config.py; nfnet_zoo.load_model(RUN) builds the exact
-                                   network, timm.create_model("local-dir:RUN", pretrained=True) timm's)
-  last/                            the same for the last epoch
-  metrics.jsonl                    one JSON object per epoch
-  curves.png                       loss, top-1/top-5, learning rate and AGC clipped fraction per epoch (redrawn
-                                   each epoch; needs matplotlib: pip install 'nfnet-zoo[plots]')
-  args.json, data.json             resolved arguments; the exact file list and split
-  summary.json, README.md          results; model card draft (nfnet_zoo.write_model_card)
-  state/                           the resumable state, no pickles (runstate.py; every --save-every steps
-                                   and each epoch)
+(the resumable state, runstate.py, for `--resume`). The run folder it writes: run_folder.py. The settings:
+nfnet_zoo_cli/settings.py; how each piece is built from them: recipe.py.
 
 Resuming is exact: the shuffle and each sample's augmentation are functions of (seed, epoch,
-index) (see data.py), the RNG state of the training process is saved, so on the CPU a run killed
+index) (see data/), the RNG state of the training process is saved, so on the CPU a run killed
 at any moment and resumed ends with the same weights as one never interrupted.
 """
 from __future__ import annotations
 
-import contextlib
-import fnmatch
-import json
 import math
 import os
 import shutil
-import signal
 import sys
-import tempfile
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,255 +24,137 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from nfnet_zoo_cli.settings import RESUMABLE, SettingError, flag, validate
-
-from ..files import write_bytes_atomic, write_json_atomic
 from ..agc import clipped_parameters
 from ..agc_distributed import assert_agc_supported, prepare_for_fsdp2, unscale_and_clip_
-from .curves import CURVES, INSTALL, curves_png, plotting_problem, run_title
-from ..data import ImageData, WorkerSignals, load_image_data
+from ..data import ImageData, WorkerSignals
 from ..errors import NFNetZooError
 from ..evaluation import topk_correct
-from ..models.load import check_checkpoint
+from ..files import CURVES, write_bytes_atomic, write_json_atomic
+from .curves import INSTALL, curves_png, plotting_problem, run_title
+from .progress import Progress, StopRequest
 from .recipe import (FinetuneConfig, build_loaders, build_losses, build_model, build_optimizer, build_scheduler,
-                     check_timm_names, image_sizes)
-from .runlock import LOCK, RunLock
+                     image_sizes)
+from .run_folder import finish, image_data, origin, own_run_folder, resolve, save_model_folder, saved_epoch
+from .runlock import RunLock
 from .runstate import check_room, load_run_state, save_run_state, state_dir
-from ..models.shared_config import rewrite_shared
+
 
 METRIC_KEYS = ("epoch", "train_loss", "val_loss", "top1", "top5", "lr", "images_per_sec", "clipped_fraction")
 
 
-class _Progress:
-    """Where the run is, and this epoch's running totals; saved as RUN/state/progress.json (runstate.py).
+def finetune(config: Optional[FinetuneConfig] = None, *, resume: Optional[str] = None, **overrides: Any) -> Path:
+    """Fine-tune `config.model` on `config.data_dir`; returns the run folder (see the module docstring).
 
-    The sums stay on the device and become numbers only in `state_dict` (at a save, at the epoch's end):
-    an `.item()` a step would make every step wait for the device."""
-
-    FIELDS = ("epoch", "step", "global_step", "loss_sum", "loss_count", "clip_sum", "clip_count", "images",
-              "epoch_time", "train_time", "history", "best")
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.epoch = 0            # current epoch (0-based)
-        self.step = 0             # batches of this epoch already trained
-        self.global_step = 0      # optimizer updates so far
-        self.loss_sum = self._sum(0.0)  # this epoch so far (this process)
-        self.loss_count = 0
-        self.clip_sum = self._sum(0.0)
-        self.clip_count = 0
-        self.images = 0           # this epoch, all processes
-        self.epoch_time = 0.0     # seconds of this epoch before the clock last started
-        self.train_time = 0.0
-        self.history: list[dict] = []
-        self.best: Optional[dict] = None
-        self._clock: Optional[float] = None  # perf_counter() when this stretch of training started
-
-    def _sum(self, value: float) -> torch.Tensor:
-        return torch.tensor(value, dtype=torch.float64, device=self.device)
-
-    def start_clock(self) -> None:
-        self._clock = time.perf_counter()
-
-    def stop_clock(self) -> None:
-        self.epoch_time = self.elapsed()
-        self._clock = None
-
-    def elapsed(self) -> float:
-        """Training seconds of this epoch so far (across resumes)."""
-        return self.epoch_time + (time.perf_counter() - self._clock if self._clock is not None else 0.0)
-
-    def add_step(self, loss: torch.Tensor, images: int) -> None:
-        self.loss_sum += loss.double()
-        self.loss_count += 1
-        self.images += images
-        self.step += 1
-
-    def add_clip(self, clipped_fraction: torch.Tensor) -> None:
-        self.clip_sum += clipped_fraction
-        self.clip_count += 1
-
-    def next_epoch(self) -> None:
-        self.train_time += self.epoch_time
-        self.epoch += 1
-        self.step = self.loss_count = self.clip_count = self.images = 0
-        self.loss_sum, self.clip_sum, self.epoch_time = self._sum(0.0), self._sum(0.0), 0.0
-
-    def state_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in self.FIELDS}
-        d.update(loss_sum=self.loss_sum.item(), clip_sum=self.clip_sum.item(), epoch_time=self.elapsed())
-        return d
-
-    def load_state_dict(self, d: dict) -> None:
-        for k in self.FIELDS:
-            setattr(self, k, d[k])
-        self.loss_sum, self.clip_sum = self._sum(d["loss_sum"]), self._sum(d["clip_sum"])
-
-
-class _StopRequest:
-    """Ctrl-C / SIGTERM set a flag; the loop saves state at the next step boundary and stops.
-    A second Ctrl-C interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: leave the defaults
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-# --- configuration and run folder --------------------------------------------------------------
-def _resolve(config: Optional[FinetuneConfig], resume: Optional[str], overrides: dict[str, Any]
-             ) -> tuple[FinetuneConfig, Path, bool]:
-    if resume:
-        run = Path(resume).expanduser()
-        if not (run / "args.json").is_file():
-            raise NFNetZooError(f"{run} is not a fine-tuning run (no args.json); pass the RUN folder written by "
-                                f"`nfnet-zoo finetune --output RUN`, or start a new run without --resume")
-        if state_dir(run) is None:  # the same command starts it again: see _restartable
-            raise NFNetZooError(f"{run} has no saved state yet (it stopped before its first save); start it again "
-                                f"with the same command (its arguments are in {run}/args.json)")
-        _check_settings(overrides)
-        try:
-            saved = json.loads((run / "args.json").read_text(encoding="utf-8"))
-            if not isinstance(saved, dict):
-                raise ValueError("not a JSON object")
-            cfg = FinetuneConfig.from_json(saved)
-            _check_config(cfg)
-        except (ValueError, TypeError, UnicodeDecodeError, NFNetZooError) as e:
-            raise NFNetZooError(f"{run}/args.json is damaged or foreign ({str(e).splitlines()[0][:120]}); restore "
-                                f"it, or start a new run") from None
-        if cfg.checkpoint and cfg.model_args is None:  # a run of an older nfnet-zoo: rebuilt from the checkpoint
-            check_checkpoint(cfg.checkpoint)
-        changed = sorted(k for k, v in overrides.items() if k not in RESUMABLE and k != "output"
-                         and getattr(cfg, k, None) != v)
-        if changed:
-            raise NFNetZooError(f"cannot change {', '.join(map(flag, changed))} when "
-                                f"resuming (they are fixed in {run}/args.json); start a new run to change them")
-        for k in RESUMABLE & overrides.keys():
-            setattr(cfg, k, overrides[k])
-        cfg.output = str(run)
-        return cfg, run, True
-    cfg = config or FinetuneConfig()
-    unknown = set(overrides) - set(FinetuneConfig.__dataclass_fields__)
-    if unknown:
-        raise TypeError(f"finetune() got unknown arguments {sorted(unknown)}")
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    _check_config(cfg)
-    if cfg.checkpoint:
-        check_checkpoint(cfg.checkpoint)
-    if cfg.output is None:
-        name = Path(cfg.data_dir).name or "data"
-        base = Path("runs") / f"{(cfg.model or 'checkpoint').replace('/', '_')}-{name}"
-        run, i = base, 1
-        while run.exists():
-            i += 1
-            run = base.with_name(f"{base.name}-{i}")
-        cfg.output = str(run)
-    run = Path(cfg.output).expanduser()
-    if state_dir(run) is not None:
-        raise NFNetZooError(f"{run} already holds a run; continue it with --resume {run}, or pass another --output")
-    if run.exists() and (not run.is_dir() or not _restartable(run)):
-        raise NFNetZooError(f"--output {run} exists and is not empty; pass a new folder (nothing is overwritten)")
-    return cfg, run, False
-
-
-# What a run writes before its first saved state; a folder holding only these is started again by the same
-# command (and `--resume` says so): the arguments and file list, temporary files a kill left, and, once
-# args.json is there, the exports of an epoch whose state a kill prevented.
-_RUN_START = ("args.json", "data.json", ".args.json.*.tmp", ".data.json.*.tmp", "state.tmp", "logs",
-              ".shared-*", LOCK)  # the shared-folder probe, if a kill came before its removal
-_RUN_EXPORTS = ("model.safetensors", "config.json", "last", "metrics.jsonl", ".metrics.jsonl.*.tmp", ".export-*",
-                CURVES, f".{CURVES}.*.tmp")
-
-
-def _restartable(run: Path) -> bool:
-    names = [p.name for p in run.iterdir()]
-    allowed = _RUN_START + (_RUN_EXPORTS if "args.json" in names else ())
-    return all(any(fnmatch.fnmatchcase(n, pattern) for pattern in allowed) for n in names)
-
-
-def _check_config(cfg: FinetuneConfig) -> None:
-    if not isinstance(cfg.data_dir, str) or not cfg.data_dir:
-        raise NFNetZooError("no data: pass --data-dir DIR with DIR/<class>/<image> (or DIR/train and DIR/val)")
-    if not isinstance(cfg.model or cfg.checkpoint, str):
-        raise NFNetZooError("no model: pass --model NAME (e.g. nfnet_f0), or --checkpoint RUN of an earlier run")
-    if cfg.model_args is not None and not (isinstance(cfg.model_args, dict) and isinstance(cfg.model, str)):
-        raise NFNetZooError("model_args must be a JSON object beside the model's name")
-    _check_settings(cfg.to_json())
-    check_timm_names(cfg)
-
-
-def _check_settings(values: dict[str, Any]) -> None:
-    """The settings' declared ranges and choices (nfnet_zoo_cli.settings.validate), as our one-line error."""
+    Pass a FinetuneConfig and/or its fields as keyword arguments; `resume=RUN` continues a run from
+    its saved state (only the settings in nfnet_zoo_cli.settings.RESUMABLE may then change). Raises NFNetZooError
+    on bad input.
+    """
+    cfg, run, resuming = resolve(config, resume, overrides)
+    lock = RunLock(run)  # taken in _setup by the main process, before anything is written in RUN
     try:
-        validate(values)
-    except SettingError as e:
-        raise NFNetZooError(str(e)) from None
-
-
-def _load_data(run: Path, resuming: bool) -> ImageData:
-    try:
-        return ImageData.load(run / "data.json")
-    except FileNotFoundError:
-        problem = "is missing"
-    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as e:
-        problem = f"is damaged or foreign ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
-    fix = (f"restore it, or start a new run with the same arguments ({run}/args.json) and another --output"
-           if resuming else "run the command again")
-    raise NFNetZooError(f"{run}/data.json {problem}; {fix}")
-
-
-def _save_model_folder(model: nn.Module, dest: Path, label_names: list[str], model_args: dict, eval_size: int,
-                       notes: list[str]) -> None:
-    """timm's save_for_hf into a temp folder beside `dest`, config.json in the shared form (shared_config.py:
-    loadable by plain timm and transformers, evaluated at `eval_size`), then os.replace file by file."""
-    from timm.models import save_for_hf
-    dest.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=dest.parent if dest.name == "last" else dest))
-    try:
-        # safetensors wants contiguous tensors: a channels_last model is exported in the default layout
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        with _swapped(model, "state_dict", lambda *a, **k: state):
-            save_for_hf(model, str(tmp), model_config={"label_names": list(label_names)},
-                        model_args=model_args, safe_serialization=True)
-        rewrite_shared(tmp / "config.json", eval_size=eval_size, notes=notes)
-        for name in ("model.safetensors", "config.json"):
-            os.replace(tmp / name, dest / name)
+        t = _setup(cfg, run, resuming, lock)  # accelerator, data, model, optimizer, schedule; prepare; EMA
+        if resuming:
+            _resume(t)  # weights, optimizer, schedule, EMA, generators and progress from RUN/state
+        elif t.accelerator.is_main_process:
+            write_json_atomic(run / "args.json", cfg.to_json())
+        _announce(t)
+        with StopRequest() as stop, t.worker_signals.held():  # the workers leave SIGTERM to this process
+            while t.progress.epoch < cfg.epochs:
+                _train_one_epoch(t, stop)  # saves every --save-every updates; on Ctrl-C saves and stops
+                metrics = _validate(t.eval_model, t.val_loader, t.accelerator, len(t.data.classes))
+                _end_of_epoch(t, metrics)  # metrics.jsonl, last (and best) exports, the epoch line
+                _save(t)
+        if t.accelerator.is_main_process:
+            finish(cfg, run, t.data, t.progress, t.train_size)
+        t.accelerator.wait_for_everyone()
+        t.accelerator.end_training()  # trackers, then the process group (gloo's threads may abort an exit without it)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        lock.release()
+    return run
 
 
-@contextlib.contextmanager
-def _swapped(model: nn.Module, name: str, value):
-    original = getattr(model, name)
-    setattr(model, name, value)
-    try:
-        yield
-    finally:
-        setattr(model, name, original)
+@dataclass
+class _Training:
+    """What `_setup` builds, after `accelerator.prepare`: everything the loop reads."""
+
+    cfg: FinetuneConfig
+    run: Path
+    accelerator: Any
+    data: ImageData
+    sampler: Any                  # nfnet_zoo.data's EpochSampler: its epoch seeds the shuffle
+    train_loader: Any
+    val_loader: Any               # None without a val split
+    model: nn.Module              # as prepared (DDP, FSDP2, compiled)
+    unwrapped: nn.Module          # the module itself, which the EMA follows
+    optimizer: Any                # Accelerate's wrapper; `.optimizer` is timm's
+    scheduler: Any                # timm's, stepped once per optimizer update
+    mixup: Any                    # timm Mixup, or None
+    train_loss_fn: nn.Module
+    ema: Any                      # timm ModelEmaV3 (--model-ema), or None
+    clip_params: Optional[list]   # AGC's parameters (clipped_parameters), None with --clipping 0
+    lr: float
+    model_args: dict
+    notes: list[str]              # what config.json says of where the weights come from
+    train_size: int
+    test_size: int
+    progress: Progress
+    worker_signals: WorkerSignals  # the DataLoader workers' worker_init_fn
+    draw_curves: bool = True      # RUN/curves.png each epoch (main process); off without matplotlib
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights validated and exported: the EMA's when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def state(self) -> dict:
+        """What a resume restores (with `progress`): runstate.py saves it in files that cannot carry code."""
+        return dict(model=self.model, optimizer=self.optimizer.optimizer, scheduler=self.scheduler, ema=self.ema)
 
 
-def _unwrap(accelerator, model: nn.Module) -> nn.Module:
-    """The plain module, without torch.compile's wrapper: removed before accelerate sees it, as
-    accelerate < 1.3 (no keep_torch_compile) puts it back."""
-    return accelerator.unwrap_model(getattr(model, "_orig_mod", model))
+def _setup(cfg: FinetuneConfig, run: Path, resuming: bool, lock: RunLock) -> _Training:
+    """Accelerator, data, model, losses, optimizer and schedule; `prepare`; then EMA and AGC's parameters."""
+    accelerator = _accelerator(cfg, run)
+    from accelerate.utils import set_seed
+    if cfg.clipping > 0:
+        assert_agc_supported(accelerator)
+    set_seed(cfg.seed)
+    own_run_folder(accelerator, run, resuming, lock)
+    data = image_data(cfg, run, resuming, accelerator)
+
+    model, model_args, base_model = build_model(cfg, data.classes, accelerator.print)
+    if not resuming:
+        cfg.base_model = base_model
+    cfg.model_args = {k: v for k, v in model_args.items() if k != "num_classes"}  # args.json: what --resume builds
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    worker_signals = WorkerSignals()
+    train_loader, val_loader, sampler = build_loaders(cfg, data, model, accelerator, worker_signals)
+    train_size, test_size = image_sizes(cfg, model)
+    notes = [origin(cfg)]
+    mixup, train_loss_fn = build_losses(cfg, len(data.classes))
+    lr = cfg.resolved_lr(accelerator.num_processes)
+    optimizer = build_optimizer(cfg, model, lr)
+
+    if _is_fsdp2(accelerator):
+        prepare_for_fsdp2(model)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    unwrapped = _unwrap(accelerator, model)
+    ema = None
+    if cfg.model_ema:  # copied from the prepared model: on its device, in its dtype and memory format
+        from timm.utils import ModelEmaV3
+        ema = ModelEmaV3(unwrapped, decay=cfg.model_ema_decay)
+    clip_params = clipped_parameters(model) if cfg.clipping > 0 else None  # after prepare: FSDP2 replaces them
+    if val_loader is not None:
+        val_loader = accelerator.prepare(val_loader)
+    updates_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
+    scheduler = build_scheduler(cfg, optimizer.optimizer, updates_per_epoch)
+    if accelerator.is_main_process:  # a read-only or full disk: now, not at the first save after training up to it
+        check_room(run, accelerator.unwrap_model(model), ema)
+    return _Training(cfg, run, accelerator, data, sampler, train_loader, val_loader, model, unwrapped, optimizer,
+                     scheduler, mixup, train_loss_fn, ema, clip_params, lr, model_args, notes, train_size,
+                     test_size, Progress(accelerator.device), worker_signals)
 
 
-# --- running ---------------------------------------------------------------------------------
 def _accelerator(cfg: FinetuneConfig, run: Path):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -325,28 +189,10 @@ def _accelerator(cfg: FinetuneConfig, run: Path):
     return accelerator
 
 
-def _require_shared_run_folder(accelerator, run: Path) -> None:
-    """All processes read RUN (data.json, the saved state): on machines without a shared filesystem,
-    refuse at the start rather than fail at the first resume."""
-    if accelerator.num_processes == 1:
-        return
-    from accelerate.utils import broadcast_object_list, gather_object
-    token = broadcast_object_list([os.urandom(8).hex() if accelerator.is_main_process else None])[0]
-    probe = run / f".shared-{token}"
-    if accelerator.is_main_process:
-        probe.write_text(token)
-    accelerator.wait_for_everyone()
-    try:
-        seen = probe.read_text() == token
-    except OSError:
-        seen = False
-    shared = all(gather_object([seen]))  # every process has read the probe after this
-    if accelerator.is_main_process:
-        probe.unlink(missing_ok=True)
-    if not shared:
-        raise NFNetZooError(f"the run folder {run} is not shared by all processes (a process on another machine "
-                            f"cannot read what this one writes there); put --output on a filesystem every machine "
-                            f"mounts (NFS, Lustre, ...)")
+def _unwrap(accelerator, model: nn.Module) -> nn.Module:
+    """The plain module, without torch.compile's wrapper: removed before accelerate sees it, as
+    accelerate < 1.3 (no keep_torch_compile) puts it back."""
+    return accelerator.unwrap_model(getattr(model, "_orig_mod", model))
 
 
 def _has_xpu() -> bool:
@@ -358,184 +204,6 @@ def _is_fsdp2(accelerator) -> bool:
     return plugin is not None and getattr(plugin, "fsdp_version", 1) == 2
 
 
-def _summary_table(history: list[dict], best_epoch: Optional[int]) -> str:
-    cols = [("epoch", "{:d}"), ("train_loss", "{:.4f}"), ("val_loss", "{:.4f}"), ("top1", "{:.2f}"),
-            ("top5", "{:.2f}"), ("lr", "{:.2e}"), ("images_per_sec", "{:.1f}"), ("clipped_fraction", "{:.3f}")]
-    heads = ["epoch", "train loss", "val loss", "top-1", "top-5", "lr", "img/s", "clipped"]
-    cells = [[("-" if r.get(k) is None else f.format(r[k])) + (" *" if k == "epoch" and r["epoch"] == best_epoch
-                                                               else "") for k, f in cols] for r in history]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
-    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))
-    return "\n".join([line(heads), line(["-" * w for w in widths]), *map(line, cells)])
-
-
-# --- the loop ------------------------------------------------------------------------------------
-def finetune(config: Optional[FinetuneConfig] = None, *, resume: Optional[str] = None, **overrides: Any) -> Path:
-    """Fine-tune `config.model` on `config.data_dir`; returns the run folder (see the module docstring).
-
-    Pass a FinetuneConfig and/or its fields as keyword arguments; `resume=RUN` continues a run from
-    its saved state (only the settings in nfnet_zoo_cli.settings.RESUMABLE may then change). Raises NFNetZooError
-    on bad input.
-    """
-    cfg, run, resuming = _resolve(config, resume, overrides)
-    lock = RunLock(run)  # taken in _setup by the main process, before anything is written in RUN
-    try:
-        t = _setup(cfg, run, resuming, lock)  # accelerator, data, model, optimizer, schedule; prepare; EMA
-        if resuming:
-            _resume(t)  # weights, optimizer, schedule, EMA, generators and progress from RUN/state
-        elif t.accelerator.is_main_process:
-            write_json_atomic(run / "args.json", cfg.to_json())
-        _announce(t)
-        with _StopRequest() as stop, t.worker_signals.held():  # the workers leave SIGTERM to this process
-            while t.progress.epoch < cfg.epochs:
-                _train_one_epoch(t, stop)  # saves every --save-every updates; on Ctrl-C saves and stops
-                metrics = _validate(t.eval_model, t.val_loader, t.accelerator, len(t.data.classes))
-                _end_of_epoch(t, metrics)  # metrics.jsonl, last (and best) exports, the epoch line
-                _save(t)
-        if t.accelerator.is_main_process:
-            _finish(cfg, run, t.data, t.progress, t.train_size)
-        t.accelerator.wait_for_everyone()
-        t.accelerator.end_training()  # trackers, then the process group (gloo's threads may abort an exit without it)
-    finally:
-        lock.release()
-    return run
-
-
-@dataclass
-class _Training:
-    """What `_setup` builds, after `accelerator.prepare`: everything the loop reads."""
-
-    cfg: FinetuneConfig
-    run: Path
-    accelerator: Any
-    data: ImageData
-    sampler: Any                  # data.py's EpochSampler: its epoch seeds the shuffle
-    train_loader: Any
-    val_loader: Any               # None without a val split
-    model: nn.Module              # as prepared (DDP, FSDP2, compiled)
-    unwrapped: nn.Module          # the module itself, which the EMA follows
-    optimizer: Any                # Accelerate's wrapper; `.optimizer` is timm's
-    scheduler: Any                # timm's, stepped once per optimizer update
-    mixup: Any                    # timm Mixup, or None
-    train_loss_fn: nn.Module
-    ema: Any                      # timm ModelEmaV3 (--model-ema), or None
-    clip_params: Optional[list]   # AGC's parameters (clipped_parameters), None with --clipping 0
-    lr: float
-    model_args: dict
-    notes: list[str]              # what config.json says of where the weights come from
-    train_size: int
-    test_size: int
-    progress: _Progress
-    worker_signals: WorkerSignals  # the DataLoader workers' worker_init_fn
-    draw_curves: bool = True      # RUN/curves.png each epoch (main process); off without matplotlib
-
-    @property
-    def eval_model(self) -> nn.Module:
-        """The weights validated and exported: the EMA's when there is one."""
-        return self.ema.module if self.ema is not None else self.model
-
-    def state(self) -> dict:
-        """What a resume restores (with `progress`): runstate.py saves it in files that cannot carry code."""
-        return dict(model=self.model, optimizer=self.optimizer.optimizer, scheduler=self.scheduler, ema=self.ema)
-
-
-def _setup(cfg: FinetuneConfig, run: Path, resuming: bool, lock: RunLock) -> _Training:
-    """Accelerator, data, model, losses, optimizer and schedule; `prepare`; then EMA and AGC's parameters."""
-    accelerator = _accelerator(cfg, run)
-    from accelerate.utils import set_seed
-    if cfg.clipping > 0:
-        assert_agc_supported(accelerator)
-    set_seed(cfg.seed)
-    _own_run_folder(accelerator, run, resuming, lock)
-    data = _image_data(cfg, run, resuming, accelerator)
-
-    model, model_args, base_model = build_model(cfg, data.classes, accelerator.print)
-    if not resuming:
-        cfg.base_model = base_model
-    cfg.model_args = {k: v for k, v in model_args.items() if k != "num_classes"}  # args.json: what --resume builds
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    worker_signals = WorkerSignals()
-    train_loader, val_loader, sampler = build_loaders(cfg, data, model, accelerator, worker_signals)
-    train_size, test_size = image_sizes(cfg, model)
-    notes = [_origin(cfg)]
-    mixup, train_loss_fn = build_losses(cfg, len(data.classes))
-    lr = cfg.resolved_lr(accelerator.num_processes)
-    optimizer = build_optimizer(cfg, model, lr)
-
-    if _is_fsdp2(accelerator):
-        prepare_for_fsdp2(model)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    unwrapped = _unwrap(accelerator, model)
-    ema = None
-    if cfg.model_ema:  # copied from the prepared model: on its device, in its dtype and memory format
-        from timm.utils import ModelEmaV3
-        ema = ModelEmaV3(unwrapped, decay=cfg.model_ema_decay)
-    clip_params = clipped_parameters(model) if cfg.clipping > 0 else None  # after prepare: FSDP2 replaces them
-    if val_loader is not None:
-        val_loader = accelerator.prepare(val_loader)
-    updates_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
-    scheduler = build_scheduler(cfg, optimizer.optimizer, updates_per_epoch)
-    if accelerator.is_main_process:  # a read-only or full disk: now, not at the first save after training up to it
-        check_room(run, accelerator.unwrap_model(model), ema)
-    return _Training(cfg, run, accelerator, data, sampler, train_loader, val_loader, model, unwrapped, optimizer,
-                     scheduler, mixup, train_loss_fn, ema, clip_params, lr, model_args, notes, train_size,
-                     test_size, _Progress(accelerator.device), worker_signals)
-
-
-# Folders finetune writes into: a link there would have it write into whatever folder the link points at.
-_RUN_FOLDERS = ("last", "state", "state.old", "state.tmp", "logs")
-
-
-def _own_run_folder(accelerator, run: Path, resuming: bool, lock: RunLock) -> None:
-    """The main process refuses a folder finetune would write into that is a link, creates RUN and takes its lock
-    (runlock.py), then checks again what _resolve checked (another run may have started there meanwhile); every
-    process raises the same one-line refusal."""
-    problem = None
-    if accelerator.is_main_process:
-        link = next((run / n for n in _RUN_FOLDERS if (run / n).is_symlink()), None)
-        if link is not None:
-            problem = (f"{link} is a link (to {os.readlink(link)}); finetune writes only into folders of the run "
-                       f"itself, never through a link: remove the link (or replace it with a copy of the folder)")
-        else:
-            run.mkdir(parents=True, exist_ok=True)
-            problem = lock.acquire()
-        if problem is None and not resuming and (state_dir(run) is not None or not _restartable(run)):
-            problem = (f"{run} was filled by another run while this one started; continue that one with --resume "
-                       f"{run}, or pass another --output")
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-        problem = broadcast_object_list([problem])[0]
-    if problem is not None:
-        raise NFNetZooError(problem)
-
-
-def _origin(cfg: FinetuneConfig) -> str:
-    """Where the weights of this run come from, for config.json's notes (not the starting weights' own notes)."""
-    if cfg.checkpoint:
-        return f"fine-tuned with nfnet-zoo from the local weights {Path(cfg.checkpoint).name}"
-    if cfg.base_model:
-        return f"fine-tuned with nfnet-zoo from {cfg.base_model}"
-    return "trained from scratch with nfnet-zoo"
-
-
-def _image_data(cfg: FinetuneConfig, run: Path, resuming: bool, accelerator) -> ImageData:
-    """Every process scans the folder and checks its share of the images (results gathered); the main process
-    writes RUN/data.json, which a resumed run reads."""
-    _require_shared_run_folder(accelerator, run)
-    if resuming:
-        data = _load_data(run, resuming)
-    else:
-        from accelerate.utils import gather_object
-        accelerator.print(f"checking images in {cfg.data_dir} ({cfg.check_images}) ...")
-        data = load_image_data(cfg.data_dir, cfg.val_split, cfg.bad_images, cfg.workers, cfg.check_images,
-                               accelerator.process_index, accelerator.num_processes, gather_object)
-        if accelerator.is_main_process:
-            data.save(run / "data.json")
-    cfg.dataset = data.name
-    return data
-
-
 def _resume(t: _Training) -> None:
     run, progress = t.run, t.progress
     if t.accelerator.is_main_process:  # exports a kill interrupted: the files they were replacing are intact
@@ -544,7 +212,7 @@ def _resume(t: _Training) -> None:
     schedule = t.scheduler.state_dict()  # the schedule of this command's --epochs
     saved = load_run_state(t.accelerator, run, progress=progress.state_dict(), **t.state())
     # runstate.py checks the kinds of values but lets a null through (a value not set yet); these are always set
-    numbers = all(type(saved[k]) in (int, float) for k in _Progress.FIELDS if k not in ("history", "best"))
+    numbers = all(type(saved[k]) in (int, float) for k in Progress.FIELDS if k not in ("history", "best"))
     if not (numbers and 0 <= saved["epoch"] and 0 <= saved["step"] <= len(t.train_loader)
             and 0 <= saved["global_step"]):
         raise NFNetZooError(f"{state_dir(run)}/progress.json does not fit this run (epoch {saved['epoch']}, step "
@@ -584,7 +252,7 @@ def _announce(t: _Training) -> None:
                           f"eval; run folder {t.run}")
 
 
-def _train_one_epoch(t: _Training, stop: _StopRequest) -> None:
+def _train_one_epoch(t: _Training, stop: StopRequest) -> None:
     """Train epoch `progress.epoch` from batch `progress.step` on; save the state every --save-every updates;
     on Ctrl-C / SIGTERM (agreed by all processes) save it and raise KeyboardInterrupt."""
     from tqdm.auto import tqdm
@@ -683,9 +351,9 @@ def _end_of_epoch(t: _Training, metrics: dict) -> None:
         progress.best = dict(row)
     export = _unwrap(accelerator, t.eval_model)
     if accelerator.is_main_process:
-        _save_model_folder(export, t.run / "last", t.data.classes, t.model_args, t.test_size, t.notes)
+        save_model_folder(export, t.run / "last", t.data.classes, t.model_args, t.test_size, t.notes)
         if improved:
-            _save_model_folder(export, t.run, t.data.classes, t.model_args, t.test_size, t.notes)
+            save_model_folder(export, t.run, t.data.classes, t.model_args, t.test_size, t.notes)
         write_json_atomic(t.run / "metrics.jsonl", progress.history, lines=True)
         _draw_curves(t)
     if cfg.report_to:
@@ -713,7 +381,7 @@ def _save(t: _Training) -> None:
     save_run_state(t.accelerator, t.run, progress=t.progress.state_dict(), **t.state())
 
 
-def _stop_agreed(stop: _StopRequest, accelerator, at_check: bool) -> bool:
+def _stop_agreed(stop: StopRequest, accelerator, at_check: bool) -> bool:
     if accelerator.num_processes == 1:
         return stop.requested
     if not at_check:  # processes agree only at steps they all check
@@ -722,22 +390,14 @@ def _stop_agreed(stop: _StopRequest, accelerator, at_check: bool) -> bool:
     return bool(accelerator.reduce(flag, "max").item())
 
 
-def _raise_if_diverged(nonfinite: torch.Tensor, accelerator, progress: _Progress, run: Path) -> None:
+def _raise_if_diverged(nonfinite: torch.Tensor, accelerator, progress: Progress, run: Path) -> None:
     flag = accelerator.reduce(nonfinite.float(), "max") if accelerator.num_processes > 1 else nonfinite
     if bool(flag.item()):
-        saved = (f"the last good state is in {run}/state (epoch {_saved_epoch(run)})"
+        saved = (f"the last good state is in {run}/state (epoch {saved_epoch(run)})"
                  if state_dir(run) is not None else "no state had been saved yet")
         raise NFNetZooError(f"training diverged: the loss became non-finite at epoch {progress.epoch + 1}, step "
                             f"{progress.step}; {saved} and the best model in {run}; start again with a lower --lr "
                             f"(or --clipping > 0, or --mixed-precision bf16 instead of fp16)")
-
-
-def _saved_epoch(run: Path) -> str:
-    try:
-        rows = (run / "metrics.jsonl").read_text().splitlines()
-        return f"end of {len(rows)}" if rows else "1, mid-epoch"
-    except OSError:
-        return "?"
 
 
 def _epoch_line(row: dict, epochs: int) -> str:
@@ -747,23 +407,4 @@ def _epoch_line(row: dict, epochs: int) -> str:
             f"clipped {fmt('clipped_fraction', '.3f')}")
 
 
-def _finish(cfg: FinetuneConfig, run: Path, data: ImageData, progress: _Progress, img_size: int) -> None:
-    best = progress.best or {}
-    summary = {"best_epoch": best.get("epoch"), "top1": best.get("top1"), "top5": best.get("top5"),
-               "val_loss": best.get("val_loss"), "num_train": len(data.train), "num_val": len(data.val),
-               "num_classes": len(data.classes), "label_names": data.classes, "model": cfg.model,
-               "base_model": cfg.base_model, "img_size": img_size, "train_time_s": round(progress.train_time, 1)}
-    write_json_atomic(run / "summary.json", summary)
-    try:
-        from ..models.cards import write_model_card
-    except ImportError:
-        warnings.warn("model card not written: nfnet_zoo.hub is not available")
-    else:
-        write_model_card(run)
-    print(_summary_table(progress.history, best.get("epoch")))
-    top1 = "-" if best.get("top1") is None else f"{best['top1']:.2f}%"
-    print(f"best epoch {best.get('epoch')}: val top-1 {top1}; model in {run} "
-          f"(nfnet_zoo.load_model('{run}'), or timm.create_model('local-dir:{run}', pretrained=True))")
-
-
-__all__ = ["finetune"]
+__all__ = ["finetune", "METRIC_KEYS"]

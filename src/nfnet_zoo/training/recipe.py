@@ -11,7 +11,7 @@ fine-tuning a pretrained model on a small dataset:
 - train at the variant's train size with random-resized crops and flips; evaluate as DeepMind
   does at the variant's test size (squash-resize to S + 32, centre crop S, bicubic).
 Here: how each piece is built from them (model, data pipeline, loss, optimizer, schedule), so that
-`finetune.py` holds only the loop and the run folder.
+`finetune.py` holds only the loop, `run_folder.py` the run folder.
 """
 from __future__ import annotations
 
