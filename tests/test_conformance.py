@@ -91,7 +91,7 @@ def test_odd_input_exercises_asymmetric_padding(reference):
 
 def test_symmetric_padding_would_fail(tiny_d1, reference, device):
     """The reference is sensitive to the padding convention: a check that the test can fail."""
-    from nfnet_zoo import layers
+    from nfnet_zoo.models import layers
 
     x = _nchw(reference["even.x_nhwc"]).to(device)
     original = layers.same_padding
