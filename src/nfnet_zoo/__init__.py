@@ -26,7 +26,7 @@ _PUBLIC = {
     "push_to_hub": "hub.push", "publish_checkpoint": "hub.push", "PushResult": "hub.push",
     "write_model_card": "models.cards", "write_zoo_cards": "models.cards",
     "finetune": "training.finetune", "FinetuneConfig": "training.recipe",
-    "evaluate": "evaluation", "predict": "evaluation",
+    "evaluate": "evaluation", "predict": "evaluation", "iter_predictions": "evaluation",
 }
 __all__ = ["NFNetZooError", *_PUBLIC]
 

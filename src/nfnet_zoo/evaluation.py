@@ -9,13 +9,12 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
-from PIL import Image
 from torch import nn
 
-from .data import ImageDataset, load_eval_samples, run_held_out, to_rgb
+from .data import ImageDataset, ImageFiles, collate_image_files, load_eval_samples, run_held_out
 from .errors import NFNetZooError
 from .models.load import load_model
 
@@ -116,41 +115,76 @@ def format_evaluation(result: dict) -> str:
 
 
 # --- predict -----------------------------------------------------------------------------------
-def predict(model: str, images: Sequence[str | os.PathLike], topk: int = 5) -> list[dict]:
-    """Top-k labels with probabilities for each image: [{"image", "predictions": [{"label", "probability"}]}]."""
-    pils = []
-    for path in images:
-        try:
-            with Image.open(path) as img:
-                img.load()
-                pils.append(to_rgb(img))
-        except FileNotFoundError:
-            raise NFNetZooError(f"image {path} does not exist") from None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise NFNetZooError(f"cannot read image {path} ({str(e).splitlines()[0][:100]}); pass an image file") from None
-    net = load_model(model)
-    names = _label_descriptions(net) or model_label_names(net) or [str(i) for i in range(net.num_classes)]
-    tf = _eval_transform(net)
+def prediction_labels(model: nn.Module) -> list[str]:
+    """The label `predict` shows for each class: ImageNet's descriptions, the config's names, or the index."""
+    return _label_descriptions(model) or model_label_names(model) or [str(i) for i in range(model.num_classes)]
+
+
+def iter_predictions(model: str | nn.Module, images: Iterable[str | os.PathLike], topk: int = 5,
+                     batch_size: int = 32, workers: int = 0) -> Iterator[dict]:
+    """Top-k labels with probabilities for each image, in order, yielded batch by batch as they are scored:
+    {"image", "predictions": [{"label", "index", "probability"}]}, or {"image", "error"} for a file that cannot be
+    read as an image (the others are scored). `images` is read lazily, as the batches need it (a stream of paths
+    works); at most `batch_size` x (1 + 2 x `workers`) images are decoded at a time. MODEL is loaded at the first
+    `next()`; pass a loaded model to load it once for several calls."""
+    net = load_model(model) if isinstance(model, (str, os.PathLike)) else model
+    names = prediction_labels(net)
+    loader = torch.utils.data.DataLoader(ImageFiles(_eval_transform(net)), sampler=map(os.fspath, images),
+                                         batch_size=batch_size, num_workers=workers, collate_fn=collate_image_files)
     device = _device()
-    net.to(device)
+    net.to(device).eval()
     k = min(topk, net.num_classes)
-    results = []
     with torch.inference_mode():
-        for i in range(0, len(pils), 32):
-            x = torch.stack([tf(p) for p in pils[i:i + 32]]).to(device)
-            prob, idx = net(x).float().softmax(1).topk(k, dim=1)
-            for path, ps, ids in zip(images[i:i + 32], prob.tolist(), idx.tolist()):
-                results.append({"image": str(path), "predictions": [
-                    {"label": names[j], "index": j, "probability": p} for p, j in zip(ps, ids)]})
+        for paths, x, errors in loader:
+            if x is not None:
+                prob, idx = net(x.to(device)).float().softmax(1).topk(k, dim=1)
+                scored = iter(zip(prob.tolist(), idx.tolist()))
+            for path, error in zip(paths, errors):
+                if error is not None:
+                    yield {"image": path, "error": error}
+                    continue
+                ps, ids = next(scored)
+                yield {"image": path, "predictions": [
+                    {"label": names[j], "index": j, "probability": p} for p, j in zip(ps, ids)]}
+
+
+def predict(model: str, images: Sequence[str | os.PathLike], topk: int = 5) -> list[dict]:
+    """Top-k labels with probabilities for each image: [{"image", "predictions": [{"label", "probability"}]}].
+
+    A missing file is refused before the model is loaded, and a file that is not a readable image stops it with an
+    NFNetZooError; `iter_predictions` streams instead, and reports such files in their entry."""
+    for path in images:
+        if not os.path.lexists(path):
+            raise NFNetZooError(f"image {path} does not exist")
+    results = []
+    for r in iter_predictions(model, images, topk):
+        if "error" in r:
+            raise NFNetZooError(f"{r['image']}: {r['error']}; pass an image file")
+        results.append(r)
     return results
 
 
+def format_prediction(result: dict) -> str:
+    """One image's entry as text: its path, then a line per label (or its error)."""
+    if "error" in result:
+        return f"{result['image']}\n  error: {result['error']}"
+    return "\n".join([result["image"], *(f"  {p['probability']:7.2%}  {p['label']}" for p in result["predictions"])])
+
+
 def format_predictions(results: list[dict]) -> str:
-    rows = []
-    for r in results:
-        rows.append(r["image"])
-        rows += [f"  {p['probability']:7.2%}  {p['label']}" for p in r["predictions"]]
-    return "\n".join(rows)
+    return "\n".join(format_prediction(r) for r in results)
 
 
-__all__ = ["evaluate", "predict", "model_label_names", "topk_correct", "format_evaluation", "format_predictions"]
+def csv_row(result: dict, k: int) -> list:
+    """One image's CSV row: image, label_1, prob_1, ... label_k, prob_k, error (empty where it does not apply)."""
+    cells = [result["image"]]
+    for p in result.get("predictions", []):
+        cells += [p["label"], p["probability"]]
+    return cells + [""] * (1 + 2 * k - len(cells)) + [result.get("error", "")]
+
+
+def csv_header(k: int) -> list[str]:
+    return ["image", *(f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "prob")), "error"]
+
+
+__all__ = ["evaluate", "predict", "iter_predictions", "prediction_labels", "format_prediction", "csv_row", "csv_header", "model_label_names", "topk_correct", "format_evaluation", "format_predictions"]

@@ -136,22 +136,66 @@ def _run_evaluate(args: argparse.Namespace) -> None:
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="top-k labels with probabilities for images",
-                       description="Classify images with MODEL (its evaluation preprocessing).")
+    p = sub.add_parser(
+        "predict", help="top-k labels with probabilities for image files, folders or paths on stdin",
+        description="Classify images with MODEL (its evaluation preprocessing). Each INPUT is an image file, a folder "
+        "(every image under it, recursively, in name order; links followed, each real file once) or - (image paths "
+        "on stdin, one per line, read as they come). Images are decoded batch by batch and each result is printed "
+        "as soon as its batch is scored: text, a JSON array (--json), JSON lines (--jsonl) or CSV (--csv: image, "
+        "label_1, prob_1, ... label_k, prob_k, error). A file that cannot be read as an image does not stop the "
+        "others: its entry holds the error ({\"image\": ..., \"error\": ...}). Exit status: 0 when every image "
+        "was scored, 1 when any could not be read, 2 when nothing ran (a missing INPUT or a folder without images "
+        "is refused before the model is loaded).")
     p.add_argument("model", metavar="MODEL", help="run folder, local-dir:PATH, hf-hub:REPO, or a registered "
                    "name with weights (nfnet_f0)")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder of images, or - for paths on stdin")
     p.add_argument("-k", "--topk", type=argtype("topk"), default=5, help="labels per image (default: 5)")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("-b", "--batch-size", type=argtype("batch_size"), default=32, help="batch size (default: 32)")
+    p.add_argument("-j", "--workers", type=argtype("workers"), default=default_workers(),
+                   help=f"data loading processes (default: 4, or the CPUs available if fewer: {default_workers()} "
+                   "here)")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="print one JSON array, an image's object per line")
+    form.add_argument("--jsonl", action="store_true", help="print JSON lines: one object per image")
+    form.add_argument("--csv", action="store_true", help="print CSV with a header row")
     p.set_defaults(func=_run_predict)
 
 
-def _run_predict(args: argparse.Namespace) -> None:
+def _run_predict(args: argparse.Namespace) -> int:
+    import csv
     import json
-    from nfnet_zoo.evaluation import format_predictions, predict
+    from nfnet_zoo.data import image_paths
+    from nfnet_zoo.errors import NFNetZooError
+    from nfnet_zoo.evaluation import csv_header, csv_row, format_prediction, iter_predictions
+    from nfnet_zoo.models.load import load_model
 
-    results = predict(args.model, args.images, topk=args.topk)
-    print(json.dumps(results, indent=2) if args.json else format_predictions(results))
+    paths = image_paths(args.inputs, sys.stdin)  # files and folders checked here, before the model is loaded
+    net = load_model(args.model)
+    k = min(args.topk, net.num_classes)
+    out = sys.stdout
+    rows = csv.writer(out, lineterminator="\n")
+    if args.csv:
+        rows.writerow(csv_header(k))
+    count = failed = 0
+    for r in iter_predictions(net, paths, args.topk, batch_size=args.batch_size, workers=args.workers):
+        if args.csv:
+            rows.writerow(csv_row(r, k))
+        elif args.jsonl:
+            out.write(json.dumps(r) + "\n")
+        elif args.json:  # the array opened before the first entry, each entry ended by the next one's comma
+            out.write(("[\n" if count == 0 else ",\n") + json.dumps(r))
+        else:
+            out.write(format_prediction(r) + "\n")
+        out.flush()  # each result as its batch is scored, also into a pipe
+        count += 1
+        failed += "error" in r
+    if args.json:
+        out.write("\n]\n" if count else "[]\n")
+    if not count:
+        raise NFNetZooError("no image paths on stdin; give one path per line")
+    if failed:
+        print(f"nfnet-zoo predict: {failed} of {count} images could not be read (see their entries)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -297,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from nfnet_zoo.errors import NFNetZooError, machine_fault  # nfnet_zoo imports torch and timm: only now
     try:
-        args.func(args)
+        code = args.func(args) or 0  # a command returns 1 when part of its work failed (predict: unreadable images)
     except NFNetZooError as e:
         print(f"nfnet-zoo {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -309,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         _leave_process_group()
-    return 0
+    return code
 
 
 def _leave_process_group() -> None:

@@ -434,8 +434,8 @@ def markdown_table() -> str:
 # --- the other commands' numeric flags -----------------------------------------------------------------------
 OTHER: dict[str, Range] = {
     "alpha": Range(float, 0, 10, open="lo"),    # convert/publish: the residual scaling alpha
-    "batch_size": _BATCH,                       # evaluate
-    "workers": _WORKERS,                        # evaluate, demo
+    "batch_size": _BATCH,                       # evaluate, predict
+    "workers": _WORKERS,                        # evaluate, predict, demo
     "topk": Range(int, 1, 1_000_000),
 }
 

@@ -26,7 +26,7 @@ import warnings
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -175,6 +175,7 @@ def _walk_images(top: str, root: str, root_real: str) -> tuple[list[_File], int]
                                 f"not images of a class; move it out of the data folder (and pass --output elsewhere)")
         subfolders = []
         place_dir = os.path.relpath(folder, root)  # once per folder: relpath is slow at a million files
+        place_dir = "" if place_dir == os.curdir else place_dir  # (top == root: predict's folders) "x.png", not "./x.png"
         key_dir = _inside(real, root_real) or place_dir
         for e in entries:
             with contextlib.suppress(OSError):
@@ -567,6 +568,78 @@ def run_held_out(data_json: Path, data_dir: str | os.PathLike, bad_images: str =
     return held
 
 
+# --- predict's inputs: image files, folders, or paths on stdin ------------------------------------------------------
+def image_paths(inputs: Sequence[str | os.PathLike], stdin: Optional[Iterable[str]] = None) -> Iterator[str]:
+    """The image paths that INPUTS name, in order: a file as given; a folder's images, recursively in name order
+    (links followed, each real folder entered once and each real file listed once, as for training data); "-" the
+    lines of `stdin`, read lazily (blank lines skipped). Files and folders are checked now, before anything is
+    returned: a missing path or a folder without images is a one-line error. Paths from stdin are not: a missing or
+    unreadable one is that image's error when it is opened."""
+    inputs = [os.fspath(i) for i in inputs]
+    if inputs.count("-") > 1:
+        raise NFNetZooError('"-" (paths on stdin) is given more than once; give it once')
+    parts, seen = [], set()
+    for given in inputs:
+        if given == "-":
+            if stdin is None:
+                raise NFNetZooError('"-" reads image paths from stdin, and there is no stdin here; pass files or folders')
+            parts.append(None)
+        elif os.path.isdir(given):
+            files, _ = _walk_images(given, given, os.path.realpath(given))
+            found = []
+            for f in files:  # a file reached twice (a link, two folders given) is scored once
+                if f.identity not in seen:
+                    seen.add(f.identity)
+                    found.append(os.path.join(given, f.place))
+            if not found:
+                raise NFNetZooError(f"{_show(given)} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} "
+                                    f"in it and its subfolders)")
+            parts.append(found)
+        elif os.path.lexists(given):
+            parts.append([given])
+        else:
+            raise NFNetZooError(f"image {_show(given)} does not exist")
+
+    def paths() -> Iterator[str]:
+        for part in parts:
+            if part is not None:
+                yield from part
+                continue
+            for line in stdin:
+                line = line.rstrip("\r\n")
+                if line.strip():
+                    yield line
+    return paths()
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Item PATH: (path, image tensor, None), or (path, None, the error) when the file cannot be read as an image,
+    so one bad file does not stop the others. Its indices are the paths themselves, which a DataLoader takes from
+    any iterable sampler, so a stream of paths is read as the batches need it."""
+
+    def __init__(self, transform: Callable):
+        self.transform = transform
+
+    def __getitem__(self, path: str) -> tuple[str, Optional[torch.Tensor], Optional[str]]:
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return path, self.transform(to_rgb(img)), None
+        except FileNotFoundError:
+            return path, None, "does not exist"
+        except IsADirectoryError:
+            return path, None, "is a folder, not an image file"
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            return path, None, f"cannot read image ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
+
+
+def collate_image_files(items: list) -> tuple[list[str], Optional[torch.Tensor], list[Optional[str]]]:
+    """A batch of `ImageFiles` items: the paths, the readable images stacked (None if none is), the errors."""
+    paths, tensors, errors = zip(*items)
+    good = [t for t in tensors if t is not None]
+    return list(paths), torch.stack(good) if good else None, list(errors)
+
+
 # --- torch side --------------------------------------------------------------------------------
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The seed of one sample's augmentation: a function of (seed, epoch, index) only, so the
@@ -662,4 +735,4 @@ class WorkerSignals:
 
 
 __all__ = ["ImageData", "load_image_data", "load_eval_samples", "run_held_out", "to_rgb", "ImageDataset", "EpochSampler",
-           "sample_seed", "IMAGE_EXTENSIONS", "WorkerSignals"]
+           "sample_seed", "IMAGE_EXTENSIONS", "WorkerSignals", "image_paths", "ImageFiles", "collate_image_files"]
