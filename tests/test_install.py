@@ -34,6 +34,8 @@ def _imported_modules(args: list[str]) -> tuple[subprocess.CompletedProcess, set
     (["finetune", "--help"], 0, "default: 0.1, the paper's"),
     (["push", "--help"], 0, "--repo-id"),
     (["curves", "--help"], 0, "pip install 'nfnet-zoo[plots]'"),
+    (["predict", "--help"], 0, "Exit status: 0 when every image was scored, 1 when any could not be read"),
+    (["predict", "runs/x", "a.png", "--json", "--csv"], 2, "argument --csv: not allowed with argument --json"),
     (["finetune", "--no-such-flag"], 2, "unrecognized arguments: --no-such-flag"),
     (["evaluate", "runs/x"], 2, "the following arguments are required: --data-dir"),
     (["no-such-command"], 2, "invalid choice"),
