@@ -214,3 +214,14 @@ def test_the_first_result_is_printed_before_stdin_ends(model, images):
     finally:
         proc.kill()
     assert [json.loads(line)["image"] for line in rest] == files[1:]
+
+
+def test_a_reader_that_stops_early_ends_it_quietly(model, images):
+    """`nfnet-zoo predict ... | head -1`: the closed pipe is the reader's choice, not an error."""
+    proc = subprocess.Popen([sys.executable, "-m", "nfnet_zoo_cli", "predict", model, images, "-b", "1", "-j", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=SRC))
+    assert proc.stdout.readline().strip() == _files(images)[0]
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 0
+    assert proc.stderr.read() == ""

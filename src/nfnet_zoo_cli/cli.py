@@ -177,18 +177,22 @@ def _run_predict(args: argparse.Namespace) -> int:
     if args.csv:
         rows.writerow(csv_header(k))
     count = failed = 0
-    for r in iter_predictions(net, paths, args.topk, batch_size=args.batch_size, workers=args.workers):
-        if args.csv:
-            rows.writerow(csv_row(r, k))
-        elif args.jsonl:
-            out.write(json.dumps(r) + "\n")
-        elif args.json:  # the array opened before the first entry, each entry ended by the next one's comma
-            out.write(("[\n" if count == 0 else ",\n") + json.dumps(r))
-        else:
-            out.write(format_prediction(r) + "\n")
-        out.flush()  # each result as its batch is scored, also into a pipe
-        count += 1
-        failed += "error" in r
+    try:
+        for r in iter_predictions(net, paths, args.topk, batch_size=args.batch_size, workers=args.workers):
+            if args.csv:
+                rows.writerow(csv_row(r, k))
+            elif args.jsonl:
+                out.write(json.dumps(r) + "\n")
+            elif args.json:  # the array opened before the first entry, each entry ended by the next one's comma
+                out.write(("[\n" if count == 0 else ",\n") + json.dumps(r))
+            else:
+                out.write(format_prediction(r) + "\n")
+            out.flush()  # each result as its batch is scored, also into a pipe
+            count += 1
+            failed += "error" in r
+    except BrokenPipeError:  # the reader stopped reading (`| head`): as other Unix tools, stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's flush at exit would fail again)
+        return 0
     if args.json:
         out.write("\n]\n" if count else "[]\n")
     if not count:
