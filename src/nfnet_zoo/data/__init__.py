@@ -537,9 +537,6 @@ def _hf_data(root: Path, val_split: float, check: Check, columns: Columns = Colu
                       f"for validation")
     if not val_name:
         train, val = _stratified_split(train, val_split)
-    present = sorted({lab for _, lab in train})
-    if len(present) < 2:
-        raise NFNetZooError(f"{root} has {len(present)} class(es) with training images; a classifier needs at least 2")
     data = ImageData(str(root), "hf", names, train, val, image_column=image_col, builder=builder,
                      data_files=data_files, source=source)
     opener = data.opener()
@@ -589,8 +586,6 @@ def _table_data(root: Path, tables: dict[str, Path], val_split: float, check: Ch
     val = [(f.key, index[c]) for (split, c), files in groups.items() if split != "train" for f in files]
     if not val_name:
         train, val = _stratified_split(train, val_split)
-    if len({lab for _, lab in train}) < 2:
-        raise NFNetZooError(f"{where} has {len(classes)} class(es) with training images; a classifier needs at least 2")
     data = ImageData(str(root), "folder", classes, sorted(train), sorted(val), source=source)
     _check_data(data, check, {f.key: f.stat for files in groups.values() for f in files})
     return data
@@ -683,7 +678,12 @@ def load_image_data(data_dir: str | os.PathLike, val_split: float = VAL_SPLIT_DE
     if not 0.0 <= val_split < 1.0:
         raise NFNetZooError(f"--val-split must be in [0, 1), got {val_split}")
     how = Check(check, bad_images, workers, process_index, num_processes, gather)
-    data = _source_data(root, val_split, how, Columns(input_key, target_key)) or _folder_data(root, val_split, how)
+    data = _source_data(root, val_split, how, Columns(input_key, target_key))
+    if data is None:
+        data = _folder_data(root, val_split, how)
+    elif len({lab for _, lab in data.train + data.val}) < 2:
+        raise NFNetZooError(f"{_show(data.source or data.root)} has {len({lab for _, lab in data.train})} class(es) "
+                            f"with labelled training images; a classifier needs at least 2")
     if not data.train:
         raise NFNetZooError(f"no readable training images in {root}")
     return data

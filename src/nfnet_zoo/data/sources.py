@@ -80,24 +80,27 @@ def data_files(path: Path) -> Optional[tuple[str, dict[str, list[str]]]]:
         builder = kinds.pop() if kinds else None
     if not found:
         return None
-    for f in (f for files in found.values() for f in files):
-        _open_check(f, builder)
+    for split, files in found.items():
+        if not sum(_rows(f, builder) for f in files):
+            raise NFNetZooError(f"the {split} split of {path} is empty (no rows in {', '.join(files)}); remove its "
+                                f"files or add images to it")
     return builder, found
 
 
-def _open_check(path: str, builder: str) -> None:
+def _rows(path: str, builder: str) -> int:
+    """The row count of a parquet file (its footer) or an arrow file (memory-mapped, not read)."""
     import pyarrow as pa
     try:
         if builder == "parquet":
             import pyarrow.parquet as pq
-            pq.ParquetFile(path).close()
-        else:
-            with open(path, "rb") as f:
-                try:
-                    pa.ipc.open_stream(f).schema
-                except pa.ArrowInvalid:
-                    f.seek(0)
-                    pa.ipc.open_file(f).schema
+            with pq.ParquetFile(path) as f:
+                return f.metadata.num_rows
+        with pa.memory_map(path) as f:
+            try:
+                return pa.ipc.open_stream(f).read_all().num_rows
+            except pa.ArrowInvalid:
+                f.seek(0)
+                return pa.ipc.open_file(f).read_all().num_rows
     except (pa.ArrowException, OSError) as e:
         raise NFNetZooError(f"{path} is not a readable {builder} file ({str(e).splitlines()[0][:100]}); replace it "
                             f"with the dataset's file, or remove it") from None
