@@ -249,6 +249,27 @@ def test_flat_metadata_folder_splits_by_val_split(tmp_path):
     assert all(data.classes[lab] == _colour(Image.open(root / k)) for k, lab in data.train + data.val)
 
 
+def test_a_tables_files_keep_the_guarantees_of_folders(tmp_path):
+    """Corrupt files skipped or refused by the start-up check; one file under two labels, or in train and val,
+    refused with both rows named; a path outside the table's folder refused."""
+    root = tmp_path / "t"
+    rows = _image_files(root, 9)
+    (root / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    table = _write_csv(root / "metadata.csv", rows + [("bad.png", "red")])
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        data = load_image_data(table, val_split=0.0, workers=1)
+    assert sorted(k for k, _ in data.train) == sorted(n for n, _ in rows) and data.skipped == ["bad.png"]
+    with pytest.raises(NFNetZooError, match="1 unreadable .* bad.png; remove them"):
+        load_image_data(root, workers=1, bad_images="error")
+    (root / "link.png").symlink_to("img0.png")
+    _write_csv(table, rows + [("link.png", "green")])
+    with pytest.raises(NFNetZooError, match="img0.png and link.png are the same file"):
+        load_image_data(root, workers=1)
+    _write_csv(table, rows + [("../elsewhere.png", "red")])
+    with pytest.raises(NFNetZooError, match="row 10 names ../elsewhere.png, outside .*; paths are relative"):
+        load_image_data(root, workers=1)
+
+
 # --- bad inputs: one line naming the problem and the fix -------------------------------------------------------
 def _no_label(root):
     _write_csv(root / "metadata.csv", [(n,) for n, _ in _image_files(root, 6)], ("file_name",))

@@ -1,11 +1,21 @@
-"""The user's images: folders or Hugging Face datasets saved on disk, checked once, converted to RGB.
+"""The user's images: folders, tables of image files, or Hugging Face datasets and parquet/arrow files, checked once,
+converted to RGB.
 
-Layouts read by `load_image_data`:
+Layouts read by `load_image_data` (and `load_eval_samples`; found by sources.py):
 - `DIR/train/<class>/*` with `DIR/val/<class>/*` (or `validation/`): the given split;
 - `DIR/<class>/*` (or only `DIR/train/`): split into train/val per class with a fixed seed;
-- a `datasets.save_to_disk` folder (a DatasetDict with train/validation splits, or one Dataset).
+- a `datasets.save_to_disk` folder (a DatasetDict with train/validation splits, or one Dataset);
+- parquet or arrow files in the Hub's layout (DIR/data/train-*.parquet, DIR/<config>/..., DIR/train.parquet, one
+  file): `datasets.load_dataset(builder, data_files)`, then the same path as a saved dataset (`_hf_data`);
+- tables naming image files: DIR/metadata.csv or .jsonl (flat, or in DIR/train/, DIR/val/ ...), or a CSV file.
+  Read by our folder code, not datasets' imagefolder builder, so that each file is counted once under its real
+  path, links are followed as in folders, and the start-up check keeps its per-file cache (`_table_data`).
+The image and label columns are the one Image (or file_name/path) column and the one label column, or
+--input-key/--target-key; several label columns are refused. A split's rows without a label (-1, empty) are left
+out, and a split with none is never the validation split; without a validation split, --val-split splits train.
 Labels are class-folder names in timm's order (`natural_key`: class2 before class10, as timm's folder
-reader), or the ClassLabel names, so a checkpoint's class indices agree with timm's train.py.
+reader), the ClassLabel names, or a label column's values in that order, so a checkpoint's class indices agree
+with timm's train.py. data.json lists the samples (files, or split/row of the named data files): a resume is exact.
 
 Every file is counted once, under its real path: links are followed, each real folder is entered
 once (a link loop is followed once), a file reached twice within its class folder counts once, and
@@ -36,10 +46,8 @@ from stat import S_ISREG
 from ..files import write_json_atomic
 from ..errors import NFNetZooError
 from .image_check import CHECK_LEVELS, CheckCache, Gather, check_samples
-from .sources import IMAGE_KEYS, data_files, read_table, table_files
+from .sources import IMAGE_EXTENSIONS, IMAGE_KEYS, data_files, read_table, table_files
 
-# What PIL reads and timm's folder reader would list, plus the common extras users have.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 VAL_FOLDERS = ("val", "validation")
 SPLIT_FOLDERS = ("train", *VAL_FOLDERS, "test")  # folders of a split layout (test/ is left for the user)
 RUN_MARKERS = ("args.json", "data.json")  # what `finetune` writes first in a run folder
@@ -506,6 +514,11 @@ def _labelled(values, split: str, classes: list[str], indices: bool, root: Path,
     return kept
 
 
+def _rows(split: str, labelled: list[tuple[int, int]]) -> list[tuple[str, int]]:
+    """(key, label) of a dataset's rows: the key is split/row, what the opener reads back."""
+    return [(f"{split}/{i}", label) for i, label in labelled]
+
+
 def _hf_data(root: Path, val_split: float, check: Check, columns: Columns = Columns(), builder: Optional[str] = None,
              data_files: Optional[dict] = None, source: Optional[str] = None) -> ImageData:
     """A save_to_disk folder, or parquet/arrow files (`builder`, `data_files`) read by datasets.load_dataset."""
@@ -523,13 +536,12 @@ def _hf_data(root: Path, val_split: float, check: Check, columns: Columns = Colu
         splits, candidates = {"": loaded}, []
     train_split = "train" if "train" in splits else ""
     image_col, label_col, names, indices = _hf_columns(splits[train_split], str(root), columns)
-    key = lambda split, rows: [(f"{split}/{i}", lab) for i, lab in rows]  # noqa: E731
-    train = key(train_split, _labelled(splits[train_split][label_col], train_split, names, indices, root))
+    train = _rows(train_split, _labelled(splits[train_split][label_col], train_split, names, indices, root))
     val_name, val = None, []
     for name in candidates:  # the first split with labels: a `test` split is often unlabelled (-1)
         ds = loaded[name]
         if image_col in ds.features and label_col in ds.features:
-            val = key(name, _labelled(ds[label_col], name, names, indices, root, quiet=True))
+            val = _rows(name, _labelled(ds[label_col], name, names, indices, root, quiet=True))
         if val:
             val_name, splits[name] = name, ds
             break

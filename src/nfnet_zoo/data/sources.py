@@ -14,6 +14,8 @@ from typing import Optional
 
 from ..errors import NFNetZooError
 
+# What PIL reads and timm's folder reader would list, plus the common extras users have.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 FORMATS = {".parquet": "parquet", ".arrow": "arrow"}  # file suffix -> datasets' builder
 METADATA = ("metadata.csv", "metadata.jsonl")         # the imagefolder convention: file_name and a label column
 TABLE_SPLITS = {"train": "train", "validation": "validation", "val": "validation", "valid": "validation",
@@ -26,15 +28,14 @@ def _data_file(name: str) -> Optional[str]:
 
 
 def _holds_data_files(folder: Path) -> bool:
-    """Does `folder` hold parquet/arrow files? Stops at the first image-like file: a class folder is not a config."""
+    """Does `folder` hold parquet/arrow files? Stops at the first image: a class folder (of a million) is no config."""
     try:
         with os.scandir(folder) as entries:
             for e in entries:
                 if _data_file(e.name):
                     return True
-                if not e.name.startswith(".") and e.name.lower() not in ("readme.md", "dataset_infos.json"):
-                    if not e.is_dir():
-                        return False
+                if e.name.lower().endswith(IMAGE_EXTENSIONS):
+                    return False
     except OSError:
         return False
     return False
