@@ -315,3 +315,13 @@ def test_bad_sources_are_one_line_errors(make, extra, message, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "Traceback" not in "\n".join(err)
     assert err[-1].startswith("nfnet-zoo finetune: error: ") and __import__("re").search(message, err[-1]), err
+
+
+def test_a_data_json_written_before_these_sources_still_loads(tmp_path):
+    from nfnet_zoo.data import ImageData
+    old = {"root": str(tmp_path), "kind": "hf", "classes": ["a", "b"], "train": [["train/0", 0]],
+           "val": [["validation/0", 1]], "skipped": [], "image_column": "img"}
+    (tmp_path / "data.json").write_text(json.dumps(old))
+    data = ImageData.load(tmp_path / "data.json")
+    assert (data.builder, data.data_files, data.source, data.name) == (None, None, None, tmp_path.name)
+    assert data.train == [("train/0", 0)] and data.opener().builder is None  # a save_to_disk folder, as before
