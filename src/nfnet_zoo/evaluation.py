@@ -55,17 +55,19 @@ def _device() -> torch.device:
 
 # --- evaluate ----------------------------------------------------------------------------------
 def evaluate(model: str, data_dir: str | os.PathLike, batch_size: int = 64, workers: int = 4,
-             bad_images: str = "skip", check_images: str = "full") -> dict:
+             bad_images: str = "skip", check_images: str = "full", input_key: Optional[str] = None,
+             target_key: Optional[str] = None) -> dict:
     """Top-1, top-5 (%) and per-class accuracy of MODEL on the images of `data_dir`.
 
     Folder classes are matched to the model's classes by name; all of the model's classes compete
     (so a folder may hold a subset of them). When MODEL is a run folder and `data_dir` the data it
-    was trained on, only the run's held-out split (RUN/data.json) is scored, and `split` says so."""
+    was trained on, only the run's held-out split (RUN/data.json) is scored, and `split` says so.
+    `input_key`, `target_key`: the image and label columns of a table or dataset source."""
     net = load_model(model)
     names = model_label_names(net)
     run = Path(model).expanduser()
     held = run_held_out(run / "data.json", data_dir, bad_images, workers, check_images) if run.is_dir() else None
-    data = held or load_eval_samples(data_dir, bad_images, workers, check_images)
+    data = held or load_eval_samples(data_dir, bad_images, workers, check_images, input_key, target_key)
     split = (f"the run's held-out split: {len(data.val)} images listed in {run / 'data.json'} (the others in "
              f"{data_dir} were trained on)" if held else f"all images of {data.root}")
     if names is None:

@@ -10,7 +10,8 @@ import contextlib
 import os
 import sys
 
-from .settings import BAD_IMAGES, CHECK_LEVELS, add_finetune_arguments, argtype, default_workers, finetune_options
+from .settings import (BAD_IMAGES, CHECK_LEVELS, SETTINGS, add_finetune_arguments, argtype, default_workers, flag,
+                       finetune_options)
 
 
 # --- convert ---------------------------------------------------------------------------------
@@ -111,7 +112,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "the run's held-out split (RUN/data.json) is scored, and the output says so.")
     p.add_argument("model", metavar="MODEL", help="run folder, local-dir:PATH, hf-hub:REPO, or a registered "
                    "name with weights (nfnet_f0)")
-    p.add_argument("--data-dir", required=True, help="image folder (DIR/<class>/<image>) or saved dataset")
+    p.add_argument("--data-dir", required=True, help="images, as finetune's --data-dir takes them: a folder "
+                   "(DIR/<class>/<image>), a saved dataset, parquet/arrow files, metadata.csv/jsonl, or a CSV file")
+    for name in ("input_key", "target_key"):
+        p.add_argument(flag(name), default=None, help=SETTINGS[name].help)
     p.add_argument("-b", "--batch-size", type=argtype("batch_size"), default=64, help="batch size (default: 64)")
     p.add_argument("-j", "--workers", type=argtype("workers"), default=default_workers(),
                    help=f"data loading processes (default: 4, or the CPUs available if fewer: {default_workers()} "
@@ -131,7 +135,8 @@ def _run_evaluate(args: argparse.Namespace) -> None:
 
     with _plain_warnings():
         result = evaluate(args.model, args.data_dir, batch_size=args.batch_size, workers=args.workers,
-                          bad_images=args.bad_images, check_images=args.check_images)
+                          bad_images=args.bad_images, check_images=args.check_images, input_key=args.input_key,
+                          target_key=args.target_key)
     print(json.dumps(result, indent=2) if args.json else format_evaluation(result))
 
 

@@ -161,8 +161,17 @@ class FinetuneConfig:
         None, group=MODEL_DATA, free="a registered model name", shown="the architecture of --checkpoint",
         help="registered model name, e.g. nfnet_f0")
     data_dir: Optional[str] = setting(
-        None, group=MODEL_DATA, free="a folder",
-        help="image folder: DIR/<class>/*, DIR/train + DIR/val (or validation), or a datasets.save_to_disk folder")
+        None, group=MODEL_DATA, free="a folder or file",
+        help="images: DIR/<class>/*, DIR/train + DIR/val (or validation), a datasets.save_to_disk folder, parquet or "
+        "arrow files in the Hub's layout (DIR/data/train-*.parquet), an image folder with metadata.csv or "
+        "metadata.jsonl, or a CSV file of path and label")
+    input_key: Optional[str] = setting(
+        None, group=MODEL_DATA, free="a column name", shown="the Image (or file_name) column",
+        help="the column holding the images, for datasets, parquet and CSV sources (timm's --input-key)")
+    target_key: Optional[str] = setting(
+        None, group=MODEL_DATA, free="a column name", shown="the one label column",
+        help="the column holding the labels, for datasets, parquet and CSV sources (timm's --target-key); needed "
+        "when there are several")
     output: Optional[str] = setting(
         None, group=MODEL_DATA, free="a folder", shown="runs/MODEL-DATASET", help="run folder to create")
     epochs: int = setting(

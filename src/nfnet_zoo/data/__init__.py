@@ -1,11 +1,21 @@
-"""The user's images: folders or Hugging Face datasets saved on disk, checked once, converted to RGB.
+"""The user's images: folders, tables of image files, or Hugging Face datasets and parquet/arrow files, checked once,
+converted to RGB.
 
-Layouts read by `load_image_data`:
+Layouts read by `load_image_data` (and `load_eval_samples`; found by sources.py):
 - `DIR/train/<class>/*` with `DIR/val/<class>/*` (or `validation/`): the given split;
 - `DIR/<class>/*` (or only `DIR/train/`): split into train/val per class with a fixed seed;
-- a `datasets.save_to_disk` folder (a DatasetDict with train/validation splits, or one Dataset).
+- a `datasets.save_to_disk` folder (a DatasetDict with train/validation splits, or one Dataset);
+- parquet or arrow files in the Hub's layout (DIR/data/train-*.parquet, DIR/<config>/..., DIR/train.parquet, one
+  file): `datasets.load_dataset(builder, data_files)`, then the same path as a saved dataset (`_hf_data`);
+- tables naming image files: DIR/metadata.csv or .jsonl (flat, or in DIR/train/, DIR/val/ ...), or a CSV file.
+  Read by our folder code, not datasets' imagefolder builder, so that each file is counted once under its real
+  path, links are followed as in folders, and the start-up check keeps its per-file cache (`_table_data`).
+The image and label columns are the one Image (or file_name/path) column and the one label column, or
+--input-key/--target-key; several label columns are refused. A split's rows without a label (-1, empty) are left
+out, and a split with none is never the validation split; without a validation split, --val-split splits train.
 Labels are class-folder names in timm's order (`natural_key`: class2 before class10, as timm's folder
-reader), or the ClassLabel names, so a checkpoint's class indices agree with timm's train.py.
+reader), the ClassLabel names, or a label column's values in that order, so a checkpoint's class indices agree
+with timm's train.py. data.json lists the samples (files, or split/row of the named data files): a resume is exact.
 
 Every file is counted once, under its real path: links are followed, each real folder is entered
 once (a link loop is followed once), a file reached twice within its class folder counts once, and
@@ -31,13 +41,13 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from stat import S_ISREG
 
 from ..files import write_json_atomic
 from ..errors import NFNetZooError
 from .image_check import CHECK_LEVELS, CheckCache, Gather, check_samples
+from .sources import IMAGE_EXTENSIONS, IMAGE_KEYS, data_files, read_table, table_files
 
-# What PIL reads and timm's folder reader would list, plus the common extras users have.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 VAL_FOLDERS = ("val", "validation")
 SPLIT_FOLDERS = ("train", *VAL_FOLDERS, "test")  # folders of a split layout (test/ is left for the user)
 RUN_MARKERS = ("args.json", "data.json")  # what `finetune` writes first in a run folder
@@ -45,6 +55,7 @@ VAL_SPLIT_DEFAULT = 0.1
 SPLIT_SEED = 0  # the train/val split of a single folder never changes with --seed
 _IGNORED_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}
 _HF_VAL_SPLITS = ("validation", "val", "valid", "test")
+_DATA_FILES = (".csv", ".parquet", ".arrow")  # what --data-dir may name besides a folder
 
 
 @dataclass
@@ -58,11 +69,15 @@ class ImageData:
     val: list[tuple[str, int]]
     skipped: list[str] = field(default_factory=list)
     image_column: Optional[str] = None          # datasets only
+    builder: Optional[str] = None               # "parquet" or "arrow": datasets.load_dataset(builder, data_files)
+    data_files: Optional[dict[str, list[str]]] = None  # ... of these files; None: a save_to_disk folder
+    source: Optional[str] = None                # --data-dir when it is a file (a CSV, a parquet file), else None
 
     @property
     def name(self) -> str:
-        """The folder's name as text (a name that is not UTF-8 keeps its bytes as escapes)."""
-        return Path(self.root).name.encode("utf-8", "backslashreplace").decode("utf-8")
+        """The data's name as text (a name that is not UTF-8 keeps its bytes as escapes)."""
+        name = Path(self.source).stem if self.source else Path(self.root).name
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
     def save(self, path: Path) -> None:
         write_json_atomic(path, asdict(self), indent=1)
@@ -75,7 +90,7 @@ class ImageData:
         return cls(**d)
 
     def opener(self) -> "_Opener":
-        return _Opener(self.root, self.kind, self.image_column)
+        return _Opener(self.root, self.kind, self.image_column, self.builder, self.data_files)
 
 
 # --- conversion ------------------------------------------------------------------------------
@@ -103,19 +118,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
 class _Opener:
     """Loads one sample's image by key; picklable so DataLoader workers can use it."""
 
-    def __init__(self, root: str, kind: str, image_column: Optional[str] = None):
+    def __init__(self, root: str, kind: str, image_column: Optional[str] = None, builder: Optional[str] = None,
+                 data_files: Optional[dict] = None):
         self.root, self.kind, self.image_column = root, kind, image_column
+        self.builder, self.data_files = builder, data_files
         self._splits = None
 
     def __getstate__(self):
-        return {"root": self.root, "kind": self.kind, "image_column": self.image_column, "_splits": None}
+        return {**self.__dict__, "_splits": None}
 
     def raw(self, key: str) -> Image.Image:
         if self.kind == "folder":
             return Image.open(os.path.join(self.root, key))
         split, row = key.rsplit("/", 1)
         if self._splits is None:
-            self._splits = _load_hf(self.root)
+            self._splits = _load_hf(self.root, self.builder, self.data_files)
         ds = self._splits[split] if split else self._splits
         img = ds[int(row)][self.image_column]
         if img is None or isinstance(img, dict) and not (img.get("bytes") or img.get("path")):
@@ -389,58 +406,143 @@ def _datasets():
     return datasets
 
 
-def _load_hf(root: str):
+def _load_hf(root: str, builder: Optional[str] = None, data_files: Optional[dict] = None):
+    """A save_to_disk folder, or (`builder`) datasets.load_dataset of parquet/arrow files: a DatasetDict by split."""
     datasets = _datasets()
     if datasets is None:
-        raise NFNetZooError(f"{root} is a Hugging Face dataset saved on disk; reading it needs the "
-                            f"`datasets` package: pip install 'nfnet-zoo[datasets]' (or pip install datasets)")
-    return datasets.load_from_disk(root)
+        what = f"{builder} files" if builder else "a Hugging Face dataset saved on disk"
+        raise NFNetZooError(f"{root} holds {what}; reading it needs the `datasets` package: "
+                            f"pip install 'nfnet-zoo[datasets]' (or pip install datasets)")
+    if builder is None:
+        return datasets.load_from_disk(root)
+    quiet = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        return datasets.load_dataset(builder, data_files=data_files)
+    except (datasets.exceptions.DatasetGenerationError, ValueError, OSError) as e:
+        cause = e.__cause__ or e
+        raise NFNetZooError(f"cannot read the {builder} files of {_show(root)} ({str(cause).splitlines()[0][:120]}); "
+                            f"check that the files of each split have the same columns") from None
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
 
 
-def _hf_columns(ds, root: str) -> tuple[str, str, list[str]]:
+@dataclass(frozen=True)
+class Columns:
+    """The columns the user chose: timm's --input-key (the images) and --target-key (the labels); None: the one there is."""
+
+    input_key: Optional[str] = None
+    target_key: Optional[str] = None
+
+
+def _pick(what: str, flag: str, given: Optional[str], candidates: list[str], columns: list[str], where: str) -> str:
+    if given is not None:
+        if given not in columns:
+            raise NFNetZooError(f"{where} has no column {given!r} ({flag}); its columns are {', '.join(columns)}")
+        return given
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise NFNetZooError(f"{where} has no {what} column among {', '.join(columns) or 'no columns'}; name it "
+                            f"with {flag} COLUMN")
+    raise NFNetZooError(f"{where} has {len(candidates)} {what} columns ({', '.join(candidates)}); choose one with "
+                        f"{flag} {candidates[0]}")
+
+
+def _label_text(value) -> Optional[str]:
+    """A label as its class name; None for a row without one (None, empty, or negative: -1 by convention)."""
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0):
+        return None
+    return str(value).strip() or None
+
+
+def _class_names(values) -> list[str]:
+    """The classes of a label column that is not a ClassLabel: its values as text, in timm's order."""
+    from timm.utils.misc import natural_key
+    return sorted({t for t in map(_label_text, values) if t is not None}, key=natural_key)
+
+
+def _hf_columns(ds, root: str, columns: Columns = Columns()) -> tuple[str, str, list[str], bool]:
+    """The image column, the label column, the class names, and whether the labels are ClassLabel indices."""
     from datasets import ClassLabel, Image as HFImage
-    image_col = next((n for n, f in ds.features.items() if isinstance(f, HFImage)), None)
-    label_col = next((n for n, f in ds.features.items() if isinstance(f, ClassLabel)), None)
-    if image_col is None or label_col is None:
-        raise NFNetZooError(f"{root}: a dataset needs an Image column and a ClassLabel column, found "
-                            f"{dict(ds.features)}; cast the label column with "
-                            f"dataset.class_encode_column(...) and save it again")
-    return image_col, label_col, list(ds.features[label_col].names)
+    names = list(ds.features)
+    where = f"{_show(root)} (columns {', '.join(names)})"
+    images = [n for n, f in ds.features.items() if isinstance(f, HFImage)]
+    image_col = _pick("Image", "--input-key", columns.input_key, images, names, _show(root))
+    if not isinstance(ds.features[image_col], HFImage):
+        raise NFNetZooError(f"{where}: --input-key {image_col} is not an Image column; pass one of "
+                            f"{', '.join(images) or 'none (cast the image column with datasets.Image())'}")
+    labels = [n for n, f in ds.features.items() if isinstance(f, ClassLabel)]
+    try:
+        label_col = _pick("ClassLabel", "--target-key", columns.target_key, labels, names, _show(root))
+    except NFNetZooError as e:
+        if labels or columns.target_key is not None:
+            raise
+        raise NFNetZooError(f"{e}, or cast the label column with dataset.class_encode_column(...)") from None
+    feature = ds.features[label_col]
+    if isinstance(feature, ClassLabel):
+        return image_col, label_col, list(feature.names), True
+    return image_col, label_col, _class_names(ds[label_col]), False
 
 
-def _labelled(ds, split: str, label_col: str, num_classes: int, root: Path, quiet: bool = False
-              ) -> list[tuple[str, int]]:
-    """(key, label) of the rows of `split` with a label; the others (-1, the unlabelled convention, None, or out of
-    range) are left out with a warning, or silently with `quiet` when none of the split has one."""
-    kept, left_out = [], []
-    for i, lab in enumerate(ds[label_col]):
-        if isinstance(lab, int) and 0 <= lab < num_classes:
-            kept.append((f"{split}/{i}", lab))
+def _labelled(values, split: str, classes: list[str], indices: bool, root: Path, quiet: bool = False,
+              rows: Optional[Callable[[int], str]] = None) -> list[tuple[int, int]]:
+    """(row, label) of the rows of `split` with a label: ClassLabel `indices`, or class names. The others (-1, the
+    unlabelled convention, None, or out of range) are left out with a warning, or silently with `quiet` when none of
+    the split has one. A class name the classes lack is refused: its images would be scored against no class."""
+    rows = rows or (lambda i: f"{split}/{i}")
+    index = None if indices else {c: i for i, c in enumerate(classes)}
+    kept, left_out, unknown = [], [], []
+    for i, lab in enumerate(values):
+        if index is None:
+            label = lab if isinstance(lab, int) and not isinstance(lab, bool) and 0 <= lab < len(classes) else None
         else:
-            left_out.append(f"{split}/{i}")
+            text = _label_text(lab)
+            label = index.get(text) if text is not None else None
+            if text is not None and label is None:
+                unknown.append(text)
+        if label is None:
+            left_out.append(rows(i))
+        else:
+            kept.append((i, label))
+    if unknown:
+        raise NFNetZooError(f"the {split} split of {_show(str(root))} has labels the train split lacks: "
+                            f"{', '.join(sorted(set(unknown))[:5])}; add their training images or remove those rows")
     if left_out and (kept or not quiet):
         warnings.warn(f"left out {len(left_out)} row(s) without a label (-1 or out of range) of {root}: "
                       f"{', '.join(left_out[:3])}{' ...' if len(left_out) > 3 else ''}")
     return kept
 
 
-def _hf_data(root: Path, val_split: float, check: Check) -> ImageData:
-    loaded = _load_hf(str(root))  # first: it names the missing `datasets` package in one line
+def _rows(split: str, labelled: list[tuple[int, int]]) -> list[tuple[str, int]]:
+    """(key, label) of a dataset's rows: the key is split/row, what the opener reads back."""
+    return [(f"{split}/{i}", label) for i, label in labelled]
+
+
+def _hf_data(root: Path, val_split: float, check: Check, columns: Columns = Columns(), builder: Optional[str] = None,
+             data_files: Optional[dict] = None, source: Optional[str] = None) -> ImageData:
+    """A save_to_disk folder, or parquet/arrow files (`builder`, `data_files`) read by datasets.load_dataset."""
+    loaded = _load_hf(str(root), builder, data_files)  # first: it names the missing `datasets` package in one line
     from datasets import DatasetDict, Image as HFImage
     if isinstance(loaded, DatasetDict):
         if "train" not in loaded:
             raise NFNetZooError(f"{root} has splits {list(loaded)} but no 'train'; save a DatasetDict with a train split")
+        empty = [name for name, ds in loaded.items() if len(ds) == 0]
+        if empty:
+            raise NFNetZooError(f"the {empty[0]} split of {_show(source or str(root))} is empty (no rows); remove its "
+                                f"files or add images to it")
         splits, candidates = {"train": loaded["train"]}, [s for s in _HF_VAL_SPLITS if s in loaded]
     else:
         splits, candidates = {"": loaded}, []
     train_split = "train" if "train" in splits else ""
-    image_col, label_col, names = _hf_columns(splits[train_split], str(root))
-    train = _labelled(splits[train_split], train_split, label_col, len(names), root)
+    image_col, label_col, names, indices = _hf_columns(splits[train_split], str(root), columns)
+    train = _rows(train_split, _labelled(splits[train_split][label_col], train_split, names, indices, root))
     val_name, val = None, []
     for name in candidates:  # the first split with labels: a `test` split is often unlabelled (-1)
         ds = loaded[name]
         if image_col in ds.features and label_col in ds.features:
-            val = _labelled(ds, name, label_col, len(names), root, quiet=True)
+            val = _rows(name, _labelled(ds[label_col], name, names, indices, root, quiet=True))
         if val:
             val_name, splits[name] = name, ds
             break
@@ -448,16 +550,81 @@ def _hf_data(root: Path, val_split: float, check: Check) -> ImageData:
                       f"for validation")
     if not val_name:
         train, val = _stratified_split(train, val_split)
-    present = sorted({lab for _, lab in train})
-    if len(present) < 2:
-        raise NFNetZooError(f"{root} has {len(present)} class(es) with training images; a classifier needs at least 2")
-    data = ImageData(str(root), "hf", names, train, val, image_column=image_col)
+    data = ImageData(str(root), "hf", names, train, val, image_column=image_col, builder=builder,
+                     data_files=data_files, source=source)
     opener = data.opener()
     # check the encoded bytes without the datasets decoder in the way
     opener._splits = ({s: ds.cast_column(image_col, HFImage(decode=False)) for s, ds in splits.items()}
                       if train_split else splits[""].cast_column(image_col, HFImage(decode=False)))
     _check_data(data, check, raw=opener.raw)
     return data
+
+
+# --- tables of image files: an image folder's metadata.csv/jsonl, a CSV file ------------------------------------
+def _table_data(root: Path, tables: dict[str, Path], val_split: float, check: Check, columns: Columns,
+                source: Optional[str] = None) -> ImageData:
+    """Image files named by tables (sources.table_files), paths relative to each table's folder. Read by our folder
+    code, not datasets' imagefolder builder: it counts each real file once, follows links safely and keeps the
+    start-up check's cache, exactly as for class folders (and data.json lists the files, so a resume is exact)."""
+    read = {split: read_table(path) for split, path in tables.items()}
+    names, rows = read["train"]
+    where = f"{_show(str(tables['train']))}"
+    image_col = _pick("image path", "--input-key", columns.input_key, [c for c in IMAGE_KEYS if c in names][:1],
+                      names, where)
+    label_col = _pick("label", "--target-key", columns.target_key, [c for c in names if c != image_col], names, where)
+    classes = _class_names(r.get(label_col) for r in rows)
+    root_real = os.path.realpath(root)
+    groups: dict[tuple[str, str], list[_File]] = {}
+    val_name = None
+    for split, (cols, split_rows) in read.items():
+        if split != "train" and val_name:
+            continue
+        table = tables[split]
+        kept = []
+        if image_col in cols and label_col in cols:
+            kept = _labelled([r.get(label_col) for r in split_rows], split, classes, False, root,
+                             quiet=split != "train", rows=lambda i: f"{table.name} row {i + 1}")
+        if split != "train":
+            if not kept:
+                warnings.warn(f"the {split} split of {root} ({table}) has no labels or no {image_col}/{label_col} "
+                              f"columns: not used for validation")
+                continue
+            val_name = split
+        for i, label in kept:
+            groups.setdefault((split, classes[label]), []).append(
+                _table_file(table, split_rows[i].get(image_col), i, image_col, root, root_real))
+    groups = _count_once(groups)
+    index = {c: i for i, c in enumerate(classes)}
+    train = [(f.key, index[c]) for (split, c), files in groups.items() if split == "train" for f in files]
+    val = [(f.key, index[c]) for (split, c), files in groups.items() if split != "train" for f in files]
+    if not val_name:
+        train, val = _stratified_split(train, val_split)
+    data = ImageData(str(root), "folder", classes, sorted(train), sorted(val), source=source)
+    _check_data(data, check, {f.key: f.stat for files in groups.values() for f in files})
+    return data
+
+
+def _table_file(table: Path, name, row: int, column: str, root: Path, root_real: str) -> _File:
+    """The image file a table's row names, counted under its real path (as _walk_images counts files)."""
+    where = f"{_show(str(table))} row {row + 1}"
+    if not isinstance(name, str) or not name.strip():
+        raise NFNetZooError(f"{where} has no image path in its {column} column; fill it in or remove the row")
+    rel = os.path.normpath(name)
+    if os.path.isabs(rel) or rel.split(os.sep)[0] == os.pardir:
+        raise NFNetZooError(f"{where} names {_show(name)}, outside {_show(str(table.parent))}; paths are relative "
+                            f"to the table's folder: move the image into it")
+    path = table.parent / rel
+    try:
+        st = os.stat(path)  # follows links
+    except OSError as e:
+        why = "does not exist" if isinstance(e, FileNotFoundError) else f"cannot be read ({e.strerror})"
+        raise NFNetZooError(f"{where} names {_show(name)}, which {why}; fix the path (relative to "
+                            f"{_show(str(table.parent))}) or remove the row") from None
+    if not S_ISREG(st.st_mode):
+        raise NFNetZooError(f"{where} names {_show(name)}, which is not a file; name an image file")
+    place = os.path.relpath(path, root)
+    key = _inside(os.path.realpath(path), root_real) or place
+    return _File(place, key, (st.st_dev, st.st_ino), (st.st_size, st.st_mtime_ns, st.st_ctime_ns))
 
 
 # --- entry points ------------------------------------------------------------------------------
@@ -479,45 +646,71 @@ def _data_root(data_dir: str | os.PathLike, check: str) -> Path:
         raise NFNetZooError(f"--check-images must be one of {', '.join(CHECK_LEVELS)}, got {check!r}")
     # absolute: data.json must still find the images when a run is resumed from another folder
     root = Path(data_dir).expanduser().absolute()
-    if root.exists() and not root.is_dir():
-        raise NFNetZooError(f"--data-dir {_show(str(root))} is a file, not a folder; pass the folder that holds "
-                            f"the class folders (DIR/<class>/<image>)")
+    if root.exists() and not root.is_dir() and root.suffix.lower() not in _DATA_FILES:
+        raise NFNetZooError(f"--data-dir {_show(str(root))} is a file, not a folder (nor {', '.join(_DATA_FILES)}); "
+                            f"pass the folder that holds the class folders (DIR/<class>/<image>)")
+    if root.is_file():
+        return root
     if not root.is_dir():
         raise NFNetZooError(f"data folder {_show(str(root))} does not exist; pass --data-dir with a folder of "
                             f"class folders (DIR/<class>/<image> or DIR/train/<class>/<image>)")
     return root
 
 
+def _source_data(root: Path, val_split: float, check: Check, columns: Columns) -> Optional[ImageData]:
+    """The data of a source that is not class folders (a saved dataset, parquet/arrow files, tables), else None."""
+    source = str(root) if root.is_file() else None
+    folder = root.parent if root.is_file() else root
+    if _is_hf_dataset(root):
+        return _hf_data(root, val_split, check, columns)
+    tables = table_files(root)
+    if tables:
+        return _table_data(folder, tables, val_split, check, columns, source)
+    found = data_files(root)
+    if found:
+        return _hf_data(folder, val_split, check, columns, *found, source=source)
+    if columns != Columns():
+        warnings.warn(f"--input-key and --target-key ignored: {root} is class folders (the labels are their names)")
+    return None
+
+
 def load_image_data(data_dir: str | os.PathLike, val_split: float = VAL_SPLIT_DEFAULT,
                     bad_images: str = "skip", workers: int = 4, check: str = "full", process_index: int = 0,
-                    num_processes: int = 1, gather: Gather = None) -> ImageData:
+                    num_processes: int = 1, gather: Gather = None, input_key: Optional[str] = None,
+                    target_key: Optional[str] = None) -> ImageData:
     """Find, check and split the images of `data_dir` (see the module docstring for the layouts).
 
     `bad_images`: "skip" leaves unreadable files out with a warning naming how many; "error" refuses.
     `check`: "full", "header" or "none" (see image_check.py). With several processes, each calls this
     with its `process_index` and `gather` (accelerate.utils.gather_object): each checks its share.
+    `input_key`, `target_key`: the image and label columns of a table or dataset (timm's --input-key, --target-key).
     """
     root = _data_root(data_dir, check)
-    if not any(root.iterdir()):
+    if root.is_dir() and not any(root.iterdir()):
         raise NFNetZooError(f"data folder {root} is empty; put each class's images in DIR/<class>/")
     if not 0.0 <= val_split < 1.0:
         raise NFNetZooError(f"--val-split must be in [0, 1), got {val_split}")
     how = Check(check, bad_images, workers, process_index, num_processes, gather)
-    load = _hf_data if _is_hf_dataset(root) else _folder_data
-    data = load(root, val_split, how)
+    data = _source_data(root, val_split, how, Columns(input_key, target_key))
+    if data is None:
+        data = _folder_data(root, val_split, how)
+    elif len({lab for _, lab in data.train + data.val}) < 2:
+        raise NFNetZooError(f"{_show(data.source or data.root)} has {len({lab for _, lab in data.train})} class(es) "
+                            f"with labelled training images; a classifier needs at least 2")
     if not data.train:
         raise NFNetZooError(f"no readable training images in {root}")
     return data
 
 
 def load_eval_samples(data_dir: str | os.PathLike, bad_images: str = "skip", workers: int = 4,
-                      check: str = "full") -> ImageData:
+                      check: str = "full", input_key: Optional[str] = None, target_key: Optional[str] = None
+                      ) -> ImageData:
     """The images to evaluate in `data_dir`: its val/ (or validation/) split when it has one, else
-    every image of its class folders (a datasets folder: its validation/test split, else all)."""
+    every image of its class folders (a dataset, parquet files or tables: the validation/test split, else all)."""
     root = _data_root(data_dir, check)
     how = Check(check, bad_images, workers)
-    if _is_hf_dataset(root):
-        data = _hf_data(root, 0.0, how)
+    data = _source_data(root, 0.0, how, Columns(input_key, target_key))
+    if data is not None:
         if not data.val:  # no validation split: all of it
             data.val, data.train = data.train, []
     else:
@@ -553,7 +746,7 @@ def run_held_out(data_json: Path, data_dir: str | os.PathLike, bad_images: str =
                       f"run was trained on, the scores include its training images")
         return None
     try:
-        if not os.path.samefile(run_data.root, data_dir):
+        if not os.path.samefile(run_data.source or run_data.root, data_dir):
             return None
     except (OSError, TypeError):  # either folder is gone: not the same
         return None
@@ -561,7 +754,8 @@ def run_held_out(data_json: Path, data_dir: str | os.PathLike, bad_images: str =
         raise NFNetZooError(f"{_show(str(data_dir))} is the data this run was trained on, and the run held out no "
                             f"images of it (--val-split 0); evaluate on images it was not trained on")
     held = ImageData(run_data.root, run_data.kind, run_data.classes, [], run_data.val,
-                     image_column=run_data.image_column)
+                     image_column=run_data.image_column, builder=run_data.builder, data_files=run_data.data_files,
+                     source=run_data.source)
     _check_data(held, Check(check, bad_images, workers))
     if not held.val:
         raise NFNetZooError(f"no readable images in the held-out split of {_show(str(data_dir))} listed in {data_json}")

@@ -249,7 +249,8 @@ def image_data(cfg: FinetuneConfig, run: Path, resuming: bool, accelerator) -> I
         from accelerate.utils import gather_object
         accelerator.print(f"checking images in {cfg.data_dir} ({cfg.check_images}) ...")
         data = load_image_data(cfg.data_dir, cfg.val_split, cfg.bad_images, cfg.workers, cfg.check_images,
-                               accelerator.process_index, accelerator.num_processes, gather_object)
+                               accelerator.process_index, accelerator.num_processes, gather_object,
+                               cfg.input_key, cfg.target_key)
         if accelerator.is_main_process:
             data.save(run / "data.json")
     cfg.dataset = data.name
