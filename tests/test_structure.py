@@ -18,7 +18,7 @@ PACKAGES = ("nfnet_zoo", "nfnet_zoo_cli")
 LAYERS = [
     ("nfnet_zoo.errors", "nfnet_zoo.files", "nfnet_zoo_cli.settings", "nfnet_zoo_cli.versions"),
     ("nfnet_zoo.models",),
-    ("nfnet_zoo.agc", "nfnet_zoo.agc_distributed", "nfnet_zoo.data"),
+    ("nfnet_zoo.agc", "nfnet_zoo.agc_distributed", "nfnet_zoo.data"),  # data's own modules: see test below
     ("nfnet_zoo.evaluation",),
     ("nfnet_zoo.training",),
     ("nfnet_zoo.hub",),
@@ -124,3 +124,13 @@ def test_nothing_hooks_the_import_system():
         text = path.read_text()
         for marker in ("meta_path", "MetaPathFinder", "path_hooks", "__class__ ="):
             assert marker not in text, f"{name} uses {marker}"
+
+
+def test_data_modules_build_on_one_another():
+    # samples (what a sample is and how it is read) <- datasets <- files on disk <- loading <- the entry points
+    order = ["nfnet_zoo.data.image_check", "nfnet_zoo.data.sources", "nfnet_zoo.data.samples", "nfnet_zoo.data.hf",
+             "nfnet_zoo.data.folders", "nfnet_zoo.data.loading", "nfnet_zoo.data"]
+    assert set(order) == {n for n in MODULES if n == "nfnet_zoo.data" or n.startswith("nfnet_zoo.data.")}
+    for i, name in enumerate(order):
+        later = sorted(t for t in GRAPH[name] if t in order[i + 1:])
+        assert not later, f"{name} imports {later}, which build on it"

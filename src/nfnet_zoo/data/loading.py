@@ -1,0 +1,182 @@
+"""Reading images while training and predicting: the training set with per-sample seeded augmentation, the epoch
+sampler, the workers' signals, and the stream of image files `predict` scores."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import zlib
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import NFNetZooError
+from .sources import IMAGE_EXTENSIONS
+from .samples import _show, to_rgb
+from .folders import _walk_images
+
+
+def image_paths(inputs: Sequence[str | os.PathLike], stdin: Optional[Iterable[str]] = None) -> Iterator[str]:
+    """The image paths that INPUTS name, in order: a file as given; a folder's images, recursively in name order
+    (links followed, each real folder entered once and each real file listed once, as for training data); "-" the
+    lines of `stdin`, read lazily (blank lines skipped). Files and folders are checked now, before anything is
+    returned: a missing path or a folder without images is a one-line error. Paths from stdin are not: a missing or
+    unreadable one is that image's error when it is opened."""
+    inputs = [os.fspath(i) for i in inputs]
+    if inputs.count("-") > 1:
+        raise NFNetZooError('"-" (paths on stdin) is given more than once; give it once')
+    parts, seen = [], set()
+    for given in inputs:
+        if given == "-":
+            if stdin is None:
+                raise NFNetZooError('"-" reads image paths from stdin, and there is no stdin here; pass files or folders')
+            parts.append(None)
+        elif os.path.isdir(given):
+            files, _ = _walk_images(given, given, os.path.realpath(given))
+            found = []
+            for f in files:  # a file reached twice (a link, two folders given) is scored once
+                if f.identity not in seen:
+                    seen.add(f.identity)
+                    found.append(os.path.join(given, f.place))
+            if not found:
+                raise NFNetZooError(f"{_show(given)} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} "
+                                    f"in it and its subfolders)")
+            parts.append(found)
+        elif os.path.lexists(given):
+            parts.append([given])
+        else:
+            raise NFNetZooError(f"image {_show(given)} does not exist")
+
+    def paths() -> Iterator[str]:
+        for part in parts:
+            if part is not None:
+                yield from part
+                continue
+            for line in stdin:
+                line = line.rstrip("\r\n")
+                if line.strip():
+                    yield line
+    return paths()
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Item PATH: (path, image tensor, None), or (path, None, the error) when the file cannot be read as an image,
+    so one bad file does not stop the others. Its indices are the paths themselves, which a DataLoader takes from
+    any iterable sampler, so a stream of paths is read as the batches need it."""
+
+    def __init__(self, transform: Callable):
+        self.transform = transform
+
+    def __getitem__(self, path: str) -> tuple[str, Optional[torch.Tensor], Optional[str]]:
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return path, self.transform(to_rgb(img)), None
+        except FileNotFoundError:
+            return path, None, "does not exist"
+        except IsADirectoryError:
+            return path, None, "is a folder, not an image file"
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            return path, None, f"cannot read image ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
+
+
+def collate_image_files(items: list) -> tuple[list[str], Optional[torch.Tensor], list[Optional[str]]]:
+    """A batch of `ImageFiles` items: the paths, the readable images stacked (None if none is), the errors."""
+    paths, tensors, errors = zip(*items)
+    good = [t for t in tensors if t is not None]
+    return list(paths), torch.stack(good) if good else None, list(errors)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's augmentation: a function of (seed, epoch, index) only, so the
+    augmentation does not depend on workers, processes, or where a resumed run restarted."""
+    return zlib.crc32(f"{seed}:{epoch}:{index}".encode())
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(image tensor, label) pairs; an item is an index, or (index, epoch) from `EpochSampler`."""
+
+    def __init__(self, samples: list[tuple[str, int]], opener: Callable[[str], Image.Image],
+                 transform: Callable, seed: int = 0):
+        self.samples, self.opener, self.transform, self.seed = samples, opener, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, item):
+        index, epoch = item if isinstance(item, tuple) else (item, None)
+        key, label = self.samples[index]
+        img = self.opener(key)
+        if epoch is None:
+            return self.transform(img), label
+        # timm's transforms draw from the global RNGs: seed them per sample. In a worker they serve
+        # only this dataset; in the main process (workers=0) they are restored afterwards so that the
+        # training RNG stream (dropout, stochastic depth, mixup) is untouched.
+        s = sample_seed(self.seed, epoch, index)
+        if torch.utils.data.get_worker_info() is not None:
+            return self._seeded(img, s), label
+        states = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+        try:
+            x = self._seeded(img, s)
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.default_generator.set_state(states[2])
+        return x, label
+
+    def _seeded(self, img: Image.Image, seed: int) -> torch.Tensor:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.default_generator.manual_seed(seed)  # torch.manual_seed also seeds every device: 70x slower
+        return self.transform(img)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A shuffle that depends only on (seed, epoch): yields (index, epoch) pairs.
+
+    Every process draws the same permutation (Accelerate then shards its batches), and a resumed
+    run recomputes it exactly. Set `epoch` before iterating.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        for i in torch.randperm(self.n, generator=g).tolist():
+            yield i, self.epoch
+
+
+class WorkerSignals:
+    """DataLoader worker_init_fn. Ctrl-C is for the main process: the workers ignore SIGINT. So is SIGTERM while the
+    main process is inside `held()` (its training loop, which saves the state and stops the workers): schedulers
+    (scancel, a kill of the process group) signal the workers too, and a worker dying there ended the run with a
+    "worker killed" error before anything was saved. Outside it a worker ends on SIGTERM, quietly (status 0):
+    multiprocessing terminates daemonic workers so when the main process exits (and would wait forever for one that
+    ignored it), and a worker killed by the signal would add torch's "worker is killed by signal" traceback."""
+
+    def __init__(self):
+        import multiprocessing
+        self._held = multiprocessing.RawValue("b", 0)  # shared memory: the workers read what the main process sets
+
+    def __call__(self, worker_id: int) -> None:
+        import signal
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if not self._held.value:
+            os._exit(0)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self._held.value = 1
+        try:
+            yield
+        finally:
+            self._held.value = 0
