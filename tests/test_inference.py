@@ -22,13 +22,16 @@ def _model(**kwargs):
     return pretrained_like_(timm.create_model("nfnet_zoo_tiny", num_classes=5, **kwargs)).eval()
 
 
-@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, "bf16-weights"], ids=["fp32", "bf16-autocast", "bf16-model"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("size", [64, 61])  # odd: uneven SAME padding at every stride
 def test_standardized_once_gives_the_models_bits(fmt, dtype, size):
     model = _model().to(memory_format=fmt)
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1)).contiguous(memory_format=fmt)
+    if dtype == "bf16-weights":  # a model held in bfloat16: standardised in bfloat16, as its own forward does
+        model, x, dtype = model.bfloat16(), x.bfloat16(), None
     served = standardize_once(model)
+    assert served.stem.conv1.weight.dtype == model.stem.conv1.weight.dtype
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
         assert torch.equal(served(x), model(x))
 

@@ -37,7 +37,7 @@ from ..errors import NFNetZooError
 from .image_check import CHECK_LEVELS, Gather
 from .sources import IMAGE_EXTENSIONS, data_files, table_files
 from .samples import Check, ImageData, VAL_SPLIT_DEFAULT, _check_data, _show, to_rgb
-from .folders import _count_once, _folder_data, _scan_classes, _split_folder, _table_data
+from .folders import _count_once, _folder_data, _scan_classes, _split_folder, _stats, _table_data
 from .hf import Columns, _hf_data, _is_hf_dataset
 from .loading import EpochSampler, ImageDataset, ImageFiles, WorkerSignals, collate_image_files, image_paths, sample_seed
 
@@ -129,7 +129,7 @@ def load_eval_samples(data_dir: str | os.PathLike, bad_images: str = "skip", wor
             warnings.warn(f"ignored {other} non-image file(s) in {folder}")
         samples = [(f.key, i) for i, c in enumerate(classes) for f in by_class[c]]
         data = ImageData(str(folder), "folder", classes, [], samples)
-        _check_data(data, how, {f.key: f.stat for files in by_class.values() for f in files if f.stat})
+        _check_data(data, how, _stats(by_class))
     if not data.val:
         raise NFNetZooError(f"no readable images to evaluate in {data.root} ({len(data.skipped)} unreadable); "
                             f"pass a folder of images PIL can open")

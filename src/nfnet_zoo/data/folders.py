@@ -171,24 +171,35 @@ def _folder_data(root: Path, val_split: float, check: Check) -> ImageData:
     if len(classes) < 2:
         raise NFNetZooError(f"{train_dir} has {len(classes)} class folder(s) with images ({', '.join(classes) or 'none'}); "
                             f"a classifier needs at least 2 classes")
-    index = {c: i for i, c in enumerate(classes)}
-    train = [(f.key, index[c]) for (split, c), files in groups.items() if split == "train" for f in files]
     if val_dir is not None:
-        unknown = [c for (split, c), files in groups.items() if split != "train" and files and c not in index]
+        known = set(classes)
+        unknown = [c for (split, c), files in groups.items() if split != "train" and files and c not in known]
         if unknown:
             raise NFNetZooError(f"{val_dir} has class folder(s) that {train_dir} lacks: {', '.join(unknown[:5])}; "
                                 f"add their training images or remove them from {val_dir.name}/")
-        val = [(f.key, index[c]) for (split, c), files in groups.items() if split != "train" for f in files]
-        if val_split and val_split != VAL_SPLIT_DEFAULT:
-            warnings.warn(f"--val-split ignored: {root} has its own {val_dir.name}/ folder")
-    else:
+    train, val = _samples(groups, classes)
+    if val_dir is None:
         train, val = _stratified_split(train, val_split)
+    elif val_split and val_split != VAL_SPLIT_DEFAULT:
+        warnings.warn(f"--val-split ignored: {root} has its own {val_dir.name}/ folder")
     if other:
         warnings.warn(f"ignored {other} non-image file(s) in {root} (images are {', '.join(IMAGE_EXTENSIONS)})")
     data = ImageData(str(root), "folder", classes, sorted(train), sorted(val))
-    stats = {f.key: f.stat for files in groups.values() for f in files if f.stat is not None}
-    _check_data(data, check, stats)
+    _check_data(data, check, _stats(groups))
     return data
+
+
+def _samples(groups: dict[tuple[str, str], list[_File]], classes: list[str]) -> tuple[list, list]:
+    """(key, class index) of the files grouped by (split, class): the train split's, and the other split's."""
+    index = {c: i for i, c in enumerate(classes)}
+    train = [(f.key, index[c]) for (split, c), files in groups.items() if split == "train" for f in files]
+    val = [(f.key, index[c]) for (split, c), files in groups.items() if split != "train" for f in files]
+    return train, val
+
+
+def _stats(groups: dict) -> dict:
+    """Each listed file's (size, mtime, ctime), which the start-up check's cache compares."""
+    return {f.key: f.stat for files in groups.values() for f in files if f.stat is not None}
 
 
 def _table_data(root: Path, tables: dict[str, Path], val_split: float, check: Check, columns: Columns,
@@ -224,13 +235,11 @@ def _table_data(root: Path, tables: dict[str, Path], val_split: float, check: Ch
             groups.setdefault((split, classes[label]), []).append(
                 _table_file(table, split_rows[i].get(image_col), i, image_col, root, root_real))
     groups = _count_once(groups)
-    index = {c: i for i, c in enumerate(classes)}
-    train = [(f.key, index[c]) for (split, c), files in groups.items() if split == "train" for f in files]
-    val = [(f.key, index[c]) for (split, c), files in groups.items() if split != "train" for f in files]
+    train, val = _samples(groups, classes)
     if not val_name:
         train, val = _stratified_split(train, val_split)
     data = ImageData(str(root), "folder", classes, sorted(train), sorted(val), source=source)
-    _check_data(data, check, {f.key: f.stat for files in groups.values() for f in files})
+    _check_data(data, check, _stats(groups))
     return data
 
 
