@@ -574,3 +574,13 @@ def test_a_saved_datasets_unlabelled_test_split_and_missing_images(tmp_path):
     assert data.skipped == ["train/12"] and all(k.startswith("train/") for k, _ in data.train + data.val)
     assert "train/13" not in dict(data.train + data.val) and len(data.train) + len(data.val) == 12
     assert all(0 <= lab < 3 for _, lab in data.train + data.val)
+
+
+@pytest.mark.parametrize("load", [load_eval_samples, load_image_data], ids=["evaluate", "finetune"])
+def test_an_unknown_check_level_is_refused_as_finetunes_flag_is(tmp_path, load):
+    from nfnet_zoo_cli.settings import SettingError, validate
+    with pytest.raises(SettingError) as declared:  # the declaration of --check-images (settings.py)
+        validate({"check_images": "bogus"})
+    with pytest.raises(NFNetZooError) as got:
+        load(make_folder(tmp_path / "d", n_train=2, n_val=1), check="bogus")
+    assert str(got.value) == str(declared.value) == "--check-images must be one of full, header, none, got 'bogus'"

@@ -33,8 +33,10 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+from nfnet_zoo_cli.settings import problem
+
 from ..errors import NFNetZooError
-from .image_check import CHECK_LEVELS, Gather
+from .image_check import Gather
 from .sources import IMAGE_EXTENSIONS, data_files, table_files
 from .samples import Check, ImageData, VAL_SPLIT_DEFAULT, _check_data, _show, to_rgb
 from .folders import _count_once, _folder_data, _scan_classes, _split_folder, _stats, _table_data
@@ -46,8 +48,9 @@ _DATA_FILES = (".csv", ".parquet", ".arrow")  # what --data-dir may name besides
 
 
 def _data_root(data_dir: str | os.PathLike, check: str) -> Path:
-    if check not in CHECK_LEVELS:
-        raise NFNetZooError(f"--check-images must be one of {', '.join(CHECK_LEVELS)}, got {check!r}")
+    wrong = problem("check_images", check)  # finetune's declaration: evaluate takes the same levels
+    if wrong:
+        raise NFNetZooError(f"--check-images {wrong}")
     # absolute: data.json must still find the images when a run is resumed from another folder
     root = Path(data_dir).expanduser().absolute()
     if root.exists() and not root.is_dir() and root.suffix.lower() not in _DATA_FILES:

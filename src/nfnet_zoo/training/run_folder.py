@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -35,6 +34,7 @@ from nfnet_zoo_cli.settings import RESUMABLE, SettingError, flag, validate
 from ..data import ImageData, load_image_data
 from ..errors import NFNetZooError
 from ..files import CURVES, write_json_atomic
+from ..models.cards import write_model_card
 from ..models.load import check_checkpoint
 from ..models.shared_config import rewrite_shared
 from .recipe import FinetuneConfig, check_timm_names
@@ -283,12 +283,7 @@ def finish(cfg: FinetuneConfig, run: Path, data: ImageData, progress: Progress, 
                "num_classes": len(data.classes), "label_names": data.classes, "model": cfg.model,
                "base_model": cfg.base_model, "img_size": img_size, "train_time_s": round(progress.train_time, 1)}
     write_json_atomic(run / "summary.json", summary)
-    try:
-        from ..models.cards import write_model_card
-    except ImportError:
-        warnings.warn("model card not written: nfnet_zoo.hub is not available")
-    else:
-        write_model_card(run)
+    write_model_card(run)
     print(_summary_table(progress.history, best.get("epoch")))
     top1 = "-" if best.get("top1") is None else f"{best['top1']:.2f}%"
     print(f"best epoch {best.get('epoch')}: val top-1 {top1}; model in {run} "
