@@ -68,7 +68,7 @@ def evaluate(model: str, data_dir: str | os.PathLike, batch_size: int = 64, work
     run = Path(model).expanduser()
     held = run_held_out(run / "data.json", data_dir, bad_images, workers, check_images) if run.is_dir() else None
     data = held or load_eval_samples(data_dir, bad_images, workers, check_images, input_key, target_key)
-    split = (f"the run's held-out split: {len(data.val)} images listed in {run / 'data.json'} (the others in "
+    split = (f"the run's held-out split: {data.num_val} images listed in {run / 'data.json'} (the others in "
              f"{data_dir} were trained on)" if held else f"all images of {data.root}")
     if names is None:
         if net.num_classes != len(data.classes):
@@ -82,9 +82,12 @@ def evaluate(model: str, data_dir: str | os.PathLike, batch_size: int = 64, work
                             f"{' ...' if len(missing) > 5 else ''} (model classes: {', '.join(names[:5])} ...); "
                             f"evaluate on a folder whose class folders are named like the model's classes")
     to_model = {i: names.index(c) for i, c in enumerate(data.classes)}
-    samples = [(k, to_model[lab]) for k, lab in data.val]
-    loader = torch.utils.data.DataLoader(ImageDataset(samples, data.opener(), _eval_transform(net)),
-                                         batch_size=batch_size, num_workers=workers)
+    if data.shards:  # streamed: each sample once, a bad image skipped (with a warning) or refused
+        from .data.shards import ShardStream
+        dataset = ShardStream(data, "val", _eval_transform(net), bad_images=bad_images, label_map=to_model)
+    else:
+        dataset = ImageDataset([(k, to_model[lab]) for k, lab in data.val], data.opener(), _eval_transform(net))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     device = _device()
     net.to(device)
     k5 = min(5, net.num_classes)

@@ -41,6 +41,7 @@ from .sources import IMAGE_EXTENSIONS, data_files, table_files
 from .samples import Check, ImageData, VAL_SPLIT_DEFAULT, _check_data, _show, to_rgb
 from .folders import _count_once, _folder_data, _scan_classes, _split_folder, _stats, _table_data
 from .hf import Columns, _hf_data, _is_hf_dataset
+from .shards import load_shard_data, shard_root
 from .loading import EpochSampler, ImageDataset, ImageFiles, WorkerSignals, collate_image_files, image_paths, sample_seed
 
 
@@ -92,6 +93,8 @@ def load_image_data(data_dir: str | os.PathLike, val_split: float = VAL_SPLIT_DE
     with its `process_index` and `gather` (accelerate.utils.gather_object): each checks its share.
     `input_key`, `target_key`: the image and label columns of a table or dataset (timm's --input-key, --target-key).
     """
+    if shard_root(data_dir):  # streamed: no per-file check (a bad image met mid-stream is skipped or refused)
+        return load_shard_data(data_dir, val_split, input_key, target_key)
     root = _data_root(data_dir, check)
     if root.is_dir() and not any(root.iterdir()):
         raise NFNetZooError(f"data folder {root} is empty; put each class's images in DIR/<class>/")
@@ -113,7 +116,9 @@ def load_eval_samples(data_dir: str | os.PathLike, bad_images: str = "skip", wor
                       check: str = "full", input_key: Optional[str] = None, target_key: Optional[str] = None
                       ) -> ImageData:
     """The images to evaluate in `data_dir`: its val/ (or validation/) split when it has one, else
-    every image of its class folders (a dataset, parquet files or tables: the validation/test split, else all)."""
+    every image of its class folders (a dataset, parquet files, tables or shards: the validation/test split, else all)."""
+    if shard_root(data_dir):
+        return load_shard_data(data_dir, 0.0, input_key, target_key, evaluating=True)
     root = _data_root(data_dir, check)
     how = Check(check, bad_images, workers)
     data = _source_data(root, 0.0, how, Columns(input_key, target_key))
@@ -153,10 +158,16 @@ def run_held_out(data_json: Path, data_dir: str | os.PathLike, bad_images: str =
                       f"run was trained on, the scores include its training images")
         return None
     try:
-        if not os.path.samefile(run_data.source or run_data.root, data_dir):
+        if not os.path.samefile(run_data.source or run_data.root, shard_root(data_dir) or data_dir):
             return None
     except (OSError, TypeError):  # either folder is gone: not the same
         return None
+    if run_data.shards:  # streamed: the run's validation shards (or its held-out hash share)
+        if not run_data.num_val:
+            raise NFNetZooError(f"{_show(str(data_dir))} is the data this run was trained on, and the run held out "
+                                f"no samples of it (--val-split 0); evaluate on shards it was not trained on")
+        run_data.shards["splits"].pop("train", None)
+        return run_data
     if not run_data.val:
         raise NFNetZooError(f"{_show(str(data_dir))} is the data this run was trained on, and the run held out no "
                             f"images of it (--val-split 0); evaluate on images it was not trained on")

@@ -111,26 +111,30 @@ class ImageDataset(torch.utils.data.Dataset):
         img = self.opener(key)
         if epoch is None:
             return self.transform(img), label
-        # timm's transforms draw from the global RNGs: seed them per sample. In a worker they serve
-        # only this dataset; in the main process (workers=0) they are restored afterwards so that the
-        # training RNG stream (dropout, stochastic depth, mixup) is untouched.
-        s = sample_seed(self.seed, epoch, index)
-        if torch.utils.data.get_worker_info() is not None:
-            return self._seeded(img, s), label
-        states = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
-        try:
-            x = self._seeded(img, s)
-        finally:
-            random.setstate(states[0])
-            np.random.set_state(states[1])
-            torch.default_generator.set_state(states[2])
-        return x, label
+        return seeded_transform(self.transform, img, sample_seed(self.seed, epoch, index)), label
 
-    def _seeded(self, img: Image.Image, seed: int) -> torch.Tensor:
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.default_generator.manual_seed(seed)  # torch.manual_seed also seeds every device: 70x slower
-        return self.transform(img)
+
+def seeded_transform(transform: Callable, img: Image.Image, seed: int) -> torch.Tensor:
+    """`transform(img)` with the global RNGs seeded by `seed`."""
+    # timm's transforms draw from the global RNGs: seed them per sample. In a worker they serve
+    # only this dataset; in the main process (workers=0) they are restored afterwards so that the
+    # training RNG stream (dropout, stochastic depth, mixup) is untouched.
+    if torch.utils.data.get_worker_info() is not None:
+        return _seeded(transform, img, seed)
+    states = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+    try:
+        return _seeded(transform, img, seed)
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.default_generator.set_state(states[2])
+
+
+def _seeded(transform: Callable, img: Image.Image, seed: int) -> torch.Tensor:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)  # torch.manual_seed also seeds every device: 70x slower
+    return transform(img)
 
 
 class EpochSampler(torch.utils.data.Sampler):

@@ -24,10 +24,11 @@ SPLIT_SEED = 0  # the train/val split of a single folder never changes with --se
 
 @dataclass
 class ImageData:
-    """Samples as (key, label index); a key is a path relative to `root` (folders) or `split/row` (datasets)."""
+    """Samples as (key, label index); a key is a path relative to `root` (folders) or `split/row` (datasets).
+    WebDataset shards (kind "wds") are streamed: no sample list, `shards` names them (data/shards.py)."""
 
     root: str
-    kind: str                                   # "folder" or "hf"
+    kind: str                                   # "folder", "hf" or "wds"
     classes: list[str]
     train: list[tuple[str, int]]
     val: list[tuple[str, int]]
@@ -36,6 +37,19 @@ class ImageData:
     builder: Optional[str] = None               # "parquet" or "arrow": datasets.load_dataset(builder, data_files)
     data_files: Optional[dict[str, list[str]]] = None  # ... of these files; None: a save_to_disk folder
     source: Optional[str] = None                # --data-dir when it is a file (a CSV, a parquet file), else None
+    shards: Optional[dict] = None               # kind "wds": each split's shards and counts (data/shards.py)
+
+    @property
+    def num_train(self) -> int:
+        if self.shards:
+            return self.shards["splits"].get("train", {}).get("num_samples") or 0
+        return len(self.train)
+
+    @property
+    def num_val(self) -> int:
+        if self.shards:
+            return self.shards["splits"].get("val", {}).get("num_samples") or 0
+        return len(self.val)
 
     @property
     def name(self) -> str:

@@ -137,14 +137,17 @@ def _setup(cfg: FinetuneConfig, run: Path, resuming: bool, lock: RunLock) -> _Tr
 
     if _is_fsdp2(accelerator):
         prepare_for_fsdp2(model)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if data.shards:  # each process streams its own shards: Accelerate would dispatch them from process 0
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     unwrapped = _unwrap(accelerator, model)
     ema = None
     if cfg.model_ema:  # copied from the prepared model: on its device, in its dtype and memory format
         from timm.utils import ModelEmaV3
         ema = ModelEmaV3(unwrapped, decay=cfg.model_ema_decay)
     clip_params = clipped_parameters(model) if cfg.clipping > 0 else None  # after prepare: FSDP2 replaces them
-    if val_loader is not None:
+    if val_loader is not None and not data.shards:
         val_loader = accelerator.prepare(val_loader)
     updates_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
     scheduler = build_scheduler(cfg, optimizer.optimizer, updates_per_epoch)
@@ -245,8 +248,8 @@ def _announce(t: _Training) -> None:
         warnings.warn(f"{CURVES} will not be drawn: {problem} ({INSTALL}; then `nfnet-zoo curves {t.run}` draws "
                       f"it for this run)")
     if accelerator.is_main_process:
-        accelerator.print(f"fine-tuning {cfg.model} on {len(data.train)} images ({len(data.classes)} classes), "
-                          f"validating on {len(data.val)}; {accelerator.num_processes} process(es) on "
+        accelerator.print(f"fine-tuning {cfg.model} on {data.num_train} images ({len(data.classes)} classes), "
+                          f"validating on {data.num_val}; {accelerator.num_processes} process(es) on "
                           f"{accelerator.device.type}, global batch {cfg.global_batch(accelerator.num_processes)}, "
                           f"lr {t.lr:.4g}, AGC {cfg.clipping or 'off'}, {t.train_size}px train / {t.test_size}px "
                           f"eval; run folder {t.run}")
@@ -258,7 +261,10 @@ def _train_one_epoch(t: _Training, stop: StopRequest) -> None:
     from tqdm.auto import tqdm
     cfg, accelerator, progress = t.cfg, t.accelerator, t.progress
     t.sampler.epoch = progress.epoch
-    loader = accelerator.skip_first_batches(t.train_loader, progress.step) if progress.step else t.train_loader
+    if t.data.shards:  # the stream reads past the consumed batches without decoding them
+        t.sampler.skip, loader = progress.step, t.train_loader
+    else:
+        loader = accelerator.skip_first_batches(t.train_loader, progress.step) if progress.step else t.train_loader
     bar = tqdm(total=len(t.train_loader), initial=progress.step, desc=f"epoch {progress.epoch + 1}/{cfg.epochs}",
                disable=None if accelerator.is_local_main_process else True, leave=False, dynamic_ncols=True)
     images_per_step = cfg.batch_size * accelerator.num_processes
@@ -320,6 +326,8 @@ def _validate(model: nn.Module, loader, accelerator, num_classes: int) -> dict:
     """Val loss, top-1 and top-5 (%), each sample counted once across processes (None without a val split)."""
     if loader is None:
         return {"val_loss": None, "top1": None, "top5": None}
+    if getattr(loader, "streamed", False):
+        return _validate_stream(model, loader, accelerator, num_classes)
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction="none")
     rows = []
@@ -333,6 +341,27 @@ def _validate(model: nn.Module, loader, accelerator, num_classes: int) -> dict:
     model.train()
     m = torch.cat(rows).double().mean(0).tolist()
     return {"val_loss": m[0], "top1": 100 * m[1], "top5": 100 * m[2]}
+
+
+def _validate_stream(model: nn.Module, loader, accelerator, num_classes: int) -> dict:
+    """_validate for shards: each process scores its own share, of any length, and sums are reduced once (no
+    gather_for_metrics: it assumes equal shares padded by duplicates)."""
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, top-1, top-5, count
+    with torch.no_grad():
+        for x, y in loader:
+            with accelerator.autocast():
+                out = model(x)
+            c1, c5 = topk_correct(out.float(), y, (1, min(5, num_classes)))
+            sums += torch.stack([loss_fn(out.float(), y).double(), c1.sum().double(), c5.sum().double(),
+                                 sums.new_tensor(len(y))])
+    model.train()
+    sums = accelerator.reduce(sums, "sum") if accelerator.num_processes > 1 else sums
+    n = sums[3].item()
+    if not n:
+        return {"val_loss": None, "top1": None, "top5": None}
+    return {"val_loss": sums[0].item() / n, "top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n}
 
 
 def _end_of_epoch(t: _Training, metrics: dict) -> None:

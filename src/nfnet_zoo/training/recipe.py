@@ -182,6 +182,8 @@ def build_loaders(cfg: FinetuneConfig, data: ImageData, model: nn.Module, accele
     eval_tf = create_transform(test_size, is_training=False, interpolation=dc["interpolation"], mean=dc["mean"],
                                std=dc["std"], crop_pct=deepmind_crop_pct(test_size), crop_mode="squash")
     per_step = cfg.batch_size * accelerator.num_processes
+    if data.shards:
+        return _stream_loaders(cfg, data, accelerator, train_tf, eval_tf, signals or WorkerSignals())
     if len(data.train) < per_step:
         raise NFNetZooError(f"{len(data.train)} training images is fewer than one batch ({cfg.batch_size} x "
                             f"{accelerator.num_processes} process(es)); lower --batch-size to at most "
@@ -197,6 +199,31 @@ def build_loaders(cfg: FinetuneConfig, data: ImageData, model: nn.Module, accele
     val = (torch.utils.data.DataLoader(ImageDataset(data.val, opener, eval_tf), batch_size=cfg.batch_size,
                                        shuffle=False, **common) if data.val else None)
     return train, val, sampler
+
+
+def _stream_loaders(cfg: FinetuneConfig, data: ImageData, accelerator, train_tf, eval_tf, signals: WorkerSignals):
+    """build_loaders for WebDataset shards (data/shards.py): each process reads its own shards; an epoch is the same
+    number of batches on every process (a multiple of --grad-accum-steps), and the stream itself is the "sampler" whose
+    `epoch` (and `skip`, the batches a resumed epoch had consumed) the loop sets."""
+    import torch
+    from ..data.shards import OnDevice, ShardStream, check_shards
+    check_shards(data)
+    per_step = cfg.batch_size * accelerator.num_processes
+    batches = data.num_train // per_step
+    batches -= batches % cfg.grad_accum_steps
+    if batches < 1:
+        raise NFNetZooError(f"{data.num_train} training images is fewer than one update ({cfg.batch_size} x "
+                            f"{accelerator.num_processes} process(es) x {cfg.grad_accum_steps} accumulation step(s)); "
+                            f"lower --batch-size")
+    # workers start afresh each epoch: they copy the stream's epoch and skip when an epoch's iteration begins
+    common = dict(num_workers=cfg.workers, pin_memory=accelerator.device.type == "cuda", worker_init_fn=signals,
+                  prefetch_factor=4 if cfg.workers > 0 else None, batch_size=cfg.batch_size)
+    share = dict(rank=accelerator.process_index, world=accelerator.num_processes, bad_images=cfg.bad_images)
+    stream = ShardStream(data, "train", train_tf, seed=cfg.seed, batch_size=cfg.batch_size, batches=batches, **share)
+    train = OnDevice(torch.utils.data.DataLoader(stream, **common), accelerator.device)
+    val = (OnDevice(torch.utils.data.DataLoader(ShardStream(data, "val", eval_tf, **share), **common),
+                    accelerator.device) if data.num_val else None)
+    return train, val, stream
 
 
 def image_sizes(cfg: FinetuneConfig, model: nn.Module) -> tuple[int, int]:

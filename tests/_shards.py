@@ -1,0 +1,54 @@
+"""WebDataset shards for the tests, written with webdataset's own TarWriter: a solid colour per class, so that a
+label read back can be checked against its image."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Optional
+
+from PIL import Image
+
+COLOURS = [(255, 0, 0), (0, 160, 0), (0, 0, 255), (240, 240, 0)]
+
+
+def png(label: int, size: int = 12) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), COLOURS[label]).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def label_of(rgb) -> int:
+    """The class of a solid colour (the nearest of COLOURS: resizing may blur it by a few levels)."""
+    return min(range(len(COLOURS)), key=lambda i: sum((a - b) ** 2 for a, b in zip(COLOURS[i], rgb)))
+
+
+def write_shards(folder: Path, prefix: str, sizes: list[int], classes: int = 3, image: str = "png",
+                 label: Optional[str] = "cls", first: int = 0) -> list[dict]:
+    """Shards FOLDER/PREFIX-000000.tar ... of `sizes` samples; sample n (counted from `first`) has class n % classes
+    and key PREFIX-n. Returns the samples written ({key, label, shard})."""
+    import webdataset as wds
+    folder.mkdir(parents=True, exist_ok=True)
+    written, n = [], first
+    for i, size in enumerate(sizes):
+        name = f"{prefix}-{i:06d}.tar"
+        with wds.TarWriter(str(folder / name)) as sink:
+            for _ in range(size):
+                key, lab = f"{prefix}-{n:05d}", n % classes
+                sample = {"__key__": key, image: png(lab)}
+                if label:
+                    sample[label] = str(lab).encode()
+                sink.write(sample)
+                written.append({"key": key, "label": lab, "shard": name})
+                n += 1
+    return written
+
+
+def write_info(folder: Path, splits: dict[str, tuple[str, list[int]]], num_classes: Optional[int] = 3) -> None:
+    """timm's _info.json: {split: (brace pattern, shard lengths)}."""
+    info = {"name": folder.name, "splits": {name: {"name": name, "filenames": [pattern], "num_samples": sum(lengths),
+                                                   "shard_lengths": lengths}
+                                            for name, (pattern, lengths) in splits.items()}}
+    if num_classes is not None:
+        info["num_classes"] = num_classes
+    (folder / "_info.json").write_text(json.dumps(info))
