@@ -50,7 +50,7 @@ $(FLOOR)/.installed: pyproject.toml constraints.txt constraints-floor.txt
 	rm -rf $(FLOOR)
 	$(PYTHON) -m venv $(FLOOR)
 	$(FLOOR)/bin/pip install -q -c constraints-floor.txt torch torchvision
-	$(FLOOR)/bin/pip install -q -c constraints-floor.txt -e '.[datasets,plots]' pytest pyyaml scikit-learn
+	$(FLOOR)/bin/pip install -q -c constraints-floor.txt -e '.[datasets,plots,wds]' pytest pyyaml scikit-learn
 	touch $@
 
 # On a GPU machine as it is: its own torch, timm and accelerate; no installs, no network. Its python: PYTHON=...

@@ -57,7 +57,10 @@ def test_floors_agree_with_pyproject_and_constraints_floor():
     assert extra.keys() == {"datasets", "pyarrow"}
     for name, floor in extra.items():  # the `datasets` extra's floors are what make test-floors installs
         assert _release(floors[name]) == _release(floor), name
-    assert floors.keys() == declared.keys() | extra.keys()
+    wds = _lower_bounds(project["optional-dependencies"]["wds"])
+    assert wds.keys() == {"webdataset", "pyyaml"}  # pyyaml: webdataset's own dependency, not held to a floor here
+    assert _release(floors["webdataset"]) == _release(wds["webdataset"])  # the `wds` extra's floor, installed too
+    assert floors.keys() == declared.keys() | extra.keys() | {"webdataset"}
 
 
 def _fake_installed(folder: Path, name: str, version: str) -> Path:

@@ -93,8 +93,8 @@ def _info(root: Path) -> Optional[dict]:
 
 
 def _expand(pattern: str) -> list[str]:
-    from braceexpand import braceexpand  # webdataset's own dependency
-    return list(braceexpand(pattern))
+    from webdataset.shardlists import expand_urls  # as timm's reader: braces, "::" lists, WDS_ variables
+    return expand_urls(pattern)
 
 
 def _splits_of_info(root: Path, info: dict) -> dict[str, dict]:
