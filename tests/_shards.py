@@ -1,5 +1,5 @@
-"""WebDataset shards for the tests, written with webdataset's own TarWriter: a solid colour per class, so that a
-label read back can be checked against its image."""
+"""WebDataset shards for the tests, written with webdataset's own TarWriter: a colour per class, so that a label
+read back can be checked against its image, and the sample's number in its corner pixel (PNG keeps it exactly)."""
 from __future__ import annotations
 
 import io
@@ -12,15 +12,20 @@ from PIL import Image
 COLOURS = [(255, 0, 0), (0, 160, 0), (0, 0, 255), (240, 240, 0)]
 
 
-def png(label: int, size: int = 12) -> bytes:
+def png(label: int, n: int = 0, size: int = 12) -> bytes:
+    img = Image.new("RGB", (size, size), COLOURS[label])
+    img.putpixel((0, 0), (n % 256, n // 256, 7))
     buf = io.BytesIO()
-    Image.new("RGB", (size, size), COLOURS[label]).save(buf, "PNG")
+    img.save(buf, "PNG")
     return buf.getvalue()
 
 
-def label_of(rgb) -> int:
-    """The class of a solid colour (the nearest of COLOURS: resizing may blur it by a few levels)."""
-    return min(range(len(COLOURS)), key=lambda i: sum((a - b) ** 2 for a, b in zip(COLOURS[i], rgb)))
+def read_back(img: Image.Image) -> tuple[int, int]:
+    """(class of its colour, sample number) of an image written by `png`, as a transform for a stream."""
+    rgb = img.getpixel((img.width // 2, img.height // 2))
+    label = min(range(len(COLOURS)), key=lambda i: sum((a - b) ** 2 for a, b in zip(COLOURS[i], rgb)))
+    r, g, _ = img.getpixel((0, 0))
+    return label, r + 256 * g
 
 
 def write_shards(folder: Path, prefix: str, sizes: list[int], classes: int = 3, image: str = "png",
@@ -35,7 +40,7 @@ def write_shards(folder: Path, prefix: str, sizes: list[int], classes: int = 3, 
         with wds.TarWriter(str(folder / name)) as sink:
             for _ in range(size):
                 key, lab = f"{prefix}-{n:05d}", n % classes
-                sample = {"__key__": key, image: png(lab)}
+                sample = {"__key__": key, image: png(lab, n)}
                 if label:
                     sample[label] = str(lab).encode()
                 sink.write(sample)

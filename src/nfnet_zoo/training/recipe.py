@@ -216,14 +216,16 @@ def _stream_loaders(cfg: FinetuneConfig, data: ImageData, accelerator, train_tf,
                             f"{accelerator.num_processes} process(es) x {cfg.grad_accum_steps} accumulation step(s)); "
                             f"lower --batch-size")
     # workers start afresh each epoch: they copy the stream's epoch and skip when an epoch's iteration begins
+    # a generator of their own: iter() would otherwise draw the workers' base seed from the training RNG, once more
+    # in a resumed epoch than in the run it continues
     common = dict(num_workers=cfg.workers, pin_memory=accelerator.device.type == "cuda", worker_init_fn=signals,
                   prefetch_factor=4 if cfg.workers > 0 else None, batch_size=cfg.batch_size)
+    loader = lambda stream: OnDevice(torch.utils.data.DataLoader(stream, generator=torch.Generator(), **common),
+                                     accelerator.device)
     share = dict(rank=accelerator.process_index, world=accelerator.num_processes, bad_images=cfg.bad_images)
     stream = ShardStream(data, "train", train_tf, seed=cfg.seed, batch_size=cfg.batch_size, batches=batches, **share)
-    train = OnDevice(torch.utils.data.DataLoader(stream, **common), accelerator.device)
-    val = (OnDevice(torch.utils.data.DataLoader(ShardStream(data, "val", eval_tf, **share), **common),
-                    accelerator.device) if data.num_val else None)
-    return train, val, stream
+    val = loader(ShardStream(data, "val", eval_tf, **share)) if data.num_val else None
+    return loader(stream), val, stream
 
 
 def image_sizes(cfg: FinetuneConfig, model: nn.Module) -> tuple[int, int]:
