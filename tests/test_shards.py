@@ -19,7 +19,6 @@ from _shards import read_back, write_info, write_shards
 import nfnet_zoo  # noqa: F401  (registers the variants)
 from nfnet_zoo import NFNetZooError
 from nfnet_zoo.data import load_eval_samples, load_image_data
-from nfnet_zoo.data import shards as shards_module
 from nfnet_zoo.data.shards import ShardStream
 from nfnet_zoo.evaluation import evaluate
 from nfnet_zoo.training.finetune import finetune
@@ -79,6 +78,20 @@ def test_the_shuffle_is_a_function_of_seed_and_epoch(timm_wds):
         return [x[1] for x, _ in s]
     assert order(0, 0) == order(0, 0)
     assert order(0, 1) != order(0, 0) and order(1, 0) != order(0, 0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_epoch_yields_the_batches_the_run_had_left(timm_wds, workers):
+    data = load_image_data(f"wds/{timm_wds[0]}")
+    stream = ShardStream(data, "train", lambda img: read_back(img)[1], seed=3, batch_size=2, batches=7)
+    stream.epoch = 1
+    loader = torch.utils.data.DataLoader(stream, batch_size=2, num_workers=workers)
+    batches = lambda: [b.tolist() for b, _ in loader]
+    whole = batches()
+    assert len(whole) == 7
+    for skip in (1, 2, 5):
+        stream.skip = skip
+        assert batches() == whole[skip:], skip
 
 
 def test_a_plain_folder_of_tars_trains_and_evaluates_end_to_end(uninterrupted, timm_wds, tmp_path):

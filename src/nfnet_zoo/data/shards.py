@@ -271,14 +271,15 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        slots, slot = self.world * workers, self.rank * workers + worker
         if not self.batches:
-            yield from self._decoded(self._raw(slot, slots, 0), False)
+            yield from self._decoded(self._raw(self.rank * workers + worker, self.world * workers, 0), False)
             return
-        # DataLoader takes batch j from worker j % workers: this worker's share of the epoch and of what was consumed
-        mine = len(range(worker, self.batches, workers)) * self.batch_size
-        skip = len(range(worker, self.skip, workers)) * self.batch_size
-        stream = self._shuffled(slot, slots)
+        # An epoch's batch j is read by reader j % workers. The DataLoader takes the k-th batch it yields from worker
+        # k % workers, so after `skip` consumed batches worker w plays reader (w + skip) % workers.
+        role = (worker + self.skip) % workers
+        mine = len(range(role, self.batches, workers)) * self.batch_size
+        skip = len(range(role, self.skip, workers)) * self.batch_size
+        stream = self._shuffled(self.rank * workers + role, self.world * workers)
         for _ in range(skip):
             next(stream)
         yield from _take(self._decoded(stream, True), mine - skip)
