@@ -164,14 +164,16 @@ class FinetuneConfig:
         None, group=MODEL_DATA, free="a folder or file",
         help="images: DIR/<class>/*, DIR/train + DIR/val (or validation), a datasets.save_to_disk folder, parquet or "
         "arrow files in the Hub's layout (DIR/data/train-*.parquet), an image folder with metadata.csv or "
-        "metadata.jsonl, or a CSV file of path and label")
+        "metadata.jsonl, a CSV file of path and label, or WebDataset shards: wds/DIR (timm's, with _info.json) or a "
+        "folder of .tar shards (train-000000.tar ..., val-*.tar), streamed")
     input_key: Optional[str] = setting(
         None, group=MODEL_DATA, free="a column name", shown="the Image (or file_name) column",
-        help="the column holding the images, for datasets, parquet and CSV sources (timm's --input-key)")
+        help="the column holding the images, for datasets, parquet and CSV sources, or the member of a WebDataset "
+        "sample, e.g. jpg (timm's --input-key)")
     target_key: Optional[str] = setting(
         None, group=MODEL_DATA, free="a column name", shown="the one label column",
         help="the column holding the labels, for datasets, parquet and CSV sources (timm's --target-key); needed "
-        "when there are several")
+        "when there are several; for WebDataset shards the label member, default cls")
     output: Optional[str] = setting(
         None, group=MODEL_DATA, free="a folder", shown="runs/MODEL-DATASET", help="run folder to create")
     epochs: int = setting(

@@ -10,6 +10,8 @@ Layouts read by `load_image_data` (and `load_eval_samples`; found by sources.py)
 - tables naming image files: DIR/metadata.csv or .jsonl (flat, or in DIR/train/, DIR/val/ ...), or a CSV file.
   Read by our folder code, not datasets' imagefolder builder, so that each file is counted once under its real
   path, links are followed as in folders, and the start-up check keeps its per-file cache (`_table_data`).
+- WebDataset shards, streamed (shards.py): `wds/DIR` (timm's, with _info.json) or a folder of *.tar shards; not
+  checked at the start (a bad image met mid-stream is skipped or refused), no sample list: data.json lists the shards.
 The image and label columns are the one Image (or file_name/path) column and the one label column, or
 --input-key/--target-key; several label columns are refused. A split's rows without a label (-1, empty) are left
 out, and a split with none is never the validation split; without a validation split, --val-split splits train.
@@ -94,7 +96,7 @@ def load_image_data(data_dir: str | os.PathLike, val_split: float = VAL_SPLIT_DE
     `input_key`, `target_key`: the image and label columns of a table or dataset (timm's --input-key, --target-key).
     """
     if shard_root(data_dir):  # streamed: no per-file check (a bad image met mid-stream is skipped or refused)
-        return load_shard_data(data_dir, val_split, input_key, target_key)
+        return load_shard_data(data_dir, val_split, input_key, target_key, processes=num_processes, workers=workers)
     root = _data_root(data_dir, check)
     if root.is_dir() and not any(root.iterdir()):
         raise NFNetZooError(f"data folder {root} is empty; put each class's images in DIR/<class>/")

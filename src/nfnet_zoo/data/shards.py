@@ -195,8 +195,10 @@ def _scan(root: Path, files: list[str], target: str, fraction: float, labels: bo
 
 
 def load_shard_data(data_dir: str | os.PathLike, val_split: float, input_key: Optional[str] = None,
-                    target_key: Optional[str] = None, evaluating: bool = False) -> ImageData:
-    """The shards of each split of `data_dir` and their sample counts (see the module docstring); nothing decoded."""
+                    target_key: Optional[str] = None, evaluating: bool = False, processes: int = 1,
+                    workers: int = 0) -> ImageData:
+    """The shards of each split of `data_dir` and their sample counts (see the module docstring); nothing decoded.
+    `processes` and `workers` are recorded: the order of a training epoch is a function of them."""
     if importlib.util.find_spec("webdataset") is None:
         raise NFNetZooError(f"{_show(os.fspath(data_dir))} holds WebDataset shards; reading them needs the "
                             f"`webdataset` package: pip install 'nfnet-zoo[wds]' (or pip install webdataset)")
@@ -241,7 +243,8 @@ def load_shard_data(data_dir: str | os.PathLike, val_split: float, input_key: Op
         classes = [str(i) for i in range(int(num_classes or 0))]
     if len(classes) < 2 and not evaluating:
         raise NFNetZooError(f"{root} has {len(classes)} class(es) in its labels; a classifier needs at least 2")
-    shards = {"splits": used, "held_out": fraction, "input_key": inp, "target_key": target}
+    shards = {"splits": used, "held_out": fraction, "input_key": inp, "target_key": target,
+              "readers": {"processes": processes, "workers": workers}}
     return ImageData(str(root), "wds", [str(c) for c in classes], [], [], shards=shards)
 
 

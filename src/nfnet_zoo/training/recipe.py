@@ -208,6 +208,12 @@ def _stream_loaders(cfg: FinetuneConfig, data: ImageData, accelerator, train_tf,
     import torch
     from ..data.shards import OnDevice, ShardStream, check_shards
     check_shards(data)
+    readers = {"processes": accelerator.num_processes, "workers": cfg.workers}
+    if data.shards.get("readers", readers) != readers:  # a resume with another --workers or process count
+        was = data.shards["readers"]
+        warnings.warn(f"the run's shards were read by {was['workers']} worker(s) on {was['processes']} process(es), now "
+                      f"{cfg.workers} on {accelerator.num_processes}: the epoch in progress goes on with another order "
+                      f"of its samples (an exact resume needs --workers {was['workers']} on {was['processes']})")
     per_step = cfg.batch_size * accelerator.num_processes
     batches = data.num_train // per_step
     batches -= batches % cfg.grad_accum_steps
