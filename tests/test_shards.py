@@ -212,6 +212,9 @@ def test_bad_shards_are_one_line_errors(tmp_path):
     write_info(missing, {"train": ("train-{000000..000002}.tar", [3, 3, 3])})
     _one_line("train-000002.tar is missing", lambda: load_image_data(f"wds/{missing}"))
     _one_line("is not a folder", lambda: load_image_data(f"wds/{tmp_path}/nowhere"))
+    _one_line("is not a folder", lambda: load_image_data("wds/"))
+    write_info(missing, {"train": ("train-{000000..000001}.tar", [3, 3])}, num_classes="three")
+    _one_line("num_classes 'three' is not a count", lambda: load_image_data(f"wds/{missing}"))
 
 
 def test_a_label_out_of_range_is_refused_when_it_is_met(tmp_path):

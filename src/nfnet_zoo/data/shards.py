@@ -52,7 +52,7 @@ def shard_root(data_dir: str | os.PathLike) -> Optional[Path]:
     path = Path(given).expanduser()
     if given.startswith(PREFIX) and not path.exists():
         path = Path(given[len(PREFIX):]).expanduser()
-        if not path.is_dir():
+        if not given[len(PREFIX):] or not path.is_dir():
             raise NFNetZooError(f"--data-dir {_show(given)}: {_show(str(path))} is not a folder; pass wds/FOLDER with "
                                 f"the folder of .tar shards")
         return path.absolute()
@@ -107,9 +107,11 @@ def _splits_of_info(root: Path, info: dict) -> dict[str, dict]:
             raise NFNetZooError(f"{root}/_info.json: split {name} has no list of filenames; fix it as timm's")
         files = [f for pattern in split["filenames"] for f in _expand(str(pattern))]
         lengths = split.get("shard_lengths") or None
-        if lengths is not None and len(lengths) != len(files):
+        if not isinstance(lengths, list) or len(lengths) != len(files):
             lengths = None  # brace patterns with per-pattern counts: only the total is usable
-        found[which] = {"files": files, "lengths": lengths, "num_samples": split.get("num_samples")}
+        n = split.get("num_samples")
+        n = n if type(n) is int and n >= 0 else None  # absent or odd: counted from the shards instead
+        found[which] = {"files": files, "lengths": lengths, "num_samples": n}
     return found
 
 
@@ -228,8 +230,13 @@ def load_shard_data(data_dir: str | os.PathLike, val_split: float, input_key: Op
     inp, target = _keys(input_key, target_key)
     num_classes = (info or {}).get("num_classes")
     classes = (info or {}).get("classes") or (info or {}).get("label_names")
+    if classes is not None and not isinstance(classes, list):
+        raise NFNetZooError(f"{root}/_info.json: its classes are not a list of names; fix or remove them")
     if classes and num_classes is None:
         num_classes = len(classes)
+    if num_classes is not None and not (type(num_classes) is int and num_classes >= 1):
+        raise NFNetZooError(f"{root}/_info.json: num_classes {num_classes!r} is not a count of classes; fix it, or "
+                            f"remove it (the classes are then read from the shards' labels)")
     for name, s in list(used.items()):
         if s["num_samples"] is not None and not fraction and num_classes is not None:
             continue  # _info.json says all we need: no pass over the shards
