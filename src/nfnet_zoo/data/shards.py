@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import NFNetZooError
 from .loading import sample_seed, seeded_transform
@@ -154,6 +154,8 @@ def _members(shard: str, what: Callable[[str], bool]) -> Iterator[tuple[str, str
 
 
 def _why(e: BaseException) -> str:
+    if isinstance(e, UnidentifiedImageError):  # its text names a BytesIO object
+        return "not an image PIL can identify"
     return str(e).splitlines()[0][:80] if str(e) else type(e).__name__
 
 
@@ -349,11 +351,11 @@ class ShardStream(torch.utils.data.IterableDataset):
                     img = to_rgb(img)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
                 if self.bad_images == "error":
-                    raise NFNetZooError(f"cannot read image of sample {_show(key)} in {_show(shard)} ({str(e)[:80]}); "
+                    raise NFNetZooError(f"cannot read image of sample {_show(key)} in {_show(shard)} ({_why(e)}); "
                                         f"remove it, or pass --bad-images skip to leave it out") from None
                 bad += 1
-                warnings.warn(f"skipped unreadable image of sample {_show(key)} in {_show(shard)} ({bad} in this "
-                              f"reader so far)")
+                warnings.warn(f"skipped unreadable image of sample {_show(key)} in {_show(shard)} ({_why(e)}; {bad} "
+                              f"in this reader so far)")
                 continue
             if self.label_map is not None:
                 label = self.label_map[label]

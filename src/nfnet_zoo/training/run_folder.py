@@ -247,7 +247,9 @@ def image_data(cfg: FinetuneConfig, run: Path, resuming: bool, accelerator) -> I
         data = load_data(run, resuming)
     else:
         from accelerate.utils import gather_object
-        accelerator.print(f"checking images in {cfg.data_dir} ({cfg.check_images}) ...")
+        from ..data.shards import shard_root
+        accelerator.print(f"reading the shards of {cfg.data_dir} (streamed: images are not checked at the start) ..."
+                          if shard_root(cfg.data_dir) else f"checking images in {cfg.data_dir} ({cfg.check_images}) ...")
         data = load_image_data(cfg.data_dir, cfg.val_split, cfg.bad_images, cfg.workers, cfg.check_images,
                                accelerator.process_index, accelerator.num_processes, gather_object,
                                cfg.input_key, cfg.target_key)
