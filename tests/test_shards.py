@@ -129,6 +129,18 @@ def test_val_split_holds_out_the_same_keys_by_their_hash(tmp_path):
     assert not trained & val and len(trained | val) == 60
 
 
+def test_input_key_and_target_key_name_the_members(tmp_path):
+    root = tmp_path / "d"
+    write_shards(root, "train", [4, 4], image="jpg", label="label")  # PNG bytes under .jpg: PIL reads the content
+    _one_line("has no .cls label member.*--target-key", lambda: load_image_data(root))
+    data = load_image_data(root, val_split=0.0, input_key="jpg", target_key=".label")
+    assert data.shards["input_key"] == "jpg" and data.shards["target_key"] == "label"
+    assert sorted(n for _, n in _numbers(data, "train", batch_size=1, batches=8)) == list(range(8))
+    wrong = load_image_data(root, val_split=0.0, input_key="webp", target_key="label")
+    with pytest.warns(UserWarning, match="no image member"):
+        assert _numbers(wrong, "train") == []  # read once, as a validation split is
+
+
 def test_split_names_of_shard_files(tmp_path):
     root = tmp_path / "d"
     write_shards(root, "train", [3, 3])

@@ -8,7 +8,9 @@ nfnet_zoo_cli/settings.py; how each piece is built from them: recipe.py.
 
 Resuming is exact: the shuffle and each sample's augmentation are functions of (seed, epoch,
 index) (see data/), the RNG state of the training process is saved, so on the CPU a run killed
-at any moment and resumed ends with the same weights as one never interrupted.
+at any moment and resumed ends with the same weights as one never interrupted. WebDataset shards are streamed
+(data/shards.py): their order is a function of (seed, epoch, process, worker), and a resumed epoch reads past the
+batches it had consumed without decoding them; exact with the same processes and --workers (README).
 """
 from __future__ import annotations
 
