@@ -250,3 +250,15 @@ def test_a_corrupt_image_mid_stream_is_skipped_and_counted_or_refused(tmp_path):
     assert sorted(n for _, n in got) == [0, 1, 2, 3]
     _one_line("cannot read image of sample broken.*--bad-images skip",
               lambda: _numbers(data, "train", batch_size=1, batches=5, bad_images="error"))
+
+
+def test_a_resume_with_other_workers_says_it_is_not_exact(timm_wds):
+    from accelerate import Accelerator
+    from nfnet_zoo_cli.settings import FinetuneConfig
+    from nfnet_zoo.training.recipe import _stream_loaders
+    data = load_image_data(f"wds/{timm_wds[0]}", workers=2)  # what data.json records: the run's readers
+    assert data.shards["readers"] == {"processes": 1, "workers": 2}
+    with pytest.warns(UserWarning, match=r"read by 2 worker\(s\) on 1 process\(es\), now 0 on 1.*--workers 2 on 1"):
+        train, _, _ = _stream_loaders(FinetuneConfig(batch_size=2, workers=0), data, Accelerator(cpu=True), None, None,
+                                      None)
+    assert len(train) == 9
