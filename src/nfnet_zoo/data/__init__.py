@@ -41,7 +41,7 @@ from .sources import IMAGE_EXTENSIONS, data_files, table_files
 from .samples import Check, ImageData, VAL_SPLIT_DEFAULT, _check_data, _show, to_rgb
 from .folders import _count_once, _folder_data, _scan_classes, _split_folder, _stats, _table_data
 from .hf import Columns, _hf_data, _is_hf_dataset
-from .hub import config_name, is_hub_id, load_hub_dataset, parse_hub_id, resolve_revision
+from .hfds import config_name, is_hub_id, load_hub_dataset, parse_hub_id, resolve_revision
 from .loading import EpochSampler, ImageDataset, ImageFiles, WorkerSignals, collate_image_files, image_paths, sample_seed
 
 

@@ -37,7 +37,7 @@ class ImageData:
     data_files: Optional[dict[str, list[str]]] = None  # ... of these files; None: a save_to_disk folder
     source: Optional[str] = None                # --data-dir when it is a file (a CSV, a parquet file), else None
     config: Optional[str] = None                # a Hub dataset (root hfds/NAME): its config ...
-    revision: Optional[str] = None              # ... and the commit it was read at (hub.py)
+    revision: Optional[str] = None              # ... and the commit it was read at (hfds.py)
 
     @property
     def name(self) -> str:
@@ -144,7 +144,7 @@ def _load_hf(root: str, builder: Optional[str] = None, data_files: Optional[dict
         raise NFNetZooError(f"{root} holds {what}; reading it needs the `datasets` package: "
                             f"pip install 'nfnet-zoo[datasets]' (or pip install datasets)")
     if revision is not None:
-        from .hub import PREFIX, HubDataset, load_hub_dataset
+        from .hfds import PREFIX, HubDataset, load_hub_dataset
         return load_hub_dataset(HubDataset(root[len(PREFIX):], config), revision)
     if builder is None:
         return datasets.load_from_disk(root)

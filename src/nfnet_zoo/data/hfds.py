@@ -82,15 +82,17 @@ def resolve_revision(ds: HubDataset) -> str:
         except OSError:
             raise _not_cached(ds, f"revision {revision}") from None
     from huggingface_hub.utils import httpx  # httpx, or httpx2 where huggingface_hub uses that
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
     try:
-        try:  # as datasets resolves it: the card's download also records the revision's commit in the Hub cache
-            return Path(hf_hub_download(ds.name, "README.md", repo_type="dataset", revision=revision)).parent.name
-        except EntryNotFoundError:  # no card (its refs are recorded all the same)
-            from huggingface_hub import HfApi
-            return HfApi().dataset_info(ds.name, revision=revision).sha
+        commit = HfApi().dataset_info(ds.name, revision=revision).sha  # one request, not retried: fails fast
+        if commit != revision:  # the card's download records the revision's commit in the Hub cache, for offline
+            try:
+                hf_hub_download(ds.name, "README.md", repo_type="dataset", revision=revision)
+            except EntryNotFoundError:  # no card: recorded all the same
+                pass
+        return commit
     except RevisionNotFoundError:
         raise NFNetZooError(f"{ds.root} has no revision {revision!r}; pass a branch, tag or commit of "
                             f"huggingface.co/datasets/{ds.name} (or leave @REVISION out for main)") from None
@@ -114,16 +116,34 @@ def _prepared(name: str, config: Optional[str], commit: str):
     found = sorted(glob.glob(os.path.join(glob.escape(str(ds_config.HF_DATASETS_CACHE)), folder,
                                           glob.escape(config) if config else "*", "*", commit)))
     found = [Path(f) for f in found if os.path.isfile(os.path.join(f, "dataset_info.json"))]
-    if len(found) != 1:  # none, or several configs and none chosen
+    if len(found) > 1:  # several configs prepared and none chosen: the card's default, as load_dataset picks it
+        default = _default_config(name, commit)
+        found = [f for f in found if f.parts[-3] == default]
+    if len(found) != 1:
         return None
     return Cache(dataset_name=short, repo_id=name, config_name=found[0].parts[-3], version=found[0].parts[-2],
                  hash=commit).as_dataset()
+
+
+def _default_config(name: str, commit: str) -> Optional[str]:
+    """The default config named by the dataset card cached at `commit` (None without one)."""
+    from huggingface_hub import DatasetCard
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import try_to_load_from_cache
+    card = try_to_load_from_cache(name, "README.md", revision=commit, repo_type="dataset")
+    if not isinstance(card, str):
+        return None
+    try:
+        return MetadataConfigs.from_dataset_card_data(DatasetCard.load(card).data).get_default_config_name()
+    except ValueError:  # several defaults: none
+        return None
 
 
 def load_hub_dataset(ds: HubDataset, commit: str):
     """The DatasetDict of `ds` at `commit`: from datasets' cache when prepared, else downloaded by load_dataset."""
     import datasets
     from datasets.exceptions import DatasetNotFoundError
+    from huggingface_hub.utils import httpx
     quiet = datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
     try:
@@ -135,8 +155,8 @@ def load_hub_dataset(ds: HubDataset, commit: str):
         return datasets.load_dataset(ds.name, ds.config, revision=commit)
     except DatasetNotFoundError as e:
         raise NFNetZooError(f"{ds.root}: {str(e).splitlines()[0]}") from None
-    except ConnectionError as e:
-        raise NFNetZooError(f"cannot reach the Hugging Face Hub for {ds.root} ({str(e).splitlines()[0][:100]}); "
+    except (ConnectionError, httpx.TransportError) as e:
+        raise NFNetZooError(f"cannot reach the Hugging Face Hub for {ds.root} ({type(e).__name__}); "
                             f"check the network, or set HF_HUB_OFFLINE=1 to use the cached copy") from None
     except ValueError as e:
         if "config" not in str(e).lower():
