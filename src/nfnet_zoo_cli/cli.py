@@ -142,9 +142,11 @@ def _run_evaluate(args: argparse.Namespace) -> None:
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "predict", help="top-k labels with probabilities for image files, folders or paths on stdin",
+        "predict", help="top-k labels with probabilities for image files, folders, datasets or paths on stdin",
         description="Classify images with MODEL (its evaluation preprocessing). Each INPUT is an image file, a folder "
-        "(every image under it, recursively, in name order; links followed, each real file once) or - (image paths "
+        "(every image under it, recursively, in name order; links followed, each real file once), a dataset (a Hub "
+        "dataset hfds/NAME[:CONFIG][@REVISION], a datasets.save_to_disk folder, parquet or arrow files: the image of "
+        "every row of every split in order, or of --split; each result is named INPUT/SPLIT/ROW) or - (image paths "
         "on stdin, one per line, read as they come). Images are decoded batch by batch and each result is printed "
         "as soon as its batch is scored: text, a JSON array (--json), JSON lines (--jsonl) or CSV (--csv: image, "
         "label_1, prob_1, ... label_k, prob_k, error). A file that cannot be read as an image does not stop the "
@@ -153,7 +155,11 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "is refused before the model is loaded).")
     p.add_argument("model", metavar="MODEL", help="run folder, local-dir:PATH, hf-hub:REPO, or a registered "
                    "name with weights (nfnet_f0)")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder of images, or - for paths on stdin")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder of images, dataset, or - for paths "
+                   "on stdin")
+    p.add_argument("--split", action="append", metavar="NAME", help="score only this split of the dataset INPUTs "
+                   "(repeat for several; default: every split, in the dataset's order)")
+    p.add_argument("--input-key", metavar="COLUMN", help="the dataset's image column (default: its one Image column)")
     p.add_argument("-k", "--topk", type=argtype("topk"), default=5, help="labels per image (default: 5)")
     p.add_argument("-b", "--batch-size", type=argtype("batch_size"), default=32, help="batch size (default: 32)")
     p.add_argument("-j", "--workers", type=argtype("workers"), default=default_workers(),
@@ -174,7 +180,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     from nfnet_zoo.evaluation import csv_header, csv_row, format_prediction, iter_predictions
     from nfnet_zoo.models.load import load_model
 
-    paths = image_paths(args.inputs, sys.stdin)  # files and folders checked here, before the model is loaded
+    # files, folders and datasets checked here, before the model is loaded
+    paths = image_paths(args.inputs, sys.stdin, args.split, args.input_key)
     net = load_model(args.model)
     k = min(args.topk, net.num_classes)
     out = sys.stdout

@@ -42,7 +42,8 @@ from .samples import Check, ImageData, VAL_SPLIT_DEFAULT, _check_data, _show, to
 from .folders import _count_once, _folder_data, _scan_classes, _split_folder, _stats, _table_data
 from .hf import Columns, _hf_data, _is_hf_dataset
 from .hfds import config_name, is_hub_id, load_hub_dataset, parse_hub_id, resolve_revision
-from .loading import EpochSampler, ImageDataset, ImageFiles, WorkerSignals, collate_image_files, image_paths, sample_seed
+from .loading import (EpochSampler, ImageDataset, ImageFiles, Inputs, Row, WorkerSignals, collate_image_files,
+                      image_paths, sample_seed)
 
 
 _DATA_FILES = (".csv", ".parquet", ".arrow")  # what --data-dir may name besides a folder
@@ -202,4 +203,4 @@ def _same_data(run_data: ImageData, data_dir: str | os.PathLike) -> bool:
 
 
 __all__ = ["ImageData", "load_image_data", "load_eval_samples", "run_held_out", "to_rgb", "ImageDataset", "EpochSampler",
-           "sample_seed", "IMAGE_EXTENSIONS", "WorkerSignals", "image_paths", "ImageFiles", "collate_image_files"]
+           "sample_seed", "IMAGE_EXTENSIONS", "WorkerSignals", "image_paths", "ImageFiles", "collate_image_files", "Inputs", "Row"]
