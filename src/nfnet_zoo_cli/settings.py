@@ -161,10 +161,11 @@ class FinetuneConfig:
         None, group=MODEL_DATA, free="a registered model name", shown="the architecture of --checkpoint",
         help="registered model name, e.g. nfnet_f0")
     data_dir: Optional[str] = setting(
-        None, group=MODEL_DATA, free="a folder or file",
+        None, group=MODEL_DATA, free="a folder, file or hfds/NAME",
         help="images: DIR/<class>/*, DIR/train + DIR/val (or validation), a datasets.save_to_disk folder, parquet or "
         "arrow files in the Hub's layout (DIR/data/train-*.parquet), an image folder with metadata.csv or "
-        "metadata.jsonl, or a CSV file of path and label")
+        "metadata.jsonl, a CSV file of path and label, or a Hub dataset hfds/NAME[:CONFIG][@REVISION] (read at the "
+        "revision's commit, which a resume reads again)")
     input_key: Optional[str] = setting(
         None, group=MODEL_DATA, free="a column name", shown="the Image (or file_name) column",
         help="the column holding the images, for datasets, parquet and CSV sources (timm's --input-key)")

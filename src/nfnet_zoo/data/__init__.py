@@ -7,6 +7,9 @@ Layouts read by `load_image_data` (and `load_eval_samples`; found by sources.py)
 - a `datasets.save_to_disk` folder (a DatasetDict with train/validation splits, or one Dataset);
 - parquet or arrow files in the Hub's layout (DIR/data/train-*.parquet, DIR/<config>/..., DIR/train.parquet, one
   file): `datasets.load_dataset(builder, data_files)`, then the same path as a saved dataset (`_hf_data`);
+- a Hub dataset by name, `hfds/NAME[:CONFIG][@REVISION]` (hfds.py): `datasets.load_dataset(NAME, CONFIG,
+  revision=COMMIT)` at the revision's resolved commit, then the same path as a saved dataset; data.json records
+  the name, config and commit (HF_HUB_OFFLINE=1: from the cache);
 - tables naming image files: DIR/metadata.csv or .jsonl (flat, or in DIR/train/, DIR/val/ ...), or a CSV file.
   Read by our folder code, not datasets' imagefolder builder, so that each file is counted once under its real
   path, links are followed as in folders, and the start-up check keeps its per-file cache (`_table_data`).
@@ -15,7 +18,8 @@ The image and label columns are the one Image (or file_name/path) column and the
 out, and a split with none is never the validation split; without a validation split, --val-split splits train.
 Labels are class-folder names in timm's order (`natural_key`: class2 before class10, as timm's folder
 reader), the ClassLabel names, or a label column's values in that order, so a checkpoint's class indices agree
-with timm's train.py. data.json lists the samples (files, or split/row of the named data files): a resume is exact.
+with timm's train.py. data.json lists the samples (files, or split/row of the named data files or of the Hub
+dataset's recorded commit): a resume is exact.
 
 Every file is counted once, under its real path: links are followed, each real folder is entered
 once (a link loop is followed once), a file reached twice within its class folder counts once, and
