@@ -143,12 +143,14 @@ def _triples(rows) -> list[tuple]:
 
 
 # --- tests -------------------------------------------------------------------------------------------
-def test_finetune_on_a_hub_dataset_records_its_commit_and_evaluate_scores_the_held_out_split(colours):
+def test_finetune_on_a_hub_dataset_records_its_commit_and_evaluate_scores_the_held_out_split(colours, hub,
+                                                                                             monkeypatch):
     env, commits, tmp = colours
-    r = _cli(env, tmp, "finetune", "--model", "nfnet_zoo_tiny", "--data-dir", f"hfds/{REPO}", "--epochs", "1",
-             "--batch-size", "2", "--img-size", "32", "-j", "0", "--check-images", "none", "--output", "run")
+    r = _cli(env, tmp, "finetune", "--model", "nfnet_zoo_tiny", "--data-dir", f"hfds/{REPO}:default@main",
+             "--epochs", "1", "--batch-size", "2", "--img-size", "32", "-j", "0", "--check-images", "none")
     assert r.returncode == 0, r.stderr
-    data = json.loads((tmp / "run" / "data.json").read_text())
+    run = tmp / "runs" / "nfnet_zoo_tiny-colours"  # the default run folder: no : or @ in its name
+    data = json.loads((run / "data.json").read_text())
     # the fixture pushed B last: main is B, and the run records B's commit, not "main"
     assert (data["root"], data["config"], data["revision"]) == (f"hfds/{REPO}", "default", commits["B"])
     reference_train = _reference(tmp / "B", "train")
@@ -157,10 +159,18 @@ def test_finetune_on_a_hub_dataset_records_its_commit_and_evaluate_scores_the_he
     assert data["val"] == [[k, lab] for k, lab, _ in _reference(tmp / "A", "validation")]
     assert data["classes"] == ["red", "green"]
     assert "on 4 images (2 classes), validating on 2" in r.stdout
-    r = _cli(env, tmp, "evaluate", "run", "--data-dir", f"hfds/{REPO}", "-j", "0", "--json")
+    r = _cli(env, tmp, "evaluate", run, "--data-dir", f"hfds/{REPO}", "-j", "0", "--json")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert result["num_images"] == 2 and "held-out split" in result["split"]
+    from huggingface_hub import ModelCard
+    from nfnet_zoo import push_to_hub
+    # push names the dataset in the card's metadata without being told (from the run's own folder: the draft card
+    # names the run as finetune was given it, and a draft that differs counts as edited)
+    monkeypatch.chdir(tmp)
+    push_to_hub(run.relative_to(tmp), "alice/tiny-colours", token=hub.token, endpoint=hub.endpoint)
+    card = ModelCard(hub.files("alice/tiny-colours")["README.md"].decode())
+    assert card.data.datasets == [REPO]
 
 
 def test_revision_config_resume_and_offline_read_the_pinned_rows(colours):

@@ -269,8 +269,9 @@ def _add_push(sub: argparse._SubParsersAction) -> None:
         "exact network.")
     p.add_argument("run", help="run folder written by `nfnet-zoo finetune` (or any timm save_for_hf folder)")
     p.add_argument("--dataset", dest="dataset_id", metavar="ID",
-                   help="the Hub dataset id the run trained on (e.g. beans), listed in the card's metadata; a local "
-                   "folder's name is not a dataset id, so by default the card names none there")
+                   help="the Hub dataset id the run trained on (e.g. beans), listed in the card's metadata (default: "
+                   "the dataset of a run on --data-dir hfds/NAME; a local folder's name is not a dataset id, so the "
+                   "card names none there)")
     _add_hub_target(p)
     p.set_defaults(func=_run_push)
 

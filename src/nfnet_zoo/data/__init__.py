@@ -95,6 +95,8 @@ def _hub_data(data_id: str, val_split: float, check: Check, columns: Columns) ->
     """A Hub dataset `hfds/NAME[:CONFIG][@REVISION]` at its revision's commit, read as a saved dataset is."""
     ds = parse_hub_id(data_id)
     commit = resolve_revision(ds)
+    if check.num_processes > 1 and check.gather:  # the first process's commit: a branch that moves meanwhile must not split them
+        commit = check.gather([commit])[0]
     config = config_name(load_hub_dataset(ds, commit))  # recorded by name: a resume reads the same config
     return _hf_data(Path(ds.root), val_split, check, columns, config=config, revision=commit)
 
