@@ -4,6 +4,8 @@ Written from huggingface_hub's client code (`hf_api.py`, `_commit_api.py`, `lfs.
 `file_download.py`, `utils/_http.py`), not from our own: create repo, validate-yaml, preupload,
 LFS batch + PUT + verify, NDJSON commit, branches, revision info and tree listings, and
 `resolve` HEAD/GET with the X-Repo-Commit / ETag / X-Linked-Etag / X-Linked-Size headers.
+Model and dataset repos (`/api/datasets/...`, `/datasets/NAME/resolve/...`, stored as datasets/NAME), and
+`paths-info`, as far as `datasets.load_dataset` (5.x, through HfFileSystem) reads a dataset repo.
 Errors carry the Hub's X-Error-Code (RepoNotFound, RevisionNotFound, EntryNotFound).
 
 Like the real Hub it has two origins: the API (`endpoint`) and a storage host standing in for the

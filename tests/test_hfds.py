@@ -206,12 +206,14 @@ def test_bad_hub_dataset_ids_are_one_line_errors(colours, hub):
     from datasets import Dataset
     _upload(api, tmp / "tab", {"data/train-00000-of-00001.parquet": Dataset.from_dict({"x": [1, 2], "label": [0, 1]})},
             repo="alice/tabular")
+    api.create_repo("alice/empty", repo_type="dataset")  # .gitattributes only: no data files
     errors = [r["error"] for r in _probe(env, tmp, "hfds/alice/nope", f"hfds/{REPO}:gray", f"hfds/{REPO}@v9",
-                                         "hfds/alice/tabular")]
+                                         "hfds/alice/tabular", "hfds/alice/empty")]
     assert "no Hub dataset 'alice/nope'" in errors[0]
     assert "no config 'gray'; its configs are default, three" in errors[1]
     assert "no revision 'v9'" in errors[2]
     assert "no Image column" in errors[3]
+    assert "datasets cannot read hfds/alice/empty" in errors[4]
     unreachable = _probe({**env, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp / "empty")}, tmp,
                          f"hfds/{REPO}")
     assert "cannot reach the Hugging Face Hub" in unreachable[0]["error"]

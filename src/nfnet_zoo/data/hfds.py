@@ -127,9 +127,8 @@ def _prepared(name: str, config: Optional[str], commit: str):
 
 def _default_config(name: str, commit: str) -> Optional[str]:
     """The default config named by the dataset card cached at `commit` (None without one)."""
-    from huggingface_hub import DatasetCard
     from datasets.utils.metadata import MetadataConfigs
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import DatasetCard, try_to_load_from_cache
     card = try_to_load_from_cache(name, "README.md", revision=commit, repo_type="dataset")
     if not isinstance(card, str):
         return None
@@ -142,7 +141,8 @@ def _default_config(name: str, commit: str) -> Optional[str]:
 def load_hub_dataset(ds: HubDataset, commit: str):
     """The DatasetDict of `ds` at `commit`: from datasets' cache when prepared, else downloaded by load_dataset."""
     import datasets
-    from datasets.exceptions import DatasetNotFoundError
+    from datasets.data_files import EmptyDatasetError
+    from datasets.exceptions import DatasetsError
     from huggingface_hub.utils import httpx
     quiet = datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
@@ -153,11 +153,12 @@ def load_hub_dataset(ds: HubDataset, commit: str):
         if _offline():
             raise _not_cached(ds, f"(config {ds.config or 'default'}, commit {commit[:12]})")
         return datasets.load_dataset(ds.name, ds.config, revision=commit)
-    except DatasetNotFoundError as e:
-        raise NFNetZooError(f"{ds.root}: {str(e).splitlines()[0]}") from None
     except (ConnectionError, httpx.TransportError) as e:
         raise NFNetZooError(f"cannot reach the Hugging Face Hub for {ds.root} ({type(e).__name__}); "
                             f"check the network, or set HF_HUB_OFFLINE=1 to use the cached copy") from None
+    except (DatasetsError, EmptyDatasetError) as e:  # no data files, files it cannot read, a failed build
+        raise NFNetZooError(f"datasets cannot read {ds.root} at {commit[:12]} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:150]}); check the dataset's files on the Hub") from None
     except ValueError as e:
         if "config" not in str(e).lower():
             raise
