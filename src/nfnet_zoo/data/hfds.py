@@ -17,7 +17,7 @@ from ..errors import NFNetZooError
 
 PREFIX = "hfds/"  # timm's prefix for a Hub dataset (train.py --dataset hfds/NAME)
 _COMMIT = re.compile(r"[0-9a-f]{40}")
-_NAME_PART = re.compile(r"[\w.\-]+")  # a config name or a revision (branch, tag, refs/pr/N, commit)
+_NAME_PART = re.compile(r"[\w.\-]+")  # a config name, or a revision's parts (branch, tag, refs/pr/N, commit)
 _FORM = "hfds/NAME or hfds/USER/NAME, optionally :CONFIG and @REVISION (hfds/beans, hfds/USER/NAME:CONFIG@main)"
 
 
@@ -52,7 +52,8 @@ def parse_hub_id(text: str) -> HubDataset:
         raise NFNetZooError(f"--data-dir {text!r}: {name!r} is not a Hub dataset name ({str(e).splitlines()[0]}); "
                             f"pass {_FORM}") from None
     for what, value, given in (("config", config, colon), ("revision", revision, at)):
-        if given and not (_NAME_PART.fullmatch(value.replace("/", "")) and ".." not in value):
+        parts = value.split("/") if what == "revision" else [value]
+        if given and not all(_NAME_PART.fullmatch(p) and p not in (".", "..") for p in parts):
             raise NFNetZooError(f"--data-dir {text!r}: {what} {value!r} is empty or has characters a {what} name "
                                 f"cannot hold; pass {_FORM}")
     return HubDataset(name, config or None, revision or None)
@@ -156,7 +157,7 @@ def load_hub_dataset(ds: HubDataset, commit: str):
     except (ConnectionError, httpx.TransportError) as e:
         raise NFNetZooError(f"cannot reach the Hugging Face Hub for {ds.root} ({type(e).__name__}); "
                             f"check the network, or set HF_HUB_OFFLINE=1 to use the cached copy") from None
-    except (DatasetsError, EmptyDatasetError) as e:  # no data files, files it cannot read, a failed build
+    except (DatasetsError, EmptyDatasetError, RuntimeError) as e:  # no data files, unreadable ones, a loading script
         raise NFNetZooError(f"datasets cannot read {ds.root} at {commit[:12]} ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:150]}); check the dataset's files on the Hub") from None
     except ValueError as e:
