@@ -163,6 +163,14 @@ def test_finetune_on_a_hub_dataset_records_its_commit_and_evaluate_scores_the_he
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert result["num_images"] == 2 and "held-out split" in result["split"]
+    # the Hub moves on (main's train split now has 2 rows): a resume still reads B's 4 rows, which C lacks
+    from huggingface_hub import HfApi
+    c = _dataset({"train": ["red", "green"]})["train"]
+    _upload(HfApi(endpoint=hub.endpoint, token=hub.token), tmp / "C", {"data/train-00000-of-00001.parquet": c})
+    r = _cli(env, tmp, "finetune", "--resume", run.relative_to(tmp), "--epochs", "2", "-j", "0")
+    assert r.returncode == 0, r.stderr
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert json.loads((run / "data.json").read_text()) == data
     from huggingface_hub import ModelCard
     from nfnet_zoo import push_to_hub
     # push names the dataset in the card's metadata without being told (from the run's own folder: the draft card
