@@ -265,8 +265,9 @@ def _dataset_reference(model: str, folder: Path, splits=("train", "validation"))
     return out
 
 
-def _matches(got: list[dict], want: list[dict], renamed: str = "") -> None:
-    assert [r["image"] for r in got] == [w["image"].replace(*(renamed.split("|") if renamed else ("", ""))) for w in want]
+def _matches(got: list[dict], want: list[dict], renamed: tuple = ("", "")) -> None:
+    """The same rows (their names with renamed[0] replaced by renamed[1]), errors, labels and probabilities."""
+    assert [r["image"] for r in got] == [w["image"].replace(*map(str, renamed)) for w in want]
     for r, w in zip(got, want):
         assert ("error" in r) == ("error" in w), r
         if "error" in w:
@@ -285,14 +286,14 @@ def test_a_dataset_is_the_image_of_each_row_split_by_split(model, saved, capsys,
     assert "no image" in _lines(out)[-1]["error"]
     # the same rows as parquet files in the Hub's layout (read by datasets.load_dataset), with workers
     code, out, _ = _cli(["predict", model, hub, "--jsonl", "-j", "1", "-b", "5"], capsys, monkeypatch)
-    _matches(_lines(out), want, renamed=f"{folder}|{hub}")
+    _matches(_lines(out), want, renamed=(folder, hub))
     # --split chooses; a parquet file is a dataset of one (train) split
     code, out, _ = _cli(["predict", model, folder, "--split", "validation", "--csv", "-j", "0"], capsys, monkeypatch)
     names = [row[0] for row in csv.reader(io.StringIO(out))][1:]
     assert names == [f"{folder}/validation/{i}" for i in range(7)]
     parquet = hub / "data" / "train-00000-of-00001.parquet"
     code, out, _ = _cli(["predict", model, parquet, "--jsonl", "-j", "0"], capsys, monkeypatch)
-    _matches(_lines(out), [w for w in want if "/train/" in w["image"]], renamed=f"{folder}|{parquet}")
+    _matches(_lines(out), [w for w in want if "/train/" in w["image"]], renamed=(folder, parquet))
 
 
 @pytest.mark.parametrize("args, words", [

@@ -134,7 +134,8 @@ def iter_predictions(model: str | nn.Module, images: Iterable[str | os.PathLike]
     names = prediction_labels(net)
     items = (i if isinstance(i, Row) else os.fspath(i) for i in images)
     files = ImageFiles(_eval_transform(net), getattr(images, "openers", ()))  # the datasets' openers, if any
-    loader = torch.utils.data.DataLoader(files, sampler=items, batch_size=batch_size, num_workers=workers, collate_fn=collate_image_files)
+    loader = torch.utils.data.DataLoader(files, sampler=items, batch_size=batch_size, num_workers=workers,
+                                         collate_fn=collate_image_files)
     device = _device()
     net.to(device).eval()
     k = min(topk, net.num_classes)

@@ -45,7 +45,7 @@ from .sources import IMAGE_EXTENSIONS, data_files, table_files
 from .samples import Check, ImageData, VAL_SPLIT_DEFAULT, _check_data, _show, to_rgb
 from .folders import _count_once, _folder_data, _scan_classes, _split_folder, _stats, _table_data
 from .hf import Columns, _hf_data, _is_hf_dataset
-from .hfds import config_name, is_hub_id, load_hub_dataset, parse_hub_id, resolve_revision
+from .hfds import is_hub_id, open_hub_id, parse_hub_id, resolve_revision
 from .loading import (EpochSampler, ImageDataset, ImageFiles, Inputs, Row, WorkerSignals, collate_image_files,
                       image_paths, sample_seed)
 
@@ -93,12 +93,9 @@ def _source_data(root: Path, val_split: float, check: Check, columns: Columns) -
 
 def _hub_data(data_id: str, val_split: float, check: Check, columns: Columns) -> ImageData:
     """A Hub dataset `hfds/NAME[:CONFIG][@REVISION]` at its revision's commit, read as a saved dataset is."""
-    ds = parse_hub_id(data_id)
-    commit = resolve_revision(ds)
-    if check.num_processes > 1 and check.gather:  # the first process's commit: a branch that moves meanwhile must not split them
-        commit = check.gather([commit])[0]
-    config = config_name(load_hub_dataset(ds, commit))  # recorded by name: a resume reads the same config
-    return _hf_data(Path(ds.root), val_split, check, columns, config=config, revision=commit)
+    agree = (lambda c: check.gather([c])[0]) if check.num_processes > 1 and check.gather else None
+    root, config, commit, _ = open_hub_id(data_id, agree)  # the config by name: a resume reads the same one
+    return _hf_data(Path(root), val_split, check, columns, config=config, revision=commit)
 
 
 def load_image_data(data_dir: str | os.PathLike, val_split: float = VAL_SPLIT_DEFAULT,
@@ -209,4 +206,5 @@ def _same_data(run_data: ImageData, data_dir: str | os.PathLike) -> bool:
 
 
 __all__ = ["ImageData", "load_image_data", "load_eval_samples", "run_held_out", "to_rgb", "ImageDataset", "EpochSampler",
-           "sample_seed", "IMAGE_EXTENSIONS", "WorkerSignals", "image_paths", "ImageFiles", "collate_image_files", "Inputs", "Row"]
+           "sample_seed", "IMAGE_EXTENSIONS", "WorkerSignals", "image_paths", "ImageFiles", "collate_image_files",
+           "Inputs", "Row"]

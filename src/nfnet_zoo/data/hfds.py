@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from ..errors import NFNetZooError
 
@@ -175,3 +175,14 @@ def load_hub_dataset(ds: HubDataset, commit: str):
 def config_name(loaded) -> str:
     """The config the splits were built from, which data.json records (the default one has a name too)."""
     return next(iter(loaded.values())).info.config_name
+
+
+def open_hub_id(text: str, agree: Optional[Callable[[str], str]] = None):
+    """(root hfds/NAME, config name, commit, DatasetDict) of `hfds/NAME[:CONFIG][@REVISION]`; `agree` maps this
+    process's commit to the one all processes use (the first's: a branch that moves meanwhile must not split them)."""
+    ds = parse_hub_id(text)
+    commit = resolve_revision(ds)
+    if agree is not None:
+        commit = agree(commit)
+    loaded = load_hub_dataset(ds, commit)
+    return ds.root, config_name(loaded), commit, loaded

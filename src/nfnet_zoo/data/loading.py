@@ -19,7 +19,7 @@ from .sources import FORMATS, IMAGE_EXTENSIONS, data_files
 from .samples import _Opener, _load_hf, _show, to_rgb
 from .folders import _walk_images
 from .hf import _is_hf_dataset, _pick
-from .hfds import config_name, is_hub_id, load_hub_dataset, parse_hub_id, resolve_revision
+from .hfds import is_hub_id, open_hub_id
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,8 @@ def _dataset_rows(given: str, source: int, splits: Optional[Sequence[str]], inpu
     folder in the Hub's layout); None when `given` is none of these. Rows are listed lazily, split by split (all
     splits in the dataset's order, or `splits`); the splits are memory-mapped, each image decoded when scored."""
     if is_hub_id(given):
-        ds = parse_hub_id(given)
-        commit = resolve_revision(ds)
-        loaded = load_hub_dataset(ds, commit)
-        opener = _Opener(ds.root, "hf", config=config_name(loaded), revision=commit)
+        root, config, commit, loaded = open_hub_id(given)
+        opener = _Opener(root, "hf", config=config, revision=commit)
     else:
         path = Path(given)
         if path.is_dir() and _is_hf_dataset(path):
