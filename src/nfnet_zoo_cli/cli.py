@@ -57,8 +57,8 @@ def _plain_warnings():
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "finetune", help="fine-tune an NFNet (or any timm model) on a folder of images, with AGC",
-        description="Fine-tune on DIR/<class>/<image> (or DIR/train + DIR/val, or a Hugging Face dataset "
-        "saved with save_to_disk) with the paper's recipe adapted to fine-tuning: SGD with Nesterov "
+        description="Fine-tune on DIR/<class>/<image> (or DIR/train + DIR/val, a Hugging Face dataset "
+        "saved with save_to_disk, parquet files, or a Hub dataset hfds/NAME; see --data-dir) with the paper's recipe adapted to fine-tuning: SGD with Nesterov "
         "momentum 0.9 (--opt: any timm optimizer), lr = --lr-base x global batch / 256, linear warmup then "
         "cosine decay per step (--sched), "
         "weight decay without gains, skip gains and biases, label smoothing, AGC on every parameter but "
@@ -109,11 +109,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         description="Evaluate MODEL on DIR's val/ (or validation/) folder, or on all of DIR/<class>/* "
         "when it has none, with the model's own evaluation preprocessing. Class folders are matched to "
         "the model's class names. When MODEL is a run folder and DIR the data it was trained on, only "
-        "the run's held-out split (RUN/data.json) is scored, and the output says so.")
+        "the run's held-out split (RUN/data.json) is scored, and the output says so (a Hub dataset hfds/NAME is "
+        "the run's data when its name and config are, read at the run's commit).")
     p.add_argument("model", metavar="MODEL", help="run folder, local-dir:PATH, hf-hub:REPO, or a registered "
                    "name with weights (nfnet_f0)")
     p.add_argument("--data-dir", required=True, help="images, as finetune's --data-dir takes them: a folder "
-                   "(DIR/<class>/<image>), a saved dataset, parquet/arrow files, metadata.csv/jsonl, or a CSV file")
+                   "(DIR/<class>/<image>), a saved dataset, parquet/arrow files, metadata.csv/jsonl, a CSV file, or a "
+                   "Hub dataset hfds/NAME[:CONFIG][@REVISION]")
     for name in ("input_key", "target_key"):
         p.add_argument(flag(name), default=None, help=SETTINGS[name].help)
     p.add_argument("-b", "--batch-size", type=argtype("batch_size"), default=64, help="batch size (default: 64)")
