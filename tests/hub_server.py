@@ -4,6 +4,8 @@ Written from huggingface_hub's client code (`hf_api.py`, `_commit_api.py`, `lfs.
 `file_download.py`, `utils/_http.py`), not from our own: create repo, validate-yaml, preupload,
 LFS batch + PUT + verify, NDJSON commit, branches, revision info and tree listings, and
 `resolve` HEAD/GET with the X-Repo-Commit / ETag / X-Linked-Etag / X-Linked-Size headers.
+Model and dataset repos (`/api/datasets/...`, `/datasets/NAME/resolve/...`, stored as datasets/NAME), and
+`paths-info`, as far as `datasets.load_dataset` (5.x, through HfFileSystem) reads a dataset repo.
 Errors carry the Hub's X-Error-Code (RepoNotFound, RevisionNotFound, EntryNotFound).
 
 Like the real Hub it has two origins: the API (`endpoint`) and a storage host standing in for the
@@ -276,46 +278,53 @@ class HubServer:
             return self._create_repo(h, user, json.loads(h._body()))
         if parts == ["api", "validate-yaml"] and method == "POST":
             return self._validate_yaml(h, json.loads(h._body()))
-        if parts[:2] == ["api", "models"] and len(parts) >= 4:
-            repo_id, action, rest = "/".join(parts[2:4]), parts[4] if len(parts) > 4 else None, parts[5:]
+        # a dataset repo is stored under datasets/NAMESPACE/NAME, a model repo under NAMESPACE/NAME
+        if parts[:2] in (["api", "models"], ["api", "datasets"]) and len(parts) >= 4:
+            kind = "datasets/" if parts[1] == "datasets" else ""
+            repo_id, action, rest = kind + "/".join(parts[2:4]), parts[4] if len(parts) > 4 else None, parts[5:]
             if action is None and method == "GET":
                 return self._info(h, repo_id, "main", user)
             if action == "revision" and method == "GET":
                 return self._info(h, repo_id, rest[0], user)
             if action == "tree" and method == "GET":
                 return self._tree(h, repo_id, rest[0], "/".join(rest[1:]), query, user)
+            if action == "paths-info" and method == "POST":
+                return self._paths_info(h, repo_id, rest[0], user)
             if action == "preupload" and method == "POST":
                 return self._preupload(h, repo_id, rest[0], query, user)
             if action == "commit" and method == "POST":
                 return self._commit(h, repo_id, rest[0], query, user)
             if action == "branch" and method == "POST":
                 return self._branch(h, repo_id, "/".join(rest), user)
+        kind = "datasets/" if parts[:1] == ["datasets"] else ""
+        parts = parts[1:] if kind else parts
         if len(parts) == 6 and parts[1].endswith(".git") and parts[2:5] == ["info", "lfs", "objects"]:
-            repo_id = f"{parts[0]}/{parts[1][:-4]}"
+            repo_id = f"{kind}{parts[0]}/{parts[1][:-4]}"
             if parts[5] == "batch" and method == "POST":
                 return self._lfs_batch(h, repo_id, json.loads(h._body()), user)
             if parts[5] == "verify" and method == "POST":
                 return self._lfs_verify(h, json.loads(h._body()))
         if len(parts) >= 5 and parts[2] == "resolve" and method in ("GET", "HEAD"):
-            return self._resolve(h, f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]), user)
+            return self._resolve(h, f"{kind}{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]), user)
         raise HubError(404, f"no route for {method} {h.path}")
 
     # --- repos ---
     def _readable(self, repo_id: str, user: str | None) -> dict:
         repo = self.store.repo(repo_id)
-        if repo["private"] and user != repo_id.split("/")[0]:
+        if repo["private"] and user != repo_id.split("/")[-2]:
             raise HubError(404, "Repository not found", "RepoNotFound")  # the Hub hides private repos
         return repo
 
     def _writable(self, repo_id: str, user: str | None) -> dict:
         repo = self._readable(repo_id, user)
-        if user != repo_id.split("/")[0]:
+        if user != repo_id.split("/")[-2]:
             raise HubError(403, f"You don't have the rights to write to {repo_id}")
         return repo
 
     def _create_repo(self, h: _Handler, user: str, body: dict) -> None:
         namespace = body.get("organization") or user
-        repo_id = f"{namespace}/{body['name']}"
+        kind = "datasets/" if body.get("type") == "dataset" else ""
+        repo_id = f"{kind}{namespace}/{body['name']}"
         if namespace != user:
             raise HubError(403, f"You don't have the rights to create a model under the namespace {namespace}")
         with self.store.lock:
@@ -326,7 +335,8 @@ class HubServer:
             files = {".gitattributes": self._entry(GITATTRIBUTES.encode(), lfs=False)}
             repo["refs"]["main"] = Store.new_commit(repo, None, "initial commit", files)
             self.store.save_repo(repo_id, repo)
-        h._json(200, {"url": self._url(repo_id), "name": repo_id, "id": repo_id})
+        name = repo_id.removeprefix("datasets/")
+        h._json(200, {"url": self._url(repo_id), "name": name, "id": name})
 
     def _url(self, repo_id: str) -> str:
         return f"{self.endpoint}/{repo_id}"
@@ -346,7 +356,8 @@ class HubServer:
         repo = self._readable(repo_id, user)
         sha = Store.resolve(repo, revision)
         files = sorted(repo["commits"][sha]["files"])
-        h._json(200, {"id": repo_id, "author": repo_id.split("/")[0], "sha": sha, "private": repo["private"],
+        h._json(200, {"id": repo_id.removeprefix("datasets/"), "author": repo_id.split("/")[-2], "sha": sha,
+                      "private": repo["private"], "lastModified": "2026-01-01T00:00:00.000Z",
                       "siblings": [{"rfilename": p} for p in files], "tags": [], "library_name": None})
 
     def _tree(self, h: _Handler, repo_id: str, revision: str, path: str, query: dict, user: str | None) -> None:
@@ -370,6 +381,21 @@ class HubServer:
         out += [{"type": "directory", "path": f, "oid": hashlib.sha1(f.encode()).hexdigest()} for f in sorted(folders)]
         if path and not out:
             raise HubError(404, f"{path} does not exist", "EntryNotFound")
+        h._json(200, out)
+
+    def _paths_info(self, h: _Handler, repo_id: str, revision: str, user: str | None) -> None:
+        """The entries of the form's `paths` (files, or folders holding files); unknown paths are left out."""
+        repo = self._readable(repo_id, user)
+        files = repo["commits"][Store.resolve(repo, revision)]["files"]
+        out = []
+        for p in parse_qs(h._body().decode()).get("paths", []):
+            p = p.strip("/")
+            if p in files:
+                e = files[p]
+                out.append({"type": "file", "path": p, "oid": e["oid"], "size": e["size"],
+                            **({"lfs": e["lfs"]} if e["lfs"] else {})})
+            elif any(f.startswith(p + "/") for f in files):
+                out.append({"type": "directory", "path": p, "oid": hashlib.sha1(p.encode()).hexdigest()})
         h._json(200, out)
 
     def _branch(self, h: _Handler, repo_id: str, branch: str, user: str) -> None:

@@ -225,3 +225,125 @@ def test_a_reader_that_stops_early_ends_it_quietly(model, images):
     proc.stdout.close()
     assert proc.wait(timeout=120) == 0
     assert proc.stderr.read() == ""
+
+
+# --- datasets: a save_to_disk folder, parquet files in the Hub's layout ---------------------------------------
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, images) -> tuple[Path, Path]:
+    """The same rows twice: a save_to_disk DatasetDict (train: the 12 train files; validation: the 6 val files and a
+    row without an image) and its parquet files in the Hub's layout (DIR/data/<split>-00000-of-00001.parquet)."""
+    from datasets import Dataset, DatasetDict, Features, Image as HFImage, Value
+    files = _files(images)
+    features = Features({"image": HFImage(), "file": Value("string")})
+    rows = lambda fs: {"image": [{"bytes": Path(f).read_bytes(), "path": None} if f else None for f in fs],
+                       "file": [f or "" for f in fs]}
+    ds = DatasetDict(train=Dataset.from_dict(rows(files[:12]), features=features),
+                     validation=Dataset.from_dict(rows(files[12:] + [None]), features=features))
+    root = tmp_path_factory.mktemp("datasets")
+    ds.save_to_disk(str(root / "saved"))
+    for split in ds:
+        ds[split].to_parquet(str(root / "hub" / "data" / f"{split}-00000-of-00001.parquet"))
+    return root / "saved", root / "hub"
+
+
+def _dataset_reference(model: str, folder: Path, splits=("train", "validation")) -> list[dict]:
+    """Each row of `folder` read by datasets and scored by timm on its eval transform: {"image": FOLDER/split/row,
+    "probs"}, or {"image", "error"} for a row without an image."""
+    from datasets import load_from_disk
+    from timm.data import create_transform, resolve_data_config
+    net = timm.create_model(f"local-dir:{model}", pretrained=True).eval()
+    tf = create_transform(**resolve_data_config(model=net, use_test_size=True))
+    loaded, out = load_from_disk(str(folder)), []
+    for split in splits:
+        for i, row in enumerate(loaded[split]):
+            name = f"{folder}/{split}/{i}"
+            if row["image"] is None:
+                out.append({"image": name, "error": True})
+                continue
+            with torch.no_grad():
+                out.append({"image": name, "probs": net(tf(row["image"].convert("RGB"))[None]).softmax(1)[0]})
+    return out
+
+
+def _matches(got: list[dict], want: list[dict], renamed: tuple = ("", "")) -> None:
+    """The same rows (their names with renamed[0] replaced by renamed[1]), errors, labels and probabilities."""
+    assert [r["image"] for r in got] == [w["image"].replace(*map(str, renamed)) for w in want]
+    for r, w in zip(got, want):
+        assert ("error" in r) == ("error" in w), r
+        if "error" in w:
+            continue
+        assert [q["index"] for q in r["predictions"]] == w["probs"].argsort(descending=True).tolist()
+        assert [q["probability"] for q in r["predictions"]] == pytest.approx(
+            [w["probs"][q["index"]].item() for q in r["predictions"]], abs=1e-5)
+
+
+def test_a_dataset_is_the_image_of_each_row_split_by_split(model, saved, capsys, monkeypatch):
+    folder, hub = saved
+    want = _dataset_reference(model, folder)
+    code, out, err = _cli(["predict", model, folder, "--jsonl", "-j", "0", "-b", "4"], capsys, monkeypatch)
+    assert code == 1 and "1 of 19 images could not be read" in err  # the row without an image
+    _matches(_lines(out), want)
+    assert "no image" in _lines(out)[-1]["error"]
+    # the same rows as parquet files in the Hub's layout (read by datasets.load_dataset), with workers
+    code, out, _ = _cli(["predict", model, hub, "--jsonl", "-j", "1", "-b", "5"], capsys, monkeypatch)
+    _matches(_lines(out), want, renamed=(folder, hub))
+    # --split chooses; a parquet file is a dataset of one (train) split
+    code, out, _ = _cli(["predict", model, folder, "--split", "validation", "--csv", "-j", "0"], capsys, monkeypatch)
+    names = [row[0] for row in csv.reader(io.StringIO(out))][1:]
+    assert names == [f"{folder}/validation/{i}" for i in range(7)]
+    parquet = hub / "data" / "train-00000-of-00001.parquet"
+    code, out, _ = _cli(["predict", model, parquet, "--jsonl", "-j", "0"], capsys, monkeypatch)
+    _matches(_lines(out), [w for w in want if "/train/" in w["image"]], renamed=(folder, parquet))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--split", "test"], "has no split 'test'; its splits are train, validation"),
+    (["--input-key", "file"], "--input-key file is not an Image column"),
+])
+def test_a_bad_split_or_column_is_one_line_before_the_model_loads(saved, capsys, monkeypatch, args, words):
+    code, out, err = _cli(["predict", "no-such-model", saved[0], *args], capsys, monkeypatch)
+    assert code == 2 and out == "" and words in err and err.count("\n") == 1, err
+
+
+class _Mean(torch.nn.Module):
+    """A classifier of the mean colour, for a test of the data stream where a network's cost would only add time."""
+
+    num_classes = 3
+    pretrained_cfg = {"label_names": CLASSES, "input_size": (3, 8, 8), "crop_pct": 1.0}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3))
+
+
+def test_a_large_dataset_is_streamed_with_a_bounded_number_of_decoded_images(tmp_path, monkeypatch):
+    """1,000 rows, batches of 4: the images alive at once (counted by a finalizer on each decoded image) stay within a
+    batch, and the first results come before the 5th image is decoded."""
+    import weakref
+    from datasets import Dataset, Features, Image as HFImage
+    from nfnet_zoo.data import image_paths, samples
+    b = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(b, "PNG")
+    Dataset.from_dict({"image": [{"bytes": b.getvalue(), "path": None}] * 1000},
+                      features=Features({"image": HFImage()})).save_to_disk(str(tmp_path / "big"))
+    count = {"alive": 0, "most": 0, "decoded": 0}
+
+    def gone():
+        count["alive"] -= 1
+
+    raw = samples._Opener.raw
+
+    def counted(self, key):
+        img = raw(self, key)
+        count["alive"] += 1
+        count["decoded"] += 1
+        count["most"] = max(count["most"], count["alive"])
+        weakref.finalize(img, gone)
+        return img
+    monkeypatch.setattr(samples._Opener, "raw", counted)
+    results = iter_predictions(_Mean(), image_paths([tmp_path / "big"]), topk=1, batch_size=4, workers=0)
+    first = next(results)
+    assert first["image"] == f"{tmp_path / 'big'}/0" and count["decoded"] <= 4
+    rest = list(results)
+    assert len(rest) == 999 and count["decoded"] == 1000 and rest[-1]["image"] == f"{tmp_path / 'big'}/999"
+    assert rest[-1]["predictions"][0]["label"] == "bright"  # the red channel: index 0
+    assert count["most"] <= 4 and count["alive"] == 0

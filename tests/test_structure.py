@@ -127,9 +127,10 @@ def test_nothing_hooks_the_import_system():
 
 
 def test_data_modules_build_on_one_another():
-    # samples (what a sample is and how it is read) <- datasets <- files on disk <- loading <- the entry points
-    order = ["nfnet_zoo.data.image_check", "nfnet_zoo.data.sources", "nfnet_zoo.data.samples", "nfnet_zoo.data.hf",
-             "nfnet_zoo.data.folders", "nfnet_zoo.data.loading", "nfnet_zoo.data.shards", "nfnet_zoo.data"]
+    # Hub ids <- samples (what a sample is, how it is read) <- datasets <- files on disk <- loading <- shards <- entry points
+    order = ["nfnet_zoo.data.image_check", "nfnet_zoo.data.sources", "nfnet_zoo.data.hfds", "nfnet_zoo.data.samples",
+             "nfnet_zoo.data.hf", "nfnet_zoo.data.folders", "nfnet_zoo.data.loading", "nfnet_zoo.data.shards",
+             "nfnet_zoo.data"]
     assert set(order) == {n for n in MODULES if n == "nfnet_zoo.data" or n.startswith("nfnet_zoo.data.")}
     for i, name in enumerate(order):
         later = sorted(t for t in GRAPH[name] if t in order[i + 1:])

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from .data import ImageDataset, ImageFiles, collate_image_files, load_eval_samples, run_held_out
+from .data import ImageDataset, ImageFiles, Row, collate_image_files, load_eval_samples, run_held_out
 from .errors import NFNetZooError
 from .models.load import load_model
 
@@ -130,12 +130,15 @@ def iter_predictions(model: str | nn.Module, images: Iterable[str | os.PathLike]
     """Top-k labels with probabilities for each image, in order, yielded batch by batch as they are scored:
     {"image", "predictions": [{"label", "index", "probability"}]}, or {"image", "error"} for a file that cannot be
     read as an image (the others are scored). `images` is read lazily, as the batches need it (a stream of paths
-    works); at most `batch_size` x (1 + 2 x `workers`) images are decoded at a time. MODEL is loaded at the first
-    `next()`; pass a loaded model to load it once for several calls."""
+    works, and `data.image_paths` gives dataset rows too, each named INPUT/split/row); at most `batch_size` x
+    (1 + 2 x `workers`) images are decoded at a time. MODEL is loaded at the first `next()`; pass a loaded model to
+    load it once for several calls."""
     net = load_model(model) if isinstance(model, (str, os.PathLike)) else model
     names = prediction_labels(net)
-    loader = torch.utils.data.DataLoader(ImageFiles(_eval_transform(net)), sampler=map(os.fspath, images),
-                                         batch_size=batch_size, num_workers=workers, collate_fn=collate_image_files)
+    items = (i if isinstance(i, Row) else os.fspath(i) for i in images)
+    files = ImageFiles(_eval_transform(net), getattr(images, "openers", ()))  # the datasets' openers, if any
+    loader = torch.utils.data.DataLoader(files, sampler=items, batch_size=batch_size, num_workers=workers,
+                                         collate_fn=collate_image_files)
     device = _device()
     net.to(device).eval()
     k = min(topk, net.num_classes)

@@ -57,8 +57,8 @@ def _plain_warnings():
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "finetune", help="fine-tune an NFNet (or any timm model) on a folder of images, with AGC",
-        description="Fine-tune on DIR/<class>/<image> (or DIR/train + DIR/val, or a Hugging Face dataset "
-        "saved with save_to_disk) with the paper's recipe adapted to fine-tuning: SGD with Nesterov "
+        description="Fine-tune on DIR/<class>/<image> (or DIR/train + DIR/val, a Hugging Face dataset "
+        "saved with save_to_disk, parquet files, or a Hub dataset hfds/NAME; see --data-dir) with the paper's recipe adapted to fine-tuning: SGD with Nesterov "
         "momentum 0.9 (--opt: any timm optimizer), lr = --lr-base x global batch / 256, linear warmup then "
         "cosine decay per step (--sched), "
         "weight decay without gains, skip gains and biases, label smoothing, AGC on every parameter but "
@@ -109,11 +109,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         description="Evaluate MODEL on DIR's val/ (or validation/) folder, or on all of DIR/<class>/* "
         "when it has none, with the model's own evaluation preprocessing. Class folders are matched to "
         "the model's class names. When MODEL is a run folder and DIR the data it was trained on, only "
-        "the run's held-out split (RUN/data.json) is scored, and the output says so.")
+        "the run's held-out split (RUN/data.json) is scored, and the output says so (a Hub dataset hfds/NAME is "
+        "the run's data when its name and config are, read at the run's commit).")
     p.add_argument("model", metavar="MODEL", help="run folder, local-dir:PATH, hf-hub:REPO, or a registered "
                    "name with weights (nfnet_f0)")
     p.add_argument("--data-dir", required=True, help="images, as finetune's --data-dir takes them: a folder "
-                   "(DIR/<class>/<image>), a saved dataset, parquet/arrow files, metadata.csv/jsonl, or a CSV file")
+                   "(DIR/<class>/<image>), a saved dataset, parquet/arrow files, metadata.csv/jsonl, a CSV file, or a "
+                   "Hub dataset hfds/NAME[:CONFIG][@REVISION]")
     for name in ("input_key", "target_key"):
         p.add_argument(flag(name), default=None, help=SETTINGS[name].help)
     p.add_argument("-b", "--batch-size", type=argtype("batch_size"), default=64, help="batch size (default: 64)")
@@ -142,9 +144,11 @@ def _run_evaluate(args: argparse.Namespace) -> None:
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "predict", help="top-k labels with probabilities for image files, folders or paths on stdin",
+        "predict", help="top-k labels with probabilities for image files, folders, datasets or paths on stdin",
         description="Classify images with MODEL (its evaluation preprocessing). Each INPUT is an image file, a folder "
-        "(every image under it, recursively, in name order; links followed, each real file once) or - (image paths "
+        "(every image under it, recursively, in name order; links followed, each real file once), a dataset (a Hub "
+        "dataset hfds/NAME[:CONFIG][@REVISION], a datasets.save_to_disk folder, parquet or arrow files: the image of "
+        "every row of every split in order, or of --split; each result is named INPUT/SPLIT/ROW) or - (image paths "
         "on stdin, one per line, read as they come). Images are decoded batch by batch and each result is printed "
         "as soon as its batch is scored: text, a JSON array (--json), JSON lines (--jsonl) or CSV (--csv: image, "
         "label_1, prob_1, ... label_k, prob_k, error). A file that cannot be read as an image does not stop the "
@@ -153,7 +157,11 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "is refused before the model is loaded).")
     p.add_argument("model", metavar="MODEL", help="run folder, local-dir:PATH, hf-hub:REPO, or a registered "
                    "name with weights (nfnet_f0)")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder of images, or - for paths on stdin")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder of images, dataset, or - for paths "
+                   "on stdin")
+    p.add_argument("--split", action="append", metavar="NAME", help="score only this split of the dataset INPUTs "
+                   "(repeat for several; default: every split, in the dataset's order)")
+    p.add_argument("--input-key", metavar="COLUMN", help="the dataset's image column (default: its one Image column)")
     p.add_argument("-k", "--topk", type=argtype("topk"), default=5, help="labels per image (default: 5)")
     p.add_argument("-b", "--batch-size", type=argtype("batch_size"), default=32, help="batch size (default: 32)")
     p.add_argument("-j", "--workers", type=argtype("workers"), default=default_workers(),
@@ -174,7 +182,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     from nfnet_zoo.evaluation import csv_header, csv_row, format_prediction, iter_predictions
     from nfnet_zoo.models.load import load_model
 
-    paths = image_paths(args.inputs, sys.stdin)  # files and folders checked here, before the model is loaded
+    # files, folders and datasets checked here, before the model is loaded
+    paths = image_paths(args.inputs, sys.stdin, args.split, args.input_key)
     net = load_model(args.model)
     k = min(args.topk, net.num_classes)
     out = sys.stdout
@@ -262,8 +271,9 @@ def _add_push(sub: argparse._SubParsersAction) -> None:
         "exact network.")
     p.add_argument("run", help="run folder written by `nfnet-zoo finetune` (or any timm save_for_hf folder)")
     p.add_argument("--dataset", dest="dataset_id", metavar="ID",
-                   help="the Hub dataset id the run trained on (e.g. beans), listed in the card's metadata; a local "
-                   "folder's name is not a dataset id, so by default the card names none there")
+                   help="the Hub dataset id the run trained on (e.g. beans), listed in the card's metadata (default: "
+                   "the dataset of a run on --data-dir hfds/NAME; a local folder's name is not a dataset id, so the "
+                   "card names none there)")
     _add_hub_target(p)
     p.set_defaults(func=_run_push)
 

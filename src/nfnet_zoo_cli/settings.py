@@ -161,10 +161,11 @@ class FinetuneConfig:
         None, group=MODEL_DATA, free="a registered model name", shown="the architecture of --checkpoint",
         help="registered model name, e.g. nfnet_f0")
     data_dir: Optional[str] = setting(
-        None, group=MODEL_DATA, free="a folder or file",
+        None, group=MODEL_DATA, free="a folder, file or hfds/NAME",
         help="images: DIR/<class>/*, DIR/train + DIR/val (or validation), a datasets.save_to_disk folder, parquet or "
         "arrow files in the Hub's layout (DIR/data/train-*.parquet), an image folder with metadata.csv or "
-        "metadata.jsonl, a CSV file of path and label, or WebDataset shards: wds/DIR (timm's, with _info.json) or a "
+        "metadata.jsonl, a CSV file of path and label, a Hub dataset hfds/NAME[:CONFIG][@REVISION] (read at the "
+        "revision's commit, which a resume reads again), or WebDataset shards: wds/DIR (timm's, with _info.json) or a "
         "folder of .tar shards (train-000000.tar ..., val-*.tar), streamed")
     input_key: Optional[str] = setting(
         None, group=MODEL_DATA, free="a column name", shown="the Image (or file_name) column",

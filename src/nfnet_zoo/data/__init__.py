@@ -7,6 +7,9 @@ Layouts read by `load_image_data` (and `load_eval_samples`; found by sources.py)
 - a `datasets.save_to_disk` folder (a DatasetDict with train/validation splits, or one Dataset);
 - parquet or arrow files in the Hub's layout (DIR/data/train-*.parquet, DIR/<config>/..., DIR/train.parquet, one
   file): `datasets.load_dataset(builder, data_files)`, then the same path as a saved dataset (`_hf_data`);
+- a Hub dataset by name, `hfds/NAME[:CONFIG][@REVISION]` (hfds.py): `datasets.load_dataset(NAME, CONFIG,
+  revision=COMMIT)` at the revision's resolved commit, then the same path as a saved dataset; data.json records
+  the name, config and commit (HF_HUB_OFFLINE=1: from the cache);
 - tables naming image files: DIR/metadata.csv or .jsonl (flat, or in DIR/train/, DIR/val/ ...), or a CSV file.
   Read by our folder code, not datasets' imagefolder builder, so that each file is counted once under its real
   path, links are followed as in folders, and the start-up check keeps its per-file cache (`_table_data`).
@@ -17,7 +20,8 @@ The image and label columns are the one Image (or file_name/path) column and the
 out, and a split with none is never the validation split; without a validation split, --val-split splits train.
 Labels are class-folder names in timm's order (`natural_key`: class2 before class10, as timm's folder
 reader), the ClassLabel names, or a label column's values in that order, so a checkpoint's class indices agree
-with timm's train.py. data.json lists the samples (files, or split/row of the named data files): a resume is exact.
+with timm's train.py. data.json lists the samples (files, or split/row of the named data files or of the Hub
+dataset's recorded commit): a resume is exact.
 
 Every file is counted once, under its real path: links are followed, each real folder is entered
 once (a link loop is followed once), a file reached twice within its class folder counts once, and
@@ -43,17 +47,23 @@ from .sources import IMAGE_EXTENSIONS, data_files, table_files
 from .samples import Check, ImageData, VAL_SPLIT_DEFAULT, _check_data, _show, to_rgb
 from .folders import _count_once, _folder_data, _scan_classes, _split_folder, _stats, _table_data
 from .hf import Columns, _hf_data, _is_hf_dataset
+from .hfds import is_hub_id, open_hub_id, parse_hub_id, resolve_revision
+from .loading import (EpochSampler, ImageDataset, ImageFiles, Inputs, Row, WorkerSignals, collate_image_files,
+                      image_paths, sample_seed)
 from .shards import load_shard_data, shard_root
-from .loading import EpochSampler, ImageDataset, ImageFiles, WorkerSignals, collate_image_files, image_paths, sample_seed
 
 
 _DATA_FILES = (".csv", ".parquet", ".arrow")  # what --data-dir may name besides a folder
 
 
-def _data_root(data_dir: str | os.PathLike, check: str) -> Path:
+def _check_level(check: str) -> None:
     wrong = problem("check_images", check)  # finetune's declaration: evaluate takes the same levels
     if wrong:
         raise NFNetZooError(f"--check-images {wrong}")
+
+
+def _data_root(data_dir: str | os.PathLike, check: str) -> Path:
+    _check_level(check)
     # absolute: data.json must still find the images when a run is resumed from another folder
     root = Path(data_dir).expanduser().absolute()
     if root.exists() and not root.is_dir() and root.suffix.lower() not in _DATA_FILES:
@@ -84,6 +94,13 @@ def _source_data(root: Path, val_split: float, check: Check, columns: Columns) -
     return None
 
 
+def _hub_data(data_id: str, val_split: float, check: Check, columns: Columns) -> ImageData:
+    """A Hub dataset `hfds/NAME[:CONFIG][@REVISION]` at its revision's commit, read as a saved dataset is."""
+    agree = (lambda c: check.gather([c])[0]) if check.num_processes > 1 and check.gather else None
+    root, config, commit, _ = open_hub_id(data_id, agree)  # the config by name: a resume reads the same one
+    return _hf_data(Path(root), val_split, check, columns, config=config, revision=commit)
+
+
 def load_image_data(data_dir: str | os.PathLike, val_split: float = VAL_SPLIT_DEFAULT,
                     bad_images: str = "skip", workers: int = 4, check: str = "full", process_index: int = 0,
                     num_processes: int = 1, gather: Gather = None, input_key: Optional[str] = None,
@@ -97,20 +114,22 @@ def load_image_data(data_dir: str | os.PathLike, val_split: float = VAL_SPLIT_DE
     """
     if shard_root(data_dir):  # streamed: no per-file check (a bad image met mid-stream is skipped or refused)
         return load_shard_data(data_dir, val_split, input_key, target_key, processes=num_processes, workers=workers)
-    root = _data_root(data_dir, check)
-    if root.is_dir() and not any(root.iterdir()):
+    hub = is_hub_id(data_dir)
+    root = _check_level(check) if hub else _data_root(data_dir, check)
+    if root is not None and root.is_dir() and not any(root.iterdir()):
         raise NFNetZooError(f"data folder {root} is empty; put each class's images in DIR/<class>/")
     if not 0.0 <= val_split < 1.0:
         raise NFNetZooError(f"--val-split must be in [0, 1), got {val_split}")
     how = Check(check, bad_images, workers, process_index, num_processes, gather)
-    data = _source_data(root, val_split, how, Columns(input_key, target_key))
+    columns = Columns(input_key, target_key)
+    data = _hub_data(data_dir, val_split, how, columns) if hub else _source_data(root, val_split, how, columns)
     if data is None:
         data = _folder_data(root, val_split, how)
     elif len({lab for _, lab in data.train + data.val}) < 2:
         raise NFNetZooError(f"{_show(data.source or data.root)} has {len({lab for _, lab in data.train})} class(es) "
                             f"with labelled training images; a classifier needs at least 2")
     if not data.train:
-        raise NFNetZooError(f"no readable training images in {root}")
+        raise NFNetZooError(f"no readable training images in {data.root}")
     return data
 
 
@@ -121,9 +140,13 @@ def load_eval_samples(data_dir: str | os.PathLike, bad_images: str = "skip", wor
     every image of its class folders (a dataset, parquet files, tables or shards: the validation/test split, else all)."""
     if shard_root(data_dir):
         return load_shard_data(data_dir, 0.0, input_key, target_key, evaluating=True)
-    root = _data_root(data_dir, check)
-    how = Check(check, bad_images, workers)
-    data = _source_data(root, 0.0, how, Columns(input_key, target_key))
+    how, columns = Check(check, bad_images, workers), Columns(input_key, target_key)
+    if is_hub_id(data_dir):
+        _check_level(check)
+        data = _hub_data(data_dir, 0.0, how, columns)
+    else:
+        root = _data_root(data_dir, check)
+        data = _source_data(root, 0.0, how, columns)
     if data is not None:
         if not data.val:  # no validation split: all of it
             data.val, data.train = data.train, []
@@ -159,10 +182,7 @@ def run_held_out(data_json: Path, data_dir: str | os.PathLike, bad_images: str =
         warnings.warn(f"cannot read {data_json} ({type(e).__name__}): if {_show(str(data_dir))} is the data this "
                       f"run was trained on, the scores include its training images")
         return None
-    try:
-        if not os.path.samefile(run_data.source or run_data.root, shard_root(data_dir) or data_dir):
-            return None
-    except (OSError, TypeError):  # either folder is gone: not the same
+    if not _same_data(run_data, data_dir):
         return None
     if run_data.shards:  # streamed: the run's validation shards (or its held-out hash share)
         if not run_data.num_val:
@@ -175,12 +195,29 @@ def run_held_out(data_json: Path, data_dir: str | os.PathLike, bad_images: str =
                             f"images of it (--val-split 0); evaluate on images it was not trained on")
     held = ImageData(run_data.root, run_data.kind, run_data.classes, [], run_data.val,
                      image_column=run_data.image_column, builder=run_data.builder, data_files=run_data.data_files,
-                     source=run_data.source)
+                     source=run_data.source, config=run_data.config, revision=run_data.revision)
     _check_data(held, Check(check, bad_images, workers))
     if not held.val:
         raise NFNetZooError(f"no readable images in the held-out split of {_show(str(data_dir))} listed in {data_json}")
     return held
 
 
+def _same_data(run_data: ImageData, data_dir: str | os.PathLike) -> bool:
+    """Is `data_dir` the data of `run_data`: the same folder or file, or the same Hub dataset and config (at the
+    run's commit, or a revision that resolves to it; without a revision, the run's)."""
+    if is_hub_id(data_dir) or run_data.revision is not None:
+        if not (is_hub_id(data_dir) and run_data.revision is not None):
+            return False
+        ds = parse_hub_id(data_dir)
+        if ds.root != run_data.root or ds.config not in (None, run_data.config):
+            return False
+        return ds.revision in (None, run_data.revision) or resolve_revision(ds) == run_data.revision
+    try:
+        return os.path.samefile(run_data.source or run_data.root, shard_root(data_dir) or data_dir)
+    except (OSError, TypeError):  # either folder is gone: not the same
+        return False
+
+
 __all__ = ["ImageData", "load_image_data", "load_eval_samples", "run_held_out", "to_rgb", "ImageDataset", "EpochSampler",
-           "sample_seed", "IMAGE_EXTENSIONS", "WorkerSignals", "image_paths", "ImageFiles", "collate_image_files"]
+           "sample_seed", "IMAGE_EXTENSIONS", "WorkerSignals", "image_paths", "ImageFiles", "collate_image_files",
+           "Inputs", "Row"]

@@ -135,9 +135,11 @@ def _rows(split: str, labelled: list[tuple[int, int]]) -> list[tuple[str, int]]:
 
 
 def _hf_data(root: Path, val_split: float, check: Check, columns: Columns = Columns(), builder: Optional[str] = None,
-             data_files: Optional[dict] = None, source: Optional[str] = None) -> ImageData:
-    """A save_to_disk folder, or parquet/arrow files (`builder`, `data_files`) read by datasets.load_dataset."""
-    loaded = _load_hf(str(root), builder, data_files)  # first: it names the missing `datasets` package in one line
+             data_files: Optional[dict] = None, source: Optional[str] = None, config: Optional[str] = None,
+             revision: Optional[str] = None) -> ImageData:
+    """A save_to_disk folder, parquet/arrow files (`builder`, `data_files`) read by datasets.load_dataset, or a Hub
+    dataset (root hfds/NAME, its `config` at commit `revision`)."""
+    loaded = _load_hf(str(root), builder, data_files, config, revision)  # first: it names the missing `datasets` package in one line
     from datasets import DatasetDict, Image as HFImage
     if isinstance(loaded, DatasetDict):
         if "train" not in loaded:
@@ -165,7 +167,7 @@ def _hf_data(root: Path, val_split: float, check: Check, columns: Columns = Colu
     if not val_name:
         train, val = _stratified_split(train, val_split)
     data = ImageData(str(root), "hf", names, train, val, image_column=image_col, builder=builder,
-                     data_files=data_files, source=source)
+                     data_files=data_files, source=source, config=config, revision=revision)
     opener = data.opener()
     # check the encoded bytes without the datasets decoder in the way
     opener._splits = ({s: ds.cast_column(image_col, HFImage(decode=False)) for s, ds in splits.items()}

@@ -6,6 +6,8 @@ import contextlib
 import os
 import random
 import zlib
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -13,26 +15,109 @@ import torch
 from PIL import Image
 
 from ..errors import NFNetZooError
-from .sources import IMAGE_EXTENSIONS
-from .samples import _show, to_rgb
+from .sources import FORMATS, IMAGE_EXTENSIONS, data_files
+from .samples import _Opener, _load_hf, _show, to_rgb
 from .folders import _walk_images
+from .hf import _is_hf_dataset, _pick
+from .hfds import is_hub_id, open_hub_id
 
 
-def image_paths(inputs: Sequence[str | os.PathLike], stdin: Optional[Iterable[str]] = None) -> Iterator[str]:
-    """The image paths that INPUTS name, in order: a file as given; a folder's images, recursively in name order
-    (links followed, each real folder entered once and each real file listed once, as for training data); "-" the
-    lines of `stdin`, read lazily (blank lines skipped). Files and folders are checked now, before anything is
-    returned: a missing path or a folder without images is a one-line error. Paths from stdin are not: a missing or
-    unreadable one is that image's error when it is opened."""
+@dataclass(frozen=True)
+class Row:
+    """A dataset row `predict` scores: its dataset (an index into `Inputs.openers`), its key (split/row, what the
+    opener reads) and the name its result carries (INPUT/split/row)."""
+
+    source: int
+    key: str
+    name: str
+
+
+class Inputs:
+    """What predict's INPUTs name, in order, read lazily: image paths (str) and dataset rows (`Row`), with the
+    openers of the datasets among them (`ImageFiles` reads a Row's image through its opener)."""
+
+    def __init__(self, parts: list, openers: list, stdin: Optional[Iterable[str]]):
+        self.parts, self.openers, self.stdin = parts, openers, stdin
+
+    def __iter__(self) -> Iterator:
+        for part in self.parts:
+            if part is not None:
+                yield from part
+                continue
+            for line in self.stdin:
+                line = line.rstrip("\r\n")
+                if line.strip():
+                    yield line
+
+
+def _dataset_rows(given: str, source: int, splits: Optional[Sequence[str]], input_key: Optional[str]):
+    """(opener, rows) of a dataset INPUT: hfds/NAME..., a save_to_disk folder, or parquet/arrow files (a file, or a
+    folder in the Hub's layout); None when `given` is none of these. Rows are listed lazily, split by split (all
+    splits in the dataset's order, or `splits`); the splits are memory-mapped, each image decoded when scored."""
+    if is_hub_id(given):
+        root, config, commit, loaded = open_hub_id(given)
+        opener = _Opener(root, "hf", config=config, revision=commit)
+    else:
+        path = Path(given)
+        if path.is_dir() and _is_hf_dataset(path):
+            found = (None, None)
+        elif path.is_dir() or path.is_file() and path.suffix.lower() in FORMATS:
+            found = data_files(path)
+        else:
+            return None
+        if found is None:
+            return None
+        opener = _Opener(given, "hf", builder=found[0], data_files=found[1])
+        loaded = _load_hf(given, *found)
+    names = list(loaded) if isinstance(loaded, dict) else [""]  # a DatasetDict's splits, or one Dataset
+    chosen = list(splits) if splits else names
+    unknown = [s for s in chosen if s not in names]
+    if unknown:
+        raise NFNetZooError(f"{_show(given)} has no split {unknown[0]!r}; its splits are {', '.join(names)}: pass "
+                            f"--split {names[0]}" if names != [""] else f"{_show(given)} is one dataset without "
+                            f"splits; leave --split out")
+    first = loaded[chosen[0]] if chosen != [""] else loaded
+    from datasets import Image as HFImage
+    images = [n for n, f in first.features.items() if isinstance(f, HFImage)]
+    opener.image_column = _pick("Image", "--input-key", input_key, images, list(first.features), _show(given))
+    if opener.image_column not in images:
+        raise NFNetZooError(f"{_show(given)}: --input-key {input_key} is not an Image column; pass one of "
+                            f"{', '.join(images) or 'none (cast the image column with datasets.Image())'}")
+    opener._splits = loaded  # the main process reads the splits it has loaded; workers load their own
+    if not sum(len(loaded[s] if s else loaded) for s in chosen):
+        raise NFNetZooError(f"{_show(given)} has no rows in {', '.join(chosen) if chosen != [''] else 'it'}; pass a "
+                            f"dataset with images")
+
+    def rows() -> Iterator[Row]:
+        for s in chosen:
+            for i in range(len(loaded[s] if s else loaded)):
+                yield Row(source, f"{s}/{i}", f"{given}/{s}/{i}" if s else f"{given}/{i}")
+    return opener, rows()
+
+
+def image_paths(inputs: Sequence[str | os.PathLike], stdin: Optional[Iterable[str]] = None,
+                splits: Optional[Sequence[str]] = None, input_key: Optional[str] = None) -> Inputs:
+    """The images that INPUTS name, in order: a file as given; a folder's images, recursively in name order
+    (links followed, each real folder entered once and each real file listed once, as for training data); a dataset
+    (hfds/NAME[:CONFIG][@REVISION], a save_to_disk folder, parquet/arrow files) its rows, of every split or of
+    `splits`, as `Row`s; "-" the lines of `stdin`, read lazily (blank lines skipped). Files, folders and datasets are
+    checked now, before anything is returned: a missing path, a folder without images, a dataset without an Image
+    column is a one-line error. Paths from stdin are not: a missing or unreadable one is that image's error."""
     inputs = [os.fspath(i) for i in inputs]
     if inputs.count("-") > 1:
         raise NFNetZooError('"-" (paths on stdin) is given more than once; give it once')
-    parts, seen = [], set()
+    parts, seen, openers = [], set(), []
     for given in inputs:
         if given == "-":
             if stdin is None:
                 raise NFNetZooError('"-" reads image paths from stdin, and there is no stdin here; pass files or folders')
             parts.append(None)
+            continue
+        dataset = _dataset_rows(given, len(openers), splits, input_key) if is_hub_id(given) or os.path.exists(given) \
+            else None
+        if dataset is not None:
+            openers.append(dataset[0])
+            parts.append(dataset[1])
         elif os.path.isdir(given):
             files, _ = _walk_images(given, given, os.path.realpath(given))
             found = []
@@ -42,23 +127,16 @@ def image_paths(inputs: Sequence[str | os.PathLike], stdin: Optional[Iterable[st
                     found.append(os.path.join(given, f.place))
             if not found:
                 raise NFNetZooError(f"{_show(given)} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} "
-                                    f"in it and its subfolders)")
+                                    f"in it and its subfolders, and for a dataset: parquet or arrow files, a "
+                                    f"save_to_disk folder)")
             parts.append(found)
         elif os.path.lexists(given):
             parts.append([given])
         else:
             raise NFNetZooError(f"image {_show(given)} does not exist")
-
-    def paths() -> Iterator[str]:
-        for part in parts:
-            if part is not None:
-                yield from part
-                continue
-            for line in stdin:
-                line = line.rstrip("\r\n")
-                if line.strip():
-                    yield line
-    return paths()
+    if splits and not openers:
+        raise NFNetZooError("--split chooses the splits of a dataset INPUT, and no INPUT is a dataset; leave it out")
+    return Inputs(parts, openers, stdin)
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -66,12 +144,19 @@ class ImageFiles(torch.utils.data.Dataset):
     so one bad file does not stop the others. Its indices are the paths themselves, which a DataLoader takes from
     any iterable sampler, so a stream of paths is read as the batches need it."""
 
-    def __init__(self, transform: Callable):
-        self.transform = transform
+    def __init__(self, transform: Callable, openers: Sequence = ()):
+        self.transform, self.openers = transform, list(openers)
 
-    def __getitem__(self, path: str) -> tuple[str, Optional[torch.Tensor], Optional[str]]:
+    def _open(self, item) -> tuple[str, Image.Image]:
+        if isinstance(item, Row):
+            return item.name, self.openers[item.source].raw(item.key)
+        return item, Image.open(item)
+
+    def __getitem__(self, item: str | Row) -> tuple[str, Optional[torch.Tensor], Optional[str]]:
+        path = item.name if isinstance(item, Row) else item
         try:
-            with Image.open(path) as img:
+            path, img = self._open(item)
+            with img:
                 img.load()
                 return path, self.transform(to_rgb(img)), None
         except FileNotFoundError:

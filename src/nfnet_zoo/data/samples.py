@@ -38,6 +38,8 @@ class ImageData:
     data_files: Optional[dict[str, list[str]]] = None  # ... of these files; None: a save_to_disk folder
     source: Optional[str] = None                # --data-dir when it is a file (a CSV, a parquet file), else None
     shards: Optional[dict] = None               # kind "wds": each split's shards and counts (data/shards.py)
+    config: Optional[str] = None                # a Hub dataset (root hfds/NAME): its config ...
+    revision: Optional[str] = None              # ... and the commit it was read at (hfds.py)
 
     @property
     def num_train(self) -> int:
@@ -68,7 +70,8 @@ class ImageData:
         return cls(**d)
 
     def opener(self) -> "_Opener":
-        return _Opener(self.root, self.kind, self.image_column, self.builder, self.data_files)
+        return _Opener(self.root, self.kind, self.image_column, self.builder, self.data_files, self.config,
+                       self.revision)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -96,9 +99,9 @@ class _Opener:
     """Loads one sample's image by key; picklable so DataLoader workers can use it."""
 
     def __init__(self, root: str, kind: str, image_column: Optional[str] = None, builder: Optional[str] = None,
-                 data_files: Optional[dict] = None):
+                 data_files: Optional[dict] = None, config: Optional[str] = None, revision: Optional[str] = None):
         self.root, self.kind, self.image_column = root, kind, image_column
-        self.builder, self.data_files = builder, data_files
+        self.builder, self.data_files, self.config, self.revision = builder, data_files, config, revision
         self._splits = None
 
     def __getstate__(self):
@@ -109,7 +112,7 @@ class _Opener:
             return Image.open(os.path.join(self.root, key))
         split, row = key.rsplit("/", 1)
         if self._splits is None:
-            self._splits = _load_hf(self.root, self.builder, self.data_files)
+            self._splits = _load_hf(self.root, self.builder, self.data_files, self.config, self.revision)
         ds = self._splits[split] if split else self._splits
         img = ds[int(row)][self.image_column]
         if img is None or isinstance(img, dict) and not (img.get("bytes") or img.get("path")):
@@ -144,13 +147,19 @@ def _datasets():
     return datasets
 
 
-def _load_hf(root: str, builder: Optional[str] = None, data_files: Optional[dict] = None):
-    """A save_to_disk folder, or (`builder`) datasets.load_dataset of parquet/arrow files: a DatasetDict by split."""
+def _load_hf(root: str, builder: Optional[str] = None, data_files: Optional[dict] = None,
+             config: Optional[str] = None, revision: Optional[str] = None):
+    """A save_to_disk folder, (`builder`) datasets.load_dataset of parquet/arrow files, or (`revision`) a Hub dataset
+    at that commit: a DatasetDict by split."""
     datasets = _datasets()
     if datasets is None:
-        what = f"{builder} files" if builder else "a Hugging Face dataset saved on disk"
+        what = ("a Hub dataset" if revision else f"{builder} files" if builder
+                else "a Hugging Face dataset saved on disk")
         raise NFNetZooError(f"{root} holds {what}; reading it needs the `datasets` package: "
                             f"pip install 'nfnet-zoo[datasets]' (or pip install datasets)")
+    if revision is not None:
+        from .hfds import PREFIX, HubDataset, load_hub_dataset
+        return load_hub_dataset(HubDataset(root[len(PREFIX):], config), revision)
     if builder is None:
         return datasets.load_from_disk(root)
     quiet = datasets.are_progress_bars_disabled()

@@ -391,10 +391,13 @@ def push_to_hub(run_dir: Union[str, os.PathLike], repo_id: str, *, private: bool
     snippet. The folder itself is never modified. `token` defaults to huggingface_hub's login or
     HF_TOKEN, `endpoint` to HF_ENDPOINT. With `dry_run`, lists what would be uploaded and sends nothing.
     config.json goes up in the shared form (shared_config.py: plain timm and transformers load it where timm
-    can express the architecture). `dataset_id` names the Hub dataset the run trained on in the card's metadata.
-    No file that is a link is read or sent.
+    can express the architecture). `dataset_id` names the Hub dataset the run trained on in the card's metadata
+    (default: the one a run on `--data-dir hfds/NAME` recorded in RUN/data.json). No file that is a link is read
+    or sent.
     """
     run = Path(run_dir)
+    if dataset_id is None:
+        dataset_id = _hub_dataset_of(run)
     if dataset_id is not None:
         _check_dataset_id(dataset_id)
     files, skipped = _run_files(run, repo_id, dataset_id)
@@ -403,6 +406,18 @@ def push_to_hub(run_dir: Union[str, os.PathLike], repo_id: str, *, private: bool
     return _push_files(files, skipped, repo_id, folder=str(run), rerun=rerun, private=private, revision=revision,
                        create_pr=create_pr, commit_message=commit_message, token=token, endpoint=endpoint,
                        dry_run=dry_run)
+
+
+def _hub_dataset_of(run: Path) -> Optional[str]:
+    """The Hub dataset NAME a run trained on (RUN/data.json's root hfds/NAME), else None."""
+    import json
+    from ..data.hfds import PREFIX, is_hub_id
+    data = run / "data.json"
+    try:
+        root = None if data.is_symlink() else json.loads(data.read_text(encoding="utf-8")).get("root")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return root[len(PREFIX):] if is_hub_id(root) else None
 
 
 def _check_dataset_id(dataset_id: str) -> None:

@@ -32,6 +32,7 @@ from torch import nn
 from nfnet_zoo_cli.settings import RESUMABLE, SettingError, flag, validate
 
 from ..data import ImageData, load_image_data
+from ..data.hfds import is_hub_id, parse_hub_id
 from ..errors import NFNetZooError
 from ..files import CURVES, write_json_atomic
 from ..models.cards import write_model_card
@@ -86,7 +87,8 @@ def resolve(config: Optional[FinetuneConfig], resume: Optional[str], overrides: 
     if cfg.checkpoint:
         check_checkpoint(cfg.checkpoint)
     if cfg.output is None:
-        name = Path(cfg.data_dir).name or "data"
+        name = (parse_hub_id(cfg.data_dir).name.rpartition("/")[2] if is_hub_id(cfg.data_dir)  # no : or @ in it
+                else Path(cfg.data_dir).name or "data")
         base = Path("runs") / f"{(cfg.model or 'checkpoint').replace('/', '_')}-{name}"
         run, i = base, 1
         while run.exists():
