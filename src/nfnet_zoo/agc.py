@@ -223,6 +223,17 @@ def _classifiers(model: nn.Module) -> Optional[list[nn.Module]]:
     return [m for m in found if isinstance(m, nn.Module)] if found else None
 
 
+def classifier_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the classifier (`model.get_classifier()`, or `pretrained_cfg["classifier"]`), by identity;
+    empty for a headless model. Raises `NFNetZooError` when the model names no classifier."""
+    model = _unwrap(model)
+    heads = _classifiers(model)
+    if heads is None:
+        raise NFNetZooError(f"cannot identify the classifier of {type(model).__name__} (no get_classifier() or "
+                            "pretrained_cfg['classifier'])")
+    return [p for m in heads for p in m.parameters()]
+
+
 def clipped_parameters(model: nn.Module, exclude: Union[str, Iterable[str]] = ()) -> list[nn.Parameter]:
     """The parameters AGC clips: every trainable parameter except the classifier's weight.
 
@@ -272,5 +283,5 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str,
     return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay)
 
 
-__all__ = ["AGCStats", "adaptive_clip_grad_", "clipped_parameters", "weight_decay_groups", "Shard",
+__all__ = ["AGCStats", "adaptive_clip_grad_", "classifier_parameters", "clipped_parameters", "weight_decay_groups", "Shard",
            "register_sharding"]

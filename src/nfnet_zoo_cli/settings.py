@@ -188,6 +188,11 @@ class FinetuneConfig:
     weight_decay: float = setting(
         2e-5, group=RECIPE, within=Range(float, 0, 1), shown=_PAPER,
         help="weight decay, not on gains, skip gains and biases")
+    freeze_epochs: int = setting(
+        0, group=RECIPE, within=Range(int, 0, 100_000),
+        help="epochs at the start in which only the classifier trains (the backbone's weights stay bit for bit; "
+        "equal to --epochs: a linear probe), 0 = off; as fastai's fine_tune, the frozen epochs and the rest each "
+        "get their own warmup and --sched schedule; at most --epochs")
     warmup_epochs: float = setting(
         1.0, group=RECIPE, within=Range(float, 0, 100_000), help="linear warmup epochs")
     warmup_lr: float = setting(

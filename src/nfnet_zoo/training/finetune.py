@@ -31,6 +31,7 @@ from ..errors import NFNetZooError
 from ..evaluation import topk_correct
 from ..files import CURVES, write_bytes_atomic, write_json_atomic
 from .curves import INSTALL, curves_png, plotting_problem, run_title
+from .freeze import backbone_parameters, drop_frozen_grads
 from .progress import Progress, StopRequest
 from .recipe import (FinetuneConfig, build_loaders, build_losses, build_model, build_optimizer, build_scheduler,
                      image_sizes)
@@ -92,6 +93,7 @@ class _Training:
     train_loss_fn: nn.Module
     ema: Any                      # timm ModelEmaV3 (--model-ema), or None
     clip_params: Optional[list]   # AGC's parameters (clipped_parameters), None with --clipping 0
+    backbone: list                # what --freeze-epochs freezes (freeze.py); empty without it
     lr: float
     model_args: dict
     notes: list[str]              # what config.json says of where the weights come from
@@ -100,6 +102,11 @@ class _Training:
     progress: Progress
     worker_signals: WorkerSignals  # the DataLoader workers' worker_init_fn
     draw_curves: bool = True      # RUN/curves.png each epoch (main process); off without matplotlib
+
+    @property
+    def frozen(self) -> bool:
+        """The backbone does not train in this epoch (--freeze-epochs)."""
+        return self.progress.epoch < self.cfg.freeze_epochs
 
     @property
     def eval_model(self) -> nn.Module:
@@ -144,6 +151,7 @@ def _setup(cfg: FinetuneConfig, run: Path, resuming: bool, lock: RunLock) -> _Tr
         from timm.utils import ModelEmaV3
         ema = ModelEmaV3(unwrapped, decay=cfg.model_ema_decay)
     clip_params = clipped_parameters(model) if cfg.clipping > 0 else None  # after prepare: FSDP2 replaces them
+    backbone = backbone_parameters(model) if cfg.freeze_epochs else []
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
     updates_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
@@ -151,7 +159,7 @@ def _setup(cfg: FinetuneConfig, run: Path, resuming: bool, lock: RunLock) -> _Tr
     if accelerator.is_main_process:  # a read-only or full disk: now, not at the first save after training up to it
         check_room(run, accelerator.unwrap_model(model), ema)
     return _Training(cfg, run, accelerator, data, sampler, train_loader, val_loader, model, unwrapped, optimizer,
-                     scheduler, mixup, train_loss_fn, ema, clip_params, lr, model_args, notes, train_size,
+                     scheduler, mixup, train_loss_fn, ema, clip_params, backbone, lr, model_args, notes, train_size,
                      test_size, Progress(accelerator.device), worker_signals)
 
 
@@ -248,7 +256,9 @@ def _announce(t: _Training) -> None:
         accelerator.print(f"fine-tuning {cfg.model} on {len(data.train)} images ({len(data.classes)} classes), "
                           f"validating on {len(data.val)}; {accelerator.num_processes} process(es) on "
                           f"{accelerator.device.type}, global batch {cfg.global_batch(accelerator.num_processes)}, "
-                          f"lr {t.lr:.4g}, AGC {cfg.clipping or 'off'}, {t.train_size}px train / {t.test_size}px "
+                          f"lr {t.lr:.4g}, AGC {cfg.clipping or 'off'}, "
+                          + (f"the classifier only for {cfg.freeze_epochs} epoch(s), " if cfg.freeze_epochs else "")
+                          + f"{t.train_size}px train / {t.test_size}px "
                           f"eval; run folder {t.run}")
 
 
@@ -307,6 +317,8 @@ def _train_step(t: _Training, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             x = x.contiguous(memory_format=torch.channels_last)
         loss = t.train_loss_fn(t.model(x), y)
         t.accelerator.backward(loss)
+        if t.frozen:
+            drop_frozen_grads(t.backbone)  # before AGC and the step, which then leave these weights alone
         if t.clip_params is not None:
             stats = unscale_and_clip_(t.accelerator, t.clip_params, t.cfg.clipping)
             if stats is not None:  # None on accumulation micro-steps

@@ -237,9 +237,21 @@ def build_optimizer(cfg: FinetuneConfig, model: nn.Module, lr: float) -> torch.o
 
 
 def build_scheduler(cfg: FinetuneConfig, optimizer: torch.optim.Optimizer, updates_per_epoch: int) -> Any:
-    """timm's schedule `cfg.sched` with linear warmup, stepped per optimizer update (`step_update`)."""
+    """timm's schedule `cfg.sched` with linear warmup, stepped per optimizer update (`step_update`); with
+    --freeze-epochs, one such schedule over the frozen epochs and another over the rest (freeze.PhasedSchedule)."""
+    if not cfg.freeze_epochs:
+        return _timm_schedule(cfg, optimizer, cfg.epochs, updates_per_epoch)
+    from .freeze import PhasedSchedule
+    # a linear probe (--freeze-epochs = --epochs) keeps a second phase of one epoch, never reached, so that its
+    # saved state has the same form as the one a resume with more --epochs builds
+    return PhasedSchedule(_timm_schedule(cfg, optimizer, cfg.freeze_epochs, updates_per_epoch),
+                          _timm_schedule(cfg, optimizer, max(cfg.epochs - cfg.freeze_epochs, 1), updates_per_epoch),
+                          cfg.freeze_epochs * updates_per_epoch)
+
+
+def _timm_schedule(cfg: FinetuneConfig, optimizer: torch.optim.Optimizer, epochs: int, updates_per_epoch: int):
     from timm.scheduler import create_scheduler_v2
-    sched, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs, decay_epochs=cfg.decay_epochs,
+    sched, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=epochs, decay_epochs=cfg.decay_epochs,
                                    decay_milestones=list(cfg.decay_milestones), decay_rate=cfg.decay_rate,
                                    warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
                                    step_on_epochs=False, updates_per_epoch=updates_per_epoch)

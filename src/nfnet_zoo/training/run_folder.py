@@ -74,6 +74,7 @@ def resolve(config: Optional[FinetuneConfig], resume: Optional[str], overrides: 
                                 f"resuming (they are fixed in {run}/args.json); start a new run to change them")
         for k in RESUMABLE & overrides.keys():
             setattr(cfg, k, overrides[k])
+        _check_together(cfg)
         cfg.output = str(run)
         return cfg, run, True
     cfg = config or FinetuneConfig()
@@ -126,7 +127,16 @@ def _check_config(cfg: FinetuneConfig) -> None:
     if cfg.model_args is not None and not (isinstance(cfg.model_args, dict) and isinstance(cfg.model, str)):
         raise NFNetZooError("model_args must be a JSON object beside the model's name")
     _check_settings(cfg.to_json())
+    _check_together(cfg)
     check_timm_names(cfg)
+
+
+def _check_together(cfg: FinetuneConfig) -> None:
+    """What one setting's declaration cannot check: its value against another's."""
+    if cfg.freeze_epochs > cfg.epochs:
+        raise NFNetZooError(f"--freeze-epochs {cfg.freeze_epochs} is more than --epochs {cfg.epochs}; pass --epochs "
+                            f"{cfg.freeze_epochs} or more, or --freeze-epochs {cfg.epochs} or fewer (equal: a linear "
+                            f"probe) in a new run")
 
 
 def _check_settings(values: dict[str, Any]) -> None:

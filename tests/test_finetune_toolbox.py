@@ -1,0 +1,179 @@
+"""The fine-tuning toolbox of issue 23: --freeze-epochs, --layer-decay, --grad-checkpointing, --patience.
+
+References: the starting weights themselves (torch.equal), timm's own `param_groups_layer_decay` and a hand
+computation of its formula, an uninterrupted run (exact resume), the run without the flag (checkpointing), and
+the epochs a run whose val top-1 cannot improve must stop at.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+from _images import make_folder
+from _procs import wait
+import nfnet_zoo  # noqa: F401  (registers the variants)
+import nfnet_zoo.training.finetune as ft
+from nfnet_zoo.training.progress import StopRequest
+
+# 48 training images in 6 batches of 8, 12 for validation; dropout and stochastic depth off
+BASE = dict(model="nfnet_zoo_tiny", img_size=32, batch_size=8, workers=0, epochs=2, lr=0.05, drop=0.0,
+            drop_path=0.0, seed=5, save_every=0, check_images="none")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("data") / "levels", n_train=16, n_val=4)
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory) -> Path:
+    """Starting weights as a .safetensors file (no label names: the classifier is kept, 3 classes)."""
+    torch.manual_seed(0)
+    model = timm.create_model("nfnet_zoo_tiny", num_classes=3)
+    with torch.no_grad():  # skip gains start at 0 (SkipInit), which would leave each residual branch's gradient 0
+        for name, p in model.named_parameters():
+            if name.endswith("skipinit_gain"):
+                p.fill_(0.5)
+    path = tmp_path_factory.mktemp("start") / "start.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def _run(data_dir: Path, out: Path, **overrides) -> Path:
+    return ft.finetune(data_dir=str(data_dir), output=str(out), **{**BASE, **overrides})
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "model.safetensors")
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _record_epochs(monkeypatch) -> list[dict]:
+    """The trained weights and the EMA's (the exported ones) at each epoch's end."""
+    seen: list[dict] = []
+    real = ft._end_of_epoch
+
+    def spy(t, metrics):
+        copy = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}
+        seen.append({"model": copy(t.unwrapped), "export": copy(ft._unwrap(t.accelerator, t.eval_model)),
+                     "lrs": [g["lr"] for g in t.optimizer.param_groups]})
+        real(t, metrics)
+    monkeypatch.setattr(ft, "_end_of_epoch", spy)
+    return seen
+
+
+HEAD = ("head.fc.weight", "head.fc.bias")
+
+
+# --- --freeze-epochs ------------------------------------------------------------------------------------------
+def test_freeze_epochs_train_only_the_classifier_then_everything(data_dir, start, tmp_path, monkeypatch):
+    """EMA, accumulation, weight decay, momentum and AGC all on: none of them may move a frozen weight."""
+    seen = _record_epochs(monkeypatch)
+    _run(data_dir, tmp_path / "run", checkpoint=str(start), epochs=2, freeze_epochs=1, model_ema=True,
+         model_ema_decay=0.5, grad_accum_steps=2, weight_decay=0.1, clipping=0.05)
+    begin = load_file(start)
+    backbone = [k for k in begin if k not in HEAD]
+    assert len(backbone) > 20
+    for kind in ("model", "export"):
+        after_frozen = seen[0][kind]
+        assert all(torch.equal(after_frozen[k], begin[k]) for k in backbone), kind
+        assert all(not torch.equal(after_frozen[k], begin[k]) for k in HEAD), kind
+        after = seen[1][kind]  # unfrozen: every backbone weight moves
+        moved = [k for k in backbone if not torch.equal(after[k], begin[k])]
+        assert len(moved) == len(backbone), sorted(set(backbone) - set(moved))
+
+
+def test_freeze_epochs_give_each_phase_timms_schedule(data_dir, start, tmp_path):
+    """fastai's fine_tune: the frozen epochs and the rest each run --sched with its own warmup."""
+    from timm.scheduler import create_scheduler_v2
+    run = _run(data_dir, tmp_path / "run", checkpoint=str(start), epochs=3, freeze_epochs=1,
+               warmup_epochs=0.5)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    def timm_lr(epochs: int, update: int) -> float:  # the lr timm's cosine gives after `update` of an `epochs` run
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05)
+        sched, _ = create_scheduler_v2(opt, sched="cosine", num_epochs=epochs, warmup_epochs=0.5, warmup_lr=0.0,
+                                       min_lr=0.0, step_on_epochs=False, updates_per_epoch=6)
+        sched.step_update(update)
+        return opt.param_groups[0]["lr"]
+    # the epoch's lr is the one set after its last update: the frozen phase ends at 0 (timm's cosine end), the
+    # second phase's epochs are updates 6 and 12 of a 2-epoch schedule (its warmup starts at update 0 = 6 here)
+    assert [r["lr"] for r in rows] == pytest.approx([timm_lr(1, 6), timm_lr(2, 6), timm_lr(2, 12)], abs=1e-15)
+    assert timm_lr(2, 1) < timm_lr(2, 3)  # the second warmup: the backbone starts moving at a low rate
+
+
+class _StopAtUpdate(StopRequest):
+    """Ctrl-C, as the loop sees it, at its `at`-th look (once per optimizer update with one process)."""
+
+    at = 0
+
+    def __init__(self):
+        super().__init__()
+        self.looks = 0
+
+    @property
+    def requested(self) -> bool:
+        self.looks += 1
+        return self.looks >= self.at
+
+    @requested.setter
+    def requested(self, value: bool) -> None:
+        pass
+
+
+def test_a_run_stopped_while_frozen_resumes_exactly(data_dir, start, tmp_path, monkeypatch):
+    args = dict(checkpoint=str(start), epochs=3, freeze_epochs=2, model_ema=True, grad_accum_steps=2,
+                drop=0.2, drop_path=0.1, mixup=0.4)
+    whole = _run(data_dir, tmp_path / "whole", **args)
+    _StopAtUpdate.at = 2  # 3 updates per epoch: the middle of the first (frozen) epoch
+    monkeypatch.setattr(ft, "StopRequest", _StopAtUpdate)
+    with pytest.raises(KeyboardInterrupt):
+        _run(data_dir, tmp_path / "cut", **args)
+    assert not (tmp_path / "cut" / "metrics.jsonl").exists()
+    monkeypatch.undo()
+    cut = ft.finetune(resume=str(tmp_path / "cut"))
+    for folder in ("last", "state", "."):
+        assert _same(_weights(cut / folder), _weights(whole / folder)), folder
+    assert _same(load_file(cut / "state" / "ema.safetensors"), load_file(whole / "state" / "ema.safetensors"))
+    begin, after = load_file(start), _weights(whole / "last")
+    assert any(not torch.equal(after[k], begin[k]) for k in begin if k not in HEAD)  # epoch 3 trained the backbone
+
+
+def test_freeze_epochs_under_two_processes(data_dir, start, tmp_path):
+    """DDP: the frozen phase drops the all-reduced gradients; a linear probe under torchrun keeps the backbone."""
+    out = tmp_path / "two"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+              "nfnet_zoo_cli", "finetune", "--model", "nfnet_zoo_tiny", "--checkpoint", str(start), "--img-size", "32", "-b", "4", "--epochs", "1",
+              "--freeze-epochs", "1", "--lr", "0.1", "--data-dir", str(data_dir), "-j", "0", "--save-every", "0",
+              "--check-images", "none", "--output", str(out)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    r = wait(subprocess.Popen(launch, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True), 300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 process(es)" in r.stdout
+    begin, after = load_file(start), _weights(out / "last")
+    assert all(torch.equal(after[k], begin[k]) for k in begin if k not in HEAD)
+    assert all(not torch.equal(after[k], begin[k]) for k in HEAD)
+
+
+@pytest.mark.parametrize("epochs, freeze", [(2, 3), (1, 100_000)])
+def test_freeze_epochs_beyond_the_run_are_refused_in_one_line(epochs, freeze, data_dir, tmp_path, capsys):
+    from nfnet_zoo_cli import main
+    assert main(["finetune", "--model", "nfnet_zoo_tiny", "--data-dir", str(data_dir), "--output",
+                 str(tmp_path / "r"), "--epochs", str(epochs), "--freeze-epochs", str(freeze)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"nfnet-zoo finetune: error: --freeze-epochs {freeze} is more than --epochs {epochs}; pass "
+                   f"--epochs {freeze} or more, or --freeze-epochs {epochs} or fewer (equal: a linear probe) in a "
+                   f"new run"], err
+    assert not (tmp_path / "r").exists()
