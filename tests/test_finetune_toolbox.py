@@ -33,15 +33,22 @@ def data_dir(tmp_path_factory) -> Path:
     return make_folder(tmp_path_factory.mktemp("data") / "levels", n_train=16, n_val=4)
 
 
-@pytest.fixture(scope="module")
-def start(tmp_path_factory) -> Path:
-    """Starting weights as a .safetensors file (no label names: the classifier is kept, 3 classes)."""
+def _tiny() -> torch.nn.Module:
+    """nfnet_zoo_tiny for 3 classes, seeded, its skip gains 0.5: at SkipInit's 0 every residual branch would get a
+    zero gradient, and a test of what moves would prove little."""
     torch.manual_seed(0)
     model = timm.create_model("nfnet_zoo_tiny", num_classes=3)
-    with torch.no_grad():  # skip gains start at 0 (SkipInit), which would leave each residual branch's gradient 0
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("skipinit_gain"):
                 p.fill_(0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory) -> Path:
+    """Starting weights as a .safetensors file (no label names: the classifier is kept, 3 classes)."""
+    model = _tiny()
     path = tmp_path_factory.mktemp("start") / "start.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
@@ -177,3 +184,71 @@ def test_freeze_epochs_beyond_the_run_are_refused_in_one_line(epochs, freeze, da
                    f"--epochs {freeze} or more, or --freeze-epochs {epochs} or fewer (equal: a linear probe) in a "
                    f"new run"], err
     assert not (tmp_path / "r").exists()
+
+
+# --- --layer-decay --------------------------------------------------------------------------------------------
+def _layer_of(name: str, blocks: list[str]) -> int:
+    """timm's layer id by hand: the stem 0, each block (stages.i.j) one more, final_conv with the last block (our
+    group_matcher gives it timm's MATCH_PREV_GROUP), the classifier (matched by nothing) the last."""
+    if name.startswith("stem"):
+        return 0
+    if name.startswith("final_conv"):
+        return len(blocks)
+    block = next((b for b in blocks if name.startswith(b + ".")), None)
+    return blocks.index(block) + 1 if block else len(blocks) + 1
+
+
+def test_layer_decay_scales_each_layer_as_timms_formula_and_keeps_the_decay_set(start):
+    from nfnet_zoo.agc import clipped_parameters
+    from nfnet_zoo.training.recipe import FinetuneConfig, build_optimizer
+    torch.manual_seed(0)
+    model = timm.create_model("nfnet_zoo_tiny", num_classes=3)
+    blocks = sorted({".".join(n.split(".")[:3]) for n, _ in model.named_parameters() if n.startswith("stages.")},
+                    key=lambda b: tuple(map(int, b.split(".")[1:])))
+    plain = build_optimizer(FinetuneConfig(), model, 0.1)
+    decayed = build_optimizer(FinetuneConfig(layer_decay=0.7), model, 0.1)
+    scale = {id(p): g["lr_scale"] for g in decayed.param_groups for p in g["params"]}
+    layers = len(blocks) + 2
+    for name, p in model.named_parameters():
+        assert scale[id(p)] == pytest.approx(0.7 ** (layers - 1 - _layer_of(name, blocks)), rel=1e-12), name
+    assert scale[id(model.stem.conv1.weight)] == pytest.approx(0.7 ** 6) and layers == 7  # 5 blocks
+    assert scale[id(model.head.fc.weight)] == 1.0
+    decay_set = lambda opt: {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decay_set(decayed) == decay_set(plain) and len(decay_set(plain)) > 10
+    assert sum(len(g["params"]) for g in decayed.param_groups) == len(list(model.parameters()))
+    clipped = {id(p) for p in clipped_parameters(model)}  # AGC's exclusion does not look at the groups
+    assert id(model.head.fc.weight) not in clipped and len(clipped) == len(list(model.parameters())) - 1
+
+
+def test_layer_decay_moves_early_layers_less_by_their_scale():
+    """One SGD step through timm's scheduler: each weight moves by its layer's scale times its move without (in
+    float64: a float32 difference of weights before and after loses the digits of a move 64 times smaller)."""
+    from nfnet_zoo.training.recipe import FinetuneConfig, build_optimizer, build_scheduler
+    x, y = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 1])
+    moves = {}
+    for layer_decay in (None, 0.5):
+        model = _tiny().double()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        cfg = FinetuneConfig(layer_decay=layer_decay, warmup_epochs=0, epochs=1)
+        opt = build_optimizer(cfg, model, 0.1)
+        build_scheduler(cfg, opt, 10).step_update(0)
+        torch.nn.functional.cross_entropy(model(x.double()), y).backward()
+        opt.step()
+        moves[layer_decay] = {n: p.detach() - before[n] for n, p in model.named_parameters()}
+        scales = {n: g["lr_scale"] for g in opt.param_groups for n, p in model.named_parameters()
+                  for q in g["params"] if p is q} if layer_decay else None
+    stem, head = "stem.conv1.weight", "head.fc.weight"
+    assert scales[stem] == pytest.approx(0.5 ** 6) and scales[head] == 1.0
+    for name, move in moves[None].items():
+        torch.testing.assert_close(moves[0.5][name], scales[name] * move, rtol=1e-9, atol=1e-15, msg=name)
+    assert moves[0.5][stem].abs().max() < 0.1 * moves[None][stem].abs().max() != 0
+    assert torch.equal(moves[0.5][head], moves[None][head])
+
+
+def test_layer_decay_run_reports_the_classifiers_learning_rate(data_dir, start, tmp_path):
+    run = _run(data_dir, tmp_path / "decayed", checkpoint=str(start), epochs=1, warmup_epochs=0, sched="constant",
+               layer_decay=0.5)
+    row = json.loads((run / "metrics.jsonl").read_text())
+    assert row["lr"] == 0.05  # not the stem's 0.05 * 0.5 ** 6
+    args = json.loads((run / "args.json").read_text())
+    assert args["layer_decay"] == 0.5

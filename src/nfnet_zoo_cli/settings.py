@@ -199,6 +199,11 @@ class FinetuneConfig:
         0.0, group=RECIPE, within=Range(float, 0, 100), help="learning rate warmup starts at")
     min_lr: float = setting(
         0.0, group=RECIPE, within=Range(float, 0, 100), help="learning rate the schedule ends at")
+    layer_decay: Optional[float] = setting(
+        None, group=RECIPE, within=Range(float, 0, 1, open="lo", optional=True), shown="off",
+        help="layer-wise learning-rate decay (timm's): the classifier trains at the learning rate, each block below "
+        "it (the final conv with the last block) at this factor times the one above, the stem lowest (timm's "
+        "param_groups_layer_decay over the model's group_matcher); weight decay and AGC apply as without it")
     smoothing: float = setting(
         0.1, group=RECIPE, within=_FRACTION, help="label smoothing")
     mixup: float = setting(

@@ -237,7 +237,7 @@ def _resume(t: _Training) -> None:
         total = t.cfg.epochs * math.ceil(len(t.train_loader) / t.cfg.grad_accum_steps)
         t.accelerator.print(f"--epochs {t.cfg.epochs}: the {t.cfg.sched} schedule saved for another length is "
                              f"rebuilt to end at epoch {t.cfg.epochs} ({total} updates) and continues from update "
-                             f"{progress.global_step} (lr {t.optimizer.param_groups[0]['lr']:.4g})")
+                             f"{progress.global_step} (lr {_lr(t.optimizer):.4g})")
     if t.accelerator.is_main_process:  # the arguments it now runs with (--epochs ...): a later --resume reads them
         write_json_atomic(run / "args.json", t.cfg.to_json())
 
@@ -354,7 +354,7 @@ def _end_of_epoch(t: _Training, metrics: dict) -> None:
     train_loss = accelerator.reduce(torch.stack([progress.loss_sum, progress.loss_sum.new_tensor(progress.loss_count)]), "sum")
     clipped = progress.clip_sum.item() / progress.clip_count if progress.clip_count else None
     row = {"epoch": progress.epoch + 1, "train_loss": (train_loss[0] / train_loss[1]).item(), **metrics,
-           "lr": t.optimizer.param_groups[0]["lr"], "images_per_sec": progress.images / max(progress.epoch_time, 1e-9),
+           "lr": _lr(t.optimizer), "images_per_sec": progress.images / max(progress.epoch_time, 1e-9),
            "clipped_fraction": clipped}
     progress.history.append({k: row[k] for k in METRIC_KEYS})
     # best by val top-1 (the first of equals); without a val split the last epoch is the best
@@ -410,6 +410,11 @@ def _raise_if_diverged(nonfinite: torch.Tensor, accelerator, progress: Progress,
         raise NFNetZooError(f"training diverged: the loss became non-finite at epoch {progress.epoch + 1}, step "
                             f"{progress.step}; {saved} and the best model in {run}; start again with a lower --lr "
                             f"(or --clipping > 0, or --mixed-precision bf16 instead of fp16)")
+
+
+def _lr(optimizer) -> float:
+    """The learning rate: the classifier's, the highest with --layer-decay (timm's lr_scale 1)."""
+    return max(group["lr"] for group in optimizer.param_groups)
 
 
 def _epoch_line(row: dict, epochs: int) -> str:

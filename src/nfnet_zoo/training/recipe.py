@@ -228,11 +228,12 @@ def build_losses(cfg: FinetuneConfig, num_classes: int) -> tuple[Optional[Any], 
 
 
 def build_optimizer(cfg: FinetuneConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """timm's optimizer `cfg.opt` over DeepMind's decay partition (agc.weight_decay_groups)."""
+    """timm's optimizer `cfg.opt` over DeepMind's decay partition (agc.weight_decay_groups), split by layer with
+    --layer-decay."""
     from timm.optim import create_optimizer_v2
     from ..agc import weight_decay_groups
     # Our groups state DeepMind's no-decay set (gains, skip gains, biases), whatever the optimizer.
-    return create_optimizer_v2(weight_decay_groups(model, cfg.weight_decay), opt=cfg.opt, lr=lr,
+    return create_optimizer_v2(weight_decay_groups(model, cfg.weight_decay, cfg.layer_decay), opt=cfg.opt, lr=lr,
                                momentum=cfg.momentum, weight_decay=cfg.weight_decay, **cfg.opt_kwargs)
 
 
