@@ -264,6 +264,10 @@ class FinetuneConfig:
         "inductor); the first steps are slower while it compiles")
     grad_accum_steps: int = setting(
         1, group=RUNNING, within=Range(int, 1, 65_536), help="micro-batches per optimizer step")
+    grad_checkpointing: bool = setting(
+        False, group=RUNNING, switch=True, action="store_true", resumable=True,
+        help="recompute each stage's activations in the backward pass instead of keeping them (timm's flag): less "
+        "memory for a second forward pass of each stage, the same result")
     channels_last: bool = setting(
         False, group=RUNNING, switch=True, action="store_true", help="channels-last memory layout (faster on GPUs)")
     seed: int = setting(
