@@ -287,3 +287,42 @@ def test_grad_checkpointing_trains_to_the_same_weights(data_dir, start, tmp_path
     checkpointed = _run(data_dir, tmp_path / "ckpt", checkpoint=str(start), epochs=1, grad_checkpointing=True)
     assert len(calls) >= 6  # every training step of the 6 went through it
     assert _same(_weights(checkpointed / "last"), _weights(plain / "last"))
+
+
+# --- --patience -----------------------------------------------------------------------------------------------
+def test_patience_stops_a_run_that_cannot_improve_and_resume_keeps_it_stopped(data_dir, start, tmp_path, capsys):
+    """lr 1e-12 without weight decay leaves every weight's bits (a move below float32's resolution): val top-1 is
+    epoch 1's at every epoch, never better, so --patience 1 stops after epoch 2 of 4."""
+    from nfnet_zoo_cli import main
+    rows = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    run = _run(data_dir, tmp_path / "run", checkpoint=str(start), epochs=4, lr=1e-12, weight_decay=0.0,
+               warmup_epochs=0, patience=1)
+    out = capsys.readouterr().out
+    assert [r["epoch"] for r in rows(run)] == [1, 2]
+    assert rows(run)[0]["top1"] == rows(run)[1]["top1"]
+    summary = json.loads((run / "summary.json").read_text())
+    reason = "patience 1: val top-1 has not improved on epoch 1's"
+    assert summary["stopped"].startswith(f"early at epoch 2 of 4: {reason}"), summary["stopped"]
+    assert summary["epochs_trained"] == 2 and summary["best_epoch"] == 1
+    assert f"stopped early at epoch 2 of 4: {reason}" in out
+    assert "stopped early at epoch 2 of 4" in (run / "README.md").read_text()  # the model card
+    assert (run / "last" / "model.safetensors").is_file() and (run / "model.safetensors").is_file()
+    state = load_file(run / "state" / "model.safetensors")
+
+    assert main(["finetune", "--resume", str(run), "--epochs", "5"]) == 0  # stopped early: it stays stopped
+    assert f"stopped early at epoch 2 ({reason}" in capsys.readouterr().out
+    assert len(rows(run)) == 2 and _same(load_file(run / "state" / "model.safetensors"), state)
+    assert json.loads((run / "summary.json").read_text())["stopped"] == summary["stopped"].replace("of 4", "of 5")
+
+    assert main(["finetune", "--resume", str(run), "--patience", "0", "--epochs", "3"]) == 0  # off: on to --epochs
+    assert [r["epoch"] for r in rows(run)] == [1, 2, 3]
+    assert json.loads((run / "summary.json").read_text())["stopped"] == "after --epochs 3"
+
+
+def test_patience_without_a_val_split_never_stops(tmp_path):
+    """The run above, without val images: --patience 1 would stop it after epoch 2."""
+    data = make_folder(tmp_path / "flat", n_train=8, n_val=0, split=False)
+    run = _run(data, tmp_path / "run", epochs=3, lr=1e-12, weight_decay=0.0, patience=1, val_split=0.0,
+               pretrained=False)
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    assert json.loads((run / "summary.json").read_text())["stopped"] == "after --epochs 3"

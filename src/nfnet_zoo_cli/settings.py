@@ -214,6 +214,11 @@ class FinetuneConfig:
         None, group=RECIPE, within=_RATE, shown="the variant's", help="dropout before the classifier")
     drop_path: Optional[float] = setting(
         None, group=RECIPE, within=_RATE, shown="the variant's", help="stochastic depth rate of the last block")
+    patience: int = setting(
+        0, group=RECIPE, within=Range(int, 0, 100_000), resumable=True,
+        help="stop when val top-1 has not improved for this many epochs, 0 = off; the run then ends as a complete "
+        "one (best and last models, card, summary.json's stopped), and --resume of it trains no further unless "
+        "given a larger --patience (or 0); no effect without a val split")
     model_ema: bool = setting(
         False, group=RECIPE, switch=True, action="store_true",
         help="keep an EMA of the weights (timm ModelEmaV3); it is the one validated and exported")

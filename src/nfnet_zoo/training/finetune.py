@@ -59,14 +59,19 @@ def finetune(config: Optional[FinetuneConfig] = None, *, resume: Optional[str] =
         elif t.accelerator.is_main_process:
             write_json_atomic(run / "args.json", cfg.to_json())
         _announce(t)
+        early = t.progress.early_stop(cfg.patience)  # a resumed run that had stopped early trains no further
+        if early and t.progress.epoch < cfg.epochs:
+            t.accelerator.print(f"{run} stopped early at epoch {t.progress.epoch} ({early}); nothing to train: "
+                                f"--resume {run} --patience N with a larger N (or 0) continues it")
         with StopRequest() as stop, t.worker_signals.held():  # the workers leave SIGTERM to this process
-            while t.progress.epoch < cfg.epochs:
+            while t.progress.epoch < cfg.epochs and not early:
                 _train_one_epoch(t, stop)  # saves every --save-every updates; on Ctrl-C saves and stops
                 metrics = _validate(t.eval_model, t.val_loader, t.accelerator, len(t.data.classes))
                 _end_of_epoch(t, metrics)  # metrics.jsonl, last (and best) exports, the epoch line
                 _save(t)
+                early = t.progress.early_stop(cfg.patience)
         if t.accelerator.is_main_process:
-            finish(cfg, run, t.data, t.progress, t.train_size)
+            finish(cfg, run, t.data, t.progress, t.train_size, early)
         t.accelerator.wait_for_everyone()
         t.accelerator.end_training()  # trackers, then the process group (gloo's threads may abort an exit without it)
     finally:

@@ -286,15 +286,21 @@ def _summary_table(history: list[dict], best_epoch: Optional[int]) -> str:
     return "\n".join([line(heads), line(["-" * w for w in widths]), *map(line, cells)])
 
 
-def finish(cfg: FinetuneConfig, run: Path, data: ImageData, progress: Progress, img_size: int) -> None:
+def finish(cfg: FinetuneConfig, run: Path, data: ImageData, progress: Progress, img_size: int,
+           early: Optional[str] = None) -> None:
+    """summary.json, the model card and the closing lines; `early`: why --patience stopped the run, if it did."""
     best = progress.best or {}
+    stopped = f"early at epoch {progress.epoch} of {cfg.epochs}: {early}" if early else f"after --epochs {cfg.epochs}"
     summary = {"best_epoch": best.get("epoch"), "top1": best.get("top1"), "top5": best.get("top5"),
                "val_loss": best.get("val_loss"), "num_train": len(data.train), "num_val": len(data.val),
                "num_classes": len(data.classes), "label_names": data.classes, "model": cfg.model,
-               "base_model": cfg.base_model, "img_size": img_size, "train_time_s": round(progress.train_time, 1)}
+               "base_model": cfg.base_model, "img_size": img_size, "train_time_s": round(progress.train_time, 1),
+               "epochs_trained": progress.epoch, "stopped": stopped}
     write_json_atomic(run / "summary.json", summary)
     write_model_card(run)
     print(_summary_table(progress.history, best.get("epoch")))
+    if early:
+        print(f"stopped {stopped}")
     top1 = "-" if best.get("top1") is None else f"{best['top1']:.2f}%"
     print(f"best epoch {best.get('epoch')}: val top-1 {top1}; model in {run} "
           f"(nfnet_zoo.load_model('{run}'), or timm.create_model('local-dir:{run}', pretrained=True))")
