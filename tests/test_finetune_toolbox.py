@@ -326,3 +326,13 @@ def test_patience_without_a_val_split_never_stops(tmp_path):
                pretrained=False)
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
     assert json.loads((run / "summary.json").read_text())["stopped"] == "after --epochs 3"
+
+
+def test_grad_checkpointing_of_a_timm_family_without_it_is_one_line(data_dir, tmp_path, capsys):
+    from nfnet_zoo_cli import main
+    assert main(["finetune", "--model", "dla46_c", "--no-pretrained", "--data-dir", str(data_dir), "--output",
+                 str(tmp_path / "r"), "--img-size", "32", "-j", "0", "--check-images", "none",
+                 "--grad-checkpointing"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["nfnet-zoo finetune: error: --grad-checkpointing: dla46_c does not support it (gradient "
+                   "checkpointing not supported); leave the flag out"], err

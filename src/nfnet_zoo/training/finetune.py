@@ -34,7 +34,7 @@ from .curves import INSTALL, curves_png, plotting_problem, run_title
 from .freeze import backbone_parameters, drop_frozen_grads
 from .progress import Progress, StopRequest
 from .recipe import (FinetuneConfig, build_loaders, build_losses, build_model, build_optimizer, build_scheduler,
-                     image_sizes)
+                     enable_grad_checkpointing, image_sizes)
 from .run_folder import finish, image_data, origin, own_run_folder, resolve, save_model_folder, saved_epoch
 from .runlock import RunLock
 from .runstate import check_room, load_run_state, save_run_state, state_dir
@@ -140,7 +140,7 @@ def _setup(cfg: FinetuneConfig, run: Path, resuming: bool, lock: RunLock) -> _Tr
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.grad_checkpointing:
-        model.set_grad_checkpointing(True)  # timm's interface: checkpoint_seq over the stages
+        enable_grad_checkpointing(model, cfg.model)
     worker_signals = WorkerSignals()
     train_loader, val_loader, sampler = build_loaders(cfg, data, model, accelerator, worker_signals)
     train_size, test_size = image_sizes(cfg, model)

@@ -164,6 +164,15 @@ def load_checkpoint(model: nn.Module, ckpt, classes: list[str], path: str, log: 
                             f"trained as, or omit --model for a run folder")
 
 
+def enable_grad_checkpointing(model: nn.Module, name: Optional[str]) -> None:
+    """timm's `set_grad_checkpointing` (ours: checkpoint_seq over the stages); some timm families refuse it."""
+    try:
+        model.set_grad_checkpointing(True)
+    except (AssertionError, NotImplementedError, AttributeError) as e:
+        why = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
+        raise NFNetZooError(f"--grad-checkpointing: {name} does not support it ({why}); leave the flag out") from None
+
+
 def build_loaders(cfg: FinetuneConfig, data: ImageData, model: nn.Module, accelerator,
                   signals: Optional[WorkerSignals] = None
                   ) -> tuple[torch.utils.data.DataLoader, Optional[torch.utils.data.DataLoader], EpochSampler]:
@@ -301,5 +310,6 @@ def check_timm_names(cfg: FinetuneConfig) -> None:
                                 "rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, v0 or deepmind") from None
 
 
-__all__ = ["FinetuneConfig", "eval_size_for", "build_model", "load_checkpoint", "build_loaders", "image_sizes",
-           "build_losses", "build_optimizer", "build_scheduler", "deepmind_randaugment", "check_timm_names"]
+__all__ = ["FinetuneConfig", "eval_size_for", "build_model", "load_checkpoint", "enable_grad_checkpointing",
+           "build_loaders", "image_sizes", "build_losses", "build_optimizer", "build_scheduler", "deepmind_randaugment",
+           "check_timm_names"]
