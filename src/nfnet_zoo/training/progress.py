@@ -74,7 +74,7 @@ class Progress:
         if waited < patience:
             return None
         return (f"patience {patience}: val top-1 has not improved on epoch {self.best['epoch']}'s "
-                f"{self.best['top1']:.2f}% in the {waited} epochs since")
+                f"{self.best['top1']:.2f}% in the {waited} epoch(s) since")
 
     def state_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.FIELDS}
