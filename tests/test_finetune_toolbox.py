@@ -162,6 +162,20 @@ def test_a_run_stopped_while_frozen_resumes_exactly(data_dir, start, tmp_path, m
     assert any(not torch.equal(after[k], begin[k]) for k in begin if k not in HEAD)  # epoch 2 trained the backbone
 
 
+def test_a_linear_probe_resumed_with_more_epochs_then_trains_everything(start, tmp_path):
+    """--freeze-epochs = --epochs, then --resume --epochs more: the second phase's own schedule, from its warmup."""
+    data = make_folder(tmp_path / "small", n_train=8, n_val=4)  # 24 images: 3 updates per epoch
+    run = _run(data, tmp_path / "probe", checkpoint=str(start), epochs=1, freeze_epochs=1)
+    begin = load_file(start)
+    assert all(torch.equal(_weights(run / "last")[k], begin[k]) for k in begin if k not in HEAD)
+    ft.finetune(resume=str(run), epochs=3)
+    after = _weights(run / "last")
+    assert all(not torch.equal(after[k], begin[k]) for k in begin if k not in HEAD)
+    # a 2-epoch cosine of 6 updates, 3 of warmup, from update 3 of the run: after epoch 2 it stands at its middle
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == pytest.approx([0.0, 0.025, 0.0], abs=1e-15)
+
+
 def test_freeze_epochs_under_two_processes(data_dir, start, tmp_path):
     """DDP: the frozen phase drops the all-reduced gradients; a linear probe under torchrun keeps the backbone."""
     out = tmp_path / "two"
