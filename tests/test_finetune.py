@@ -98,6 +98,7 @@ def test_run_folder_contract(run, data_dir):
     best = max(rows, key=lambda r: r["top1"])  # first of equal maxima, as training keeps the first
     assert summary["best_epoch"] == best["epoch"] and summary["top1"] == best["top1"]
     assert summary["label_names"] == ["bright", "dark", "mid"] and summary["num_classes"] == 3
+    assert summary["stopped"] == "after --epochs 2" and summary["epochs_trained"] == 2
     assert summary["num_train"] == 48 + 5 and summary["num_val"] == 12  # 5 awkward files kept, 2 skipped
     args = json.loads((run / "args.json").read_text())
     assert args["model"] == "nfnet_zoo_tiny" and args["base_model"] is None and args["dataset"] == "shapes"

@@ -369,6 +369,8 @@ BAD_FLAGS = {
     "--test-img-size": ["0", "-8", *INT_BAD], "--hflip": [NEG, "1.5", NAN], "--seed": [NEG, "4294967296", "x"],
     "--workers": [NEG, "99999999", "two"], "--val-split": [NEG, "1", NAN], "--save-every": [NEG, "1e3"],
     "--log-interval": ["0", NEG, "1e3"],
+    "--freeze-epochs": [*INT_BAD, "11"],  # 11: more than the 10 --epochs
+    "--layer-decay": ["0", NEG, "1.5", NAN, INF], "--patience": INT_BAD,
     "--decay-epochs": ["0", NEG, NAN, INF], "--decay-rate": ["0", NEG, HUGE, NAN], "--decay-milestones": ["0", NEG],
 }
 BAD_SCALES = [["2", "-1"], ["0", "0.5"], ["0.6", "0.5"], [NAN, "1"], ["0.1", INF]]

@@ -223,6 +223,17 @@ def _classifiers(model: nn.Module) -> Optional[list[nn.Module]]:
     return [m for m in found if isinstance(m, nn.Module)] if found else None
 
 
+def classifier_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the classifier (`model.get_classifier()`, or `pretrained_cfg["classifier"]`), by identity;
+    empty for a headless model. Raises `NFNetZooError` when the model names no classifier."""
+    model = _unwrap(model)
+    heads = _classifiers(model)
+    if heads is None:
+        raise NFNetZooError(f"cannot identify the classifier of {type(model).__name__} (no get_classifier() or "
+                            "pretrained_cfg['classifier'])")
+    return [p for m in heads for p in m.parameters()]
+
+
 def clipped_parameters(model: nn.Module, exclude: Union[str, Iterable[str]] = ()) -> list[nn.Parameter]:
     """The parameters AGC clips: every trainable parameter except the classifier's weight.
 
@@ -255,7 +266,8 @@ def clipped_parameters(model: nn.Module, exclude: Union[str, Iterable[str]] = ()
             and not any(fnmatch.fnmatchcase(n, pattern) for pattern in patterns)]
 
 
-def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def weight_decay_groups(model: nn.Module, weight_decay: float, layer_decay: Optional[float] = None
+                        ) -> list[dict[str, Any]]:
     """Parameter groups for `torch.optim.SGD(..., momentum=0.9, nesterov=True)` = DeepMind's `SGD_AGC`.
 
     No weight decay on the parameters `model.no_weight_decay()` names (for our NFNet: gains, skip
@@ -264,13 +276,18 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str,
     included. timm's `create_optimizer_v2(model, "sgd", ...)` builds the same groups. With AGC applied
     to the gradients before `optimizer.step()`, torch's SGD then computes DeepMind's update:
     `g = clip(g) + wd * w;  m = momentum * m + g;  w -= lr * (g + momentum * m)`.
+
+    `layer_decay`: timm's `param_groups_layer_decay` instead, the same decayed set split by layer (the model's
+    `group_matcher`), each group with the `lr_scale` timm's schedulers multiply the learning rate by.
     """
-    from timm.optim import param_groups_weight_decay
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
     model = _unwrap(model)
     no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    if layer_decay is not None:
+        return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay)
     return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay)
 
 
-__all__ = ["AGCStats", "adaptive_clip_grad_", "clipped_parameters", "weight_decay_groups", "Shard",
+__all__ = ["AGCStats", "adaptive_clip_grad_", "classifier_parameters", "clipped_parameters", "weight_decay_groups", "Shard",
            "register_sharding"]

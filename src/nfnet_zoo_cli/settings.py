@@ -191,12 +191,22 @@ class FinetuneConfig:
     weight_decay: float = setting(
         2e-5, group=RECIPE, within=Range(float, 0, 1), shown=_PAPER,
         help="weight decay, not on gains, skip gains and biases")
+    freeze_epochs: int = setting(
+        0, group=RECIPE, within=Range(int, 0, 100_000),
+        help="epochs at the start in which only the classifier trains (the backbone's weights stay bit for bit; "
+        "equal to --epochs: a linear probe), 0 = off; as fastai's fine_tune, the frozen epochs and the rest each "
+        "get their own warmup and --sched schedule; at most --epochs")
     warmup_epochs: float = setting(
         1.0, group=RECIPE, within=Range(float, 0, 100_000), help="linear warmup epochs")
     warmup_lr: float = setting(
         0.0, group=RECIPE, within=Range(float, 0, 100), help="learning rate warmup starts at")
     min_lr: float = setting(
         0.0, group=RECIPE, within=Range(float, 0, 100), help="learning rate the schedule ends at")
+    layer_decay: Optional[float] = setting(
+        None, group=RECIPE, within=Range(float, 0, 1, open="lo", optional=True), shown="off",
+        help="layer-wise learning-rate decay (timm's): the classifier trains at the learning rate, each block below "
+        "it (the final conv with the last block) at this factor times the one above, the stem lowest (timm's "
+        "param_groups_layer_decay over the model's group_matcher); weight decay and AGC apply as without it")
     smoothing: float = setting(
         0.1, group=RECIPE, within=_FRACTION, help="label smoothing")
     mixup: float = setting(
@@ -207,6 +217,11 @@ class FinetuneConfig:
         None, group=RECIPE, within=_RATE, shown="the variant's", help="dropout before the classifier")
     drop_path: Optional[float] = setting(
         None, group=RECIPE, within=_RATE, shown="the variant's", help="stochastic depth rate of the last block")
+    patience: int = setting(
+        0, group=RECIPE, within=Range(int, 0, 100_000), resumable=True,
+        help="stop when val top-1 has not improved for this many epochs, 0 = off; the run then ends as a complete "
+        "one (best and last models, card, summary.json's stopped), and --resume of it trains no further unless "
+        "given a larger --patience (or 0); no effect without a val split")
     model_ema: bool = setting(
         False, group=RECIPE, switch=True, action="store_true",
         help="keep an EMA of the weights (timm ModelEmaV3); it is the one validated and exported")
@@ -257,6 +272,10 @@ class FinetuneConfig:
         "inductor); the first steps are slower while it compiles")
     grad_accum_steps: int = setting(
         1, group=RUNNING, within=Range(int, 1, 65_536), help="micro-batches per optimizer step")
+    grad_checkpointing: bool = setting(
+        False, group=RUNNING, switch=True, action="store_true", resumable=True,
+        help="recompute each stage's activations in the backward pass instead of keeping them (timm's flag): less "
+        "memory for a second forward pass of each stage, the same result")
     channels_last: bool = setting(
         False, group=RUNNING, switch=True, action="store_true", help="channels-last memory layout (faster on GPUs)")
     seed: int = setting(

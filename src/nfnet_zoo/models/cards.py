@@ -231,11 +231,17 @@ def build_model_card(run_dir: Union[str, os.PathLike], repo_id: Optional[str] = 
                "weight, as in the paper" if clip else "AGC off (clipping 0)")
         lr = args.get("lr")
         lr_text = _fmt(lr, "g") if lr is not None else f"{args.get('lr_base', 0.1)} x global batch / 256"
-        recipe = [("Epochs", _fmt(args.get("epochs"), "d")), ("Batch size (per process)", _fmt(args.get("batch_size"), "d")),
+        stopped = summary.get("stopped") or ""
+        epochs = _fmt(args.get("epochs"), "d") + (f" (stopped {stopped})" if stopped.startswith("early") else "")
+        recipe = [("Epochs", epochs), ("Batch size (per process)", _fmt(args.get("batch_size"), "d")),
                   ("Optimizer", f"SGD, Nesterov momentum {args.get('momentum', 0.9)}"),
                   ("Learning rate", f"{lr_text}, warmup then cosine decay"),
                   ("Weight decay", f"{args.get('weight_decay')} (not on gains and biases)"),
                   ("Gradient clipping", agc),
+                  *([("Frozen backbone", f"the first {args['freeze_epochs']} epoch(s): only the classifier trained")]
+                    if args.get("freeze_epochs") else []),
+                  *([("Layer-wise lr decay", f"{args['layer_decay']} per block below the classifier (timm's)")]
+                    if args.get("layer_decay") else []),
                   ("Label smoothing", _fmt(args.get("smoothing"), "g")),
                   ("Mixed precision", str(args.get("mixed_precision", "no"))),
                   ("Training images", _fmt(summary.get("num_train"), "d")),

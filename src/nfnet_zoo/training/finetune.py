@@ -33,9 +33,10 @@ from ..errors import NFNetZooError
 from ..evaluation import topk_correct
 from ..files import CURVES, write_bytes_atomic, write_json_atomic
 from .curves import INSTALL, curves_png, plotting_problem, run_title
+from .freeze import backbone_parameters, drop_frozen_grads
 from .progress import Progress, StopRequest
 from .recipe import (FinetuneConfig, build_loaders, build_losses, build_model, build_optimizer, build_scheduler,
-                     image_sizes)
+                     enable_grad_checkpointing, image_sizes)
 from .run_folder import finish, image_data, origin, own_run_folder, resolve, save_model_folder, saved_epoch
 from .runlock import RunLock
 from .runstate import check_room, load_run_state, save_run_state, state_dir
@@ -60,14 +61,19 @@ def finetune(config: Optional[FinetuneConfig] = None, *, resume: Optional[str] =
         elif t.accelerator.is_main_process:
             write_json_atomic(run / "args.json", cfg.to_json())
         _announce(t)
+        early = t.progress.early_stop(cfg.patience)  # a resumed run that had stopped early trains no further
+        if early and t.progress.epoch < cfg.epochs:
+            t.accelerator.print(f"{run} stopped early at epoch {t.progress.epoch} ({early}); nothing to train: "
+                                f"--resume {run} --patience N with a larger N (or 0) continues it")
         with StopRequest() as stop, t.worker_signals.held():  # the workers leave SIGTERM to this process
-            while t.progress.epoch < cfg.epochs:
+            while t.progress.epoch < cfg.epochs and not early:
                 _train_one_epoch(t, stop)  # saves every --save-every updates; on Ctrl-C saves and stops
                 metrics = _validate(t.eval_model, t.val_loader, t.accelerator, len(t.data.classes))
                 _end_of_epoch(t, metrics)  # metrics.jsonl, last (and best) exports, the epoch line
                 _save(t)
+                early = t.progress.early_stop(cfg.patience)
         if t.accelerator.is_main_process:
-            finish(cfg, run, t.data, t.progress, t.train_size)
+            finish(cfg, run, t.data, t.progress, t.train_size, early)
         t.accelerator.wait_for_everyone()
         t.accelerator.end_training()  # trackers, then the process group (gloo's threads may abort an exit without it)
     finally:
@@ -94,6 +100,7 @@ class _Training:
     train_loss_fn: nn.Module
     ema: Any                      # timm ModelEmaV3 (--model-ema), or None
     clip_params: Optional[list]   # AGC's parameters (clipped_parameters), None with --clipping 0
+    backbone: list                # what --freeze-epochs freezes (freeze.py); empty without it
     lr: float
     model_args: dict
     notes: list[str]              # what config.json says of where the weights come from
@@ -102,6 +109,11 @@ class _Training:
     progress: Progress
     worker_signals: WorkerSignals  # the DataLoader workers' worker_init_fn
     draw_curves: bool = True      # RUN/curves.png each epoch (main process); off without matplotlib
+
+    @property
+    def frozen(self) -> bool:
+        """The backbone does not train in this epoch (--freeze-epochs)."""
+        return self.progress.epoch < self.cfg.freeze_epochs
 
     @property
     def eval_model(self) -> nn.Module:
@@ -129,6 +141,8 @@ def _setup(cfg: FinetuneConfig, run: Path, resuming: bool, lock: RunLock) -> _Tr
     cfg.model_args = {k: v for k, v in model_args.items() if k != "num_classes"}  # args.json: what --resume builds
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.grad_checkpointing:
+        enable_grad_checkpointing(model, cfg.model)
     worker_signals = WorkerSignals()
     train_loader, val_loader, sampler = build_loaders(cfg, data, model, accelerator, worker_signals)
     train_size, test_size = image_sizes(cfg, model)
@@ -149,6 +163,7 @@ def _setup(cfg: FinetuneConfig, run: Path, resuming: bool, lock: RunLock) -> _Tr
         from timm.utils import ModelEmaV3
         ema = ModelEmaV3(unwrapped, decay=cfg.model_ema_decay)
     clip_params = clipped_parameters(model) if cfg.clipping > 0 else None  # after prepare: FSDP2 replaces them
+    backbone = backbone_parameters(model) if cfg.freeze_epochs else []
     if val_loader is not None and not data.shards:
         val_loader = accelerator.prepare(val_loader)
     updates_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
@@ -156,7 +171,7 @@ def _setup(cfg: FinetuneConfig, run: Path, resuming: bool, lock: RunLock) -> _Tr
     if accelerator.is_main_process:  # a read-only or full disk: now, not at the first save after training up to it
         check_room(run, accelerator.unwrap_model(model), ema)
     return _Training(cfg, run, accelerator, data, sampler, train_loader, val_loader, model, unwrapped, optimizer,
-                     scheduler, mixup, train_loss_fn, ema, clip_params, lr, model_args, notes, train_size,
+                     scheduler, mixup, train_loss_fn, ema, clip_params, backbone, lr, model_args, notes, train_size,
                      test_size, Progress(accelerator.device), worker_signals)
 
 
@@ -234,7 +249,7 @@ def _resume(t: _Training) -> None:
         total = t.cfg.epochs * math.ceil(len(t.train_loader) / t.cfg.grad_accum_steps)
         t.accelerator.print(f"--epochs {t.cfg.epochs}: the {t.cfg.sched} schedule saved for another length is "
                              f"rebuilt to end at epoch {t.cfg.epochs} ({total} updates) and continues from update "
-                             f"{progress.global_step} (lr {t.optimizer.param_groups[0]['lr']:.4g})")
+                             f"{progress.global_step} (lr {_lr(t.optimizer):.4g})")
     if t.accelerator.is_main_process:  # the arguments it now runs with (--epochs ...): a later --resume reads them
         write_json_atomic(run / "args.json", t.cfg.to_json())
 
@@ -253,7 +268,9 @@ def _announce(t: _Training) -> None:
         accelerator.print(f"fine-tuning {cfg.model} on {data.num_train} images ({len(data.classes)} classes), "
                           f"validating on {data.num_val}; {accelerator.num_processes} process(es) on "
                           f"{accelerator.device.type}, global batch {cfg.global_batch(accelerator.num_processes)}, "
-                          f"lr {t.lr:.4g}, AGC {cfg.clipping or 'off'}, {t.train_size}px train / {t.test_size}px "
+                          f"lr {t.lr:.4g}, AGC {cfg.clipping or 'off'}, "
+                          + (f"the classifier only for {cfg.freeze_epochs} epoch(s), " if cfg.freeze_epochs else "")
+                          + f"{t.train_size}px train / {t.test_size}px "
                           f"eval; run folder {t.run}")
 
 
@@ -315,6 +332,8 @@ def _train_step(t: _Training, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             x = x.contiguous(memory_format=torch.channels_last)
         loss = t.train_loss_fn(t.model(x), y)
         t.accelerator.backward(loss)
+        if t.frozen:
+            drop_frozen_grads(t.backbone)  # before AGC and the step, which then leave these weights alone
         if t.clip_params is not None:
             stats = unscale_and_clip_(t.accelerator, t.clip_params, t.cfg.clipping)
             if stats is not None:  # None on accumulation micro-steps
@@ -373,7 +392,7 @@ def _end_of_epoch(t: _Training, metrics: dict) -> None:
     train_loss = accelerator.reduce(torch.stack([progress.loss_sum, progress.loss_sum.new_tensor(progress.loss_count)]), "sum")
     clipped = progress.clip_sum.item() / progress.clip_count if progress.clip_count else None
     row = {"epoch": progress.epoch + 1, "train_loss": (train_loss[0] / train_loss[1]).item(), **metrics,
-           "lr": t.optimizer.param_groups[0]["lr"], "images_per_sec": progress.images / max(progress.epoch_time, 1e-9),
+           "lr": _lr(t.optimizer), "images_per_sec": progress.images / max(progress.epoch_time, 1e-9),
            "clipped_fraction": clipped}
     progress.history.append({k: row[k] for k in METRIC_KEYS})
     # best by val top-1 (the first of equals); without a val split the last epoch is the best
@@ -429,6 +448,11 @@ def _raise_if_diverged(nonfinite: torch.Tensor, accelerator, progress: Progress,
         raise NFNetZooError(f"training diverged: the loss became non-finite at epoch {progress.epoch + 1}, step "
                             f"{progress.step}; {saved} and the best model in {run}; start again with a lower --lr "
                             f"(or --clipping > 0, or --mixed-precision bf16 instead of fp16)")
+
+
+def _lr(optimizer) -> float:
+    """The learning rate: the classifier's, the highest with --layer-decay (timm's lr_scale 1)."""
+    return max(group["lr"] for group in optimizer.param_groups)
 
 
 def _epoch_line(row: dict, epochs: int) -> str:

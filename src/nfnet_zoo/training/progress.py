@@ -65,6 +65,17 @@ class Progress:
         self.step = self.loss_count = self.clip_count = self.images = 0
         self.loss_sum, self.clip_sum, self.epoch_time = self._sum(0.0), self._sum(0.0), 0.0
 
+    def early_stop(self, patience: int) -> Optional[str]:
+        """Why the run stops here under --patience (val top-1 not better than the best for `patience` epochs), or
+        None. A function of the history alone: a resumed run decides as the run it continues did."""
+        if not patience or self.best is None or self.best.get("top1") is None:
+            return None
+        waited = self.epoch - self.best["epoch"]  # epochs trained since the best
+        if waited < patience:
+            return None
+        return (f"patience {patience}: val top-1 has not improved on epoch {self.best['epoch']}'s "
+                f"{self.best['top1']:.2f}% in the {waited} epoch(s) since")
+
     def state_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.FIELDS}
         d.update(loss_sum=self.loss_sum.item(), clip_sum=self.clip_sum.item(), epoch_time=self.elapsed())

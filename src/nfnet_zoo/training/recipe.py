@@ -164,6 +164,15 @@ def load_checkpoint(model: nn.Module, ckpt, classes: list[str], path: str, log: 
                             f"trained as, or omit --model for a run folder")
 
 
+def enable_grad_checkpointing(model: nn.Module, name: Optional[str]) -> None:
+    """timm's `set_grad_checkpointing` (ours: checkpoint_seq over the stages); some timm families refuse it."""
+    try:
+        model.set_grad_checkpointing(True)
+    except (AssertionError, NotImplementedError, AttributeError) as e:
+        why = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
+        raise NFNetZooError(f"--grad-checkpointing: {name} does not support it ({why}); leave the flag out") from None
+
+
 def build_loaders(cfg: FinetuneConfig, data: ImageData, model: nn.Module, accelerator,
                   signals: Optional[WorkerSignals] = None
                   ) -> tuple[torch.utils.data.DataLoader, Optional[torch.utils.data.DataLoader], EpochSampler]:
@@ -263,18 +272,31 @@ def build_losses(cfg: FinetuneConfig, num_classes: int) -> tuple[Optional[Any], 
 
 
 def build_optimizer(cfg: FinetuneConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """timm's optimizer `cfg.opt` over DeepMind's decay partition (agc.weight_decay_groups)."""
+    """timm's optimizer `cfg.opt` over DeepMind's decay partition (agc.weight_decay_groups), split by layer with
+    --layer-decay."""
     from timm.optim import create_optimizer_v2
     from ..agc import weight_decay_groups
     # Our groups state DeepMind's no-decay set (gains, skip gains, biases), whatever the optimizer.
-    return create_optimizer_v2(weight_decay_groups(model, cfg.weight_decay), opt=cfg.opt, lr=lr,
+    return create_optimizer_v2(weight_decay_groups(model, cfg.weight_decay, cfg.layer_decay), opt=cfg.opt, lr=lr,
                                momentum=cfg.momentum, weight_decay=cfg.weight_decay, **cfg.opt_kwargs)
 
 
 def build_scheduler(cfg: FinetuneConfig, optimizer: torch.optim.Optimizer, updates_per_epoch: int) -> Any:
-    """timm's schedule `cfg.sched` with linear warmup, stepped per optimizer update (`step_update`)."""
+    """timm's schedule `cfg.sched` with linear warmup, stepped per optimizer update (`step_update`); with
+    --freeze-epochs, one such schedule over the frozen epochs and another over the rest (freeze.PhasedSchedule)."""
+    if not cfg.freeze_epochs:
+        return _timm_schedule(cfg, optimizer, cfg.epochs, updates_per_epoch)
+    from .freeze import PhasedSchedule
+    # a linear probe (--freeze-epochs = --epochs) keeps a second phase of one epoch, never reached, so that its
+    # saved state has the same form as the one a resume with more --epochs builds
+    return PhasedSchedule(_timm_schedule(cfg, optimizer, cfg.freeze_epochs, updates_per_epoch),
+                          _timm_schedule(cfg, optimizer, max(cfg.epochs - cfg.freeze_epochs, 1), updates_per_epoch),
+                          cfg.freeze_epochs * updates_per_epoch)
+
+
+def _timm_schedule(cfg: FinetuneConfig, optimizer: torch.optim.Optimizer, epochs: int, updates_per_epoch: int):
     from timm.scheduler import create_scheduler_v2
-    sched, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs, decay_epochs=cfg.decay_epochs,
+    sched, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=epochs, decay_epochs=cfg.decay_epochs,
                                    decay_milestones=list(cfg.decay_milestones), decay_rate=cfg.decay_rate,
                                    warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
                                    step_on_epochs=False, updates_per_epoch=updates_per_epoch)
@@ -323,5 +345,6 @@ def check_timm_names(cfg: FinetuneConfig) -> None:
                                 "rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, v0 or deepmind") from None
 
 
-__all__ = ["FinetuneConfig", "eval_size_for", "build_model", "load_checkpoint", "build_loaders", "image_sizes",
-           "build_losses", "build_optimizer", "build_scheduler", "deepmind_randaugment", "check_timm_names"]
+__all__ = ["FinetuneConfig", "eval_size_for", "build_model", "load_checkpoint", "enable_grad_checkpointing",
+           "build_loaders", "image_sizes", "build_losses", "build_optimizer", "build_scheduler", "deepmind_randaugment",
+           "check_timm_names"]

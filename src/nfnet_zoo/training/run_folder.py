@@ -75,6 +75,7 @@ def resolve(config: Optional[FinetuneConfig], resume: Optional[str], overrides: 
                                 f"resuming (they are fixed in {run}/args.json); start a new run to change them")
         for k in RESUMABLE & overrides.keys():
             setattr(cfg, k, overrides[k])
+        _check_together(cfg)
         cfg.output = str(run)
         return cfg, run, True
     cfg = config or FinetuneConfig()
@@ -128,7 +129,16 @@ def _check_config(cfg: FinetuneConfig) -> None:
     if cfg.model_args is not None and not (isinstance(cfg.model_args, dict) and isinstance(cfg.model, str)):
         raise NFNetZooError("model_args must be a JSON object beside the model's name")
     _check_settings(cfg.to_json())
+    _check_together(cfg)
     check_timm_names(cfg)
+
+
+def _check_together(cfg: FinetuneConfig) -> None:
+    """What one setting's declaration cannot check: its value against another's."""
+    if cfg.freeze_epochs > cfg.epochs:
+        raise NFNetZooError(f"--freeze-epochs {cfg.freeze_epochs} is more than --epochs {cfg.epochs}; pass --epochs "
+                            f"{cfg.freeze_epochs} or more, or --freeze-epochs {cfg.epochs} or fewer (equal: a linear "
+                            f"probe) in a new run")
 
 
 def _check_settings(values: dict[str, Any]) -> None:
@@ -280,15 +290,21 @@ def _summary_table(history: list[dict], best_epoch: Optional[int]) -> str:
     return "\n".join([line(heads), line(["-" * w for w in widths]), *map(line, cells)])
 
 
-def finish(cfg: FinetuneConfig, run: Path, data: ImageData, progress: Progress, img_size: int) -> None:
+def finish(cfg: FinetuneConfig, run: Path, data: ImageData, progress: Progress, img_size: int,
+           early: Optional[str] = None) -> None:
+    """summary.json, the model card and the closing lines; `early`: why --patience stopped the run, if it did."""
     best = progress.best or {}
+    stopped = f"early at epoch {progress.epoch} of {cfg.epochs}: {early}" if early else f"after --epochs {cfg.epochs}"
     summary = {"best_epoch": best.get("epoch"), "top1": best.get("top1"), "top5": best.get("top5"),
                "val_loss": best.get("val_loss"), "num_train": data.num_train, "num_val": data.num_val,
                "num_classes": len(data.classes), "label_names": data.classes, "model": cfg.model,
-               "base_model": cfg.base_model, "img_size": img_size, "train_time_s": round(progress.train_time, 1)}
+               "base_model": cfg.base_model, "img_size": img_size, "train_time_s": round(progress.train_time, 1),
+               "epochs_trained": progress.epoch, "stopped": stopped}
     write_json_atomic(run / "summary.json", summary)
     write_model_card(run)
     print(_summary_table(progress.history, best.get("epoch")))
+    if early:
+        print(f"stopped {stopped}")
     top1 = "-" if best.get("top1") is None else f"{best['top1']:.2f}%"
     print(f"best epoch {best.get('epoch')}: val top-1 {top1}; model in {run} "
           f"(nfnet_zoo.load_model('{run}'), or timm.create_model('local-dir:{run}', pretrained=True))")

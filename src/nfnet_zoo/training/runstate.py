@@ -225,7 +225,10 @@ def _load(accelerator, folder: Path, model, optimizer, scheduler, progress: dict
     # everything read and checked: now change the live objects
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, weights, options=options)
-    set_optimizer_state_dict(model, optimizer, optim, options=options)
+    # not strict: a parameter the optimizer had not stepped (the backbone while --freeze-epochs holds it) has no
+    # saved state; _check_optimizer has checked the rest
+    set_optimizer_state_dict(model, optimizer, optim, options=StateDictOptions(full_state_dict=True, strict=False))
+    _forget_unsaved_state(optimizer, live_optim["param_groups"], optim["state"])
     scheduler.load_state_dict(_from_plain(sched, {}))
     if ema_weights is not None:
         ema.load_state_dict(ema_weights)
@@ -233,6 +236,21 @@ def _load(accelerator, folder: Path, model, optimizer, scheduler, progress: dict
         accelerator.scaler.load_state_dict(scaler)
     _set_rng(*rng)
     return _from_plain(saved_progress, {})
+
+
+def _forget_unsaved_state(optimizer, live_groups: list, saved: dict) -> None:
+    """torch's get/set_optimizer_state_dict first give a fresh optimizer's every parameter a state, by a step of
+    zero gradients at lr 0 (torch.distributed.checkpoint's _init_optim_state): with weight decay that leaves a
+    momentum of wd * w. A parameter the saved optimizer had not stepped starts fresh, as in the run never stopped.
+    `live_groups`: get_optimizer_state_dict's param_groups, whose names follow the optimizer's parameters."""
+    names = {}
+    for group, live in zip(optimizer.param_groups, live_groups):
+        if len(group["params"]) != len(live["params"]):  # shared parameters: no one-to-one naming, keep all
+            return
+        names.update((id(p), n) for p, n in zip(group["params"], live["params"]))
+    for p in list(optimizer.state):
+        if id(p) in names and names[id(p)] not in saved:
+            del optimizer.state[p]
 
 
 def _like(t: torch.Tensor) -> tuple:
