@@ -121,7 +121,9 @@ def _output(spec: str, output: Optional[str], fmt: str, overwrite: bool) -> Path
     return out
 
 
-def _onnx_bytes(served: nn.Module, x: torch.Tensor, metadata: dict) -> bytes:
+def onnx_bytes(served: nn.Module, x: torch.Tensor, metadata: dict) -> bytes:
+    """`served` (folded) as an ONNX model with input `image` shaped as `x` (any batch size), `metadata` in its
+    metadata_props."""
     import warnings
     from importlib.util import find_spec
     missing = [name for name in ("onnx", "onnxscript") if find_spec(name) is None]  # onnxscript: the dynamo exporter's
@@ -167,9 +169,9 @@ def export_model(spec: str, output: Optional[str] = None, fmt: str = "onnx", siz
     metadata = {MARK: arch, "preprocessing": json.dumps(prep), "num_classes": str(model.num_classes)}
     if names:
         metadata["label_names"] = json.dumps(names)
-    data = (_onnx_bytes if fmt == "onnx" else _torchscript_bytes)(served, x, metadata)
+    data = (onnx_bytes if fmt == "onnx" else _torchscript_bytes)(served, x, metadata)
     write_bytes_atomic(out, data)
     return out
 
 
-__all__ = ["export_model", "fold_standardization", "preprocessing", "FORMATS"]
+__all__ = ["export_model", "fold_standardization", "onnx_bytes", "preprocessing", "FORMATS"]
