@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
+import timm
 import torch
 from PIL import Image
 
@@ -164,3 +165,18 @@ def test_refusals_are_one_line_and_a_users_file_is_kept(run, exported, tmp_path,
     assert _session(ours).get_inputs()[0].shape[1:] == [3, 40, 40]
     assert cli_main(["export", str(run), "-o", str(users), "--overwrite"]) == 0
     assert _session(users).get_inputs()[0].name == "image"
+
+
+def test_the_fold_leaves_the_model_as_it_was_and_gives_its_logits_with_branches_on_and_off():
+    """The served copy shares biases and SE weights with the model: folding scales copies, never the model's own.
+    A block whose SkipInit gain is still 0 adds nothing, folded or not."""
+    torch.manual_seed(0)
+    net = timm.create_model("nfnet_zoo_tiny", num_classes=3).eval()
+    with torch.no_grad():
+        net.stages[1][0].skipinit_gain.fill_(-0.7)  # one branch on (a negative gain too), the others at 0
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    folded = fold_standardization(net)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    x = torch.randn(3, 3, 29, 29)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x), rtol=0, atol=1e-6)

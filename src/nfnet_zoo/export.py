@@ -14,6 +14,7 @@ the file's metadata_props.
 """
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -61,6 +62,71 @@ def _timm_standardized_weight(conv: nn.Conv2d) -> torch.Tensor:
                         eps=conv.eps).reshape_as(conv.weight)
 
 
+@torch.no_grad()
+def _scaled_conv(conv: nn.Module, by: float) -> nn.Module:
+    """A copy of `conv` (a convolution, or the shortcut's pool + convolution) that computes `conv(by * x)`: its
+    weight times `by` (zero padding and average pooling before it are linear, so they commute)."""
+    new = copy.deepcopy(conv)  # the served copy shares biases and SE weights with the model: never scale those
+    (new.conv if hasattr(new, "conv") else new).weight.mul_(by)
+    return new
+
+
+class _FoldedBlock(nn.Module):
+    """An `NFBlock` for serving, its scalar multipliers folded into the convolutions after them: gamma * beta
+    into conv1 and the shortcut's conv, each gamma into its conv, and c = alpha * skip_gain * 2 (the SE gate's
+    2) into conv3's weight and bias, divided back out of the SE's first layer (linear in its input), so that
+    h + alpha * skip_gain * 2 sigmoid(SE(o)) * o = h + sigmoid(SE'(c o)) * (c o). Each multiply is a pass over
+    an activation; onnxruntime does not fuse them into its convolutions (1.1-1.2x on nfnet_f0, BENCHMARKS.md)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        c = block.alpha * float(block.skipinit_gain.detach()) * 2.0
+        self.branch = c != 0.0  # a switched-off branch (SkipInit at 0) adds exactly nothing
+        self.act1, self.act2, self.act3 = block.act1.act, block.act2.act, block.act3.act
+        g1 = block.act1.gamma * block.beta
+        self.downsample = None if block.downsample is None else _scaled_conv(block.downsample, g1)
+        self.conv1 = _scaled_conv(block.conv1, g1)
+        self.conv2 = _scaled_conv(block.conv2, block.act2.gamma)
+        self.act2b = block.act2b.act if block.conv2b is not None else None
+        self.conv2b = _scaled_conv(block.conv2b, block.act2b.gamma) if block.conv2b is not None else None
+        if self.branch:
+            self.conv3 = _scaled_conv(block.conv3, block.act3.gamma * c)
+            with torch.no_grad():
+                self.conv3.bias.mul_(c)
+            self.fc1 = _scaled_conv(block.attn_last.fc1, 1.0 / c)
+            self.fc2 = block.attn_last.fc2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act1(x)
+        shortcut = x if self.downsample is None else self.downsample(out)
+        if not self.branch:
+            return shortcut
+        out = self.conv2(self.act2(self.conv1(out)))
+        if self.conv2b is not None and self.act2b is not None:
+            out = self.conv2b(self.act2b(out))
+        out = self.conv3(self.act3(out))
+        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(out.mean((2, 3), keepdim=True)))))
+        return shortcut + gate * out
+
+
+def _fold_scales(served: nn.Module) -> None:
+    """Our NFNet's scalar multipliers folded into convolutions (`_FoldedBlock`; the stem's gammas into the
+    conv after each), in place on the served copy. Exact in real numbers; in float32 within rounding."""
+    from .models.layers import GammaAct
+    from .models.nfnet import NFBlock
+    for parent in list(served.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, NFBlock) and isinstance(child.act1, GammaAct):
+                setattr(parent, name, _FoldedBlock(child))
+        if isinstance(parent, nn.Sequential):
+            names = list(parent._modules)
+            for a, b in zip(names, names[1:]):
+                act, conv = parent._modules[a], parent._modules[b]
+                if isinstance(act, GammaAct) and isinstance(conv, nn.Conv2d):
+                    parent._modules[b] = _scaled_conv(conv, act.gamma)
+                    parent._modules[a] = act.act
+
+
 def fold_standardization(model: nn.Module) -> nn.Module:
     """A copy of `model` (eval, float32) in which every weight-standardised convolution is a plain one holding
     its standardised weight: ours by `standardize_once`, timm's `ScaledStdConv2d(Same)` here."""
@@ -70,6 +136,7 @@ def fold_standardization(model: nn.Module) -> nn.Module:
         for name, child in parent.named_children():
             if isinstance(child, (ScaledStdConv2d, ScaledStdConv2dSame)):
                 setattr(parent, name, _FoldedConv2d(child, _timm_standardized_weight(child)))
+    _fold_scales(served)
     return served.requires_grad_(False)
 
 
