@@ -227,8 +227,9 @@ def bench_export(theirs, ours, batches: tuple, size: int, repeats: int) -> list[
 
 def _export_lines(rows: list[dict], repeats: int) -> list[str]:
     lines = ["", "## The exported model in onnxruntime (`nfnet-zoo export`)", "",
-             "`nfnet_f0` (same weights as above) exported as `nfnet-zoo export` does (weight standardisation folded "
-             "into plain convolutions, `torch.onnx.export(dynamo=True)`, one file with a dynamic batch), run by "
+             "`nfnet_f0` (same weights as above) exported as `nfnet-zoo export` does (weight standardisation and the "
+             "scalar multipliers folded into plain convolutions, `torch.onnx.export(dynamo=True)`, one file with a "
+             "dynamic batch), run by "
              "onnxruntime with its default session options (all graph optimisations, intra-op threads = cores); "
              "against eager timm `dm_nfnet_f0`, eager ours and `optimize_for_inference` (channels_last, standardised "
              f"once). fp32, NCHW input, median of {repeats} interleaved repeats; timm / x above 1: x is faster than "
