@@ -2,8 +2,8 @@
 
 Cases: inference (eager fp32, bf16 autocast, torch.compile), the exported ONNX model in onnxruntime
 (`nfnet-zoo export`) against eager timm, eager ours and optimize_for_inference at batch 1 and 8, a
-training step (forward, backward, AGC, SGD), AGC alone, peak memory of a training step, and end-to-end fine-tuning. Every figure is
-the median of repeated runs after warm-up, with the two models alternating, and every inference
+training step (forward, backward, AGC, SGD), AGC alone, peak memory of a training step, and end-to-end
+fine-tuning. Every figure is the median of repeated runs after warm-up, with the two models alternating, and every inference
 case reports how far each model's logits are from DeepMind's numerics (a float64 reference: timm's
 network with DeepMind's weight standardisation and tanh-GELU swapped in, which matches DeepMind's
 own outputs; see tests/test_variants.py). Runs on the CPU, or on a GPU when one is present.

@@ -234,17 +234,17 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         description="Write MODEL as an ONNX file for onnxruntime (or a TorchScript file), with every "
         "weight-standardised convolution folded into a plain one (no standardisation runs per call) and a dynamic "
         "batch size. Input `image`: float32 N x 3 x H x W at the exported size, resized, cropped and normalised as "
-        "the file's metadata_props say (key `preprocessing`: input_size, interpolation, crop_pct, mean, std; also "
-        "`label_names`); output `logits`. Atomic write; a file the command did not write is replaced only with "
+        "the file's metadata_props say (key `preprocessing`: input_size, interpolation, crop_pct, crop_mode, mean, "
+        "std; `label_names`); output `logits`. Atomic write; a file the command did not write is replaced only with "
         "--overwrite.")
     p.add_argument("model", metavar="MODEL", help="run folder, local-dir:PATH, hf-hub:REPO, or a registered "
                    "name with weights (nfnet_f0)")
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx",
                    help="onnx (torch.onnx.export(dynamo=True); needs the onnx extra) or torchscript "
                    "(torch.jit.trace) (default: onnx)")
-    p.add_argument("-o", "--output", help="file to write (default: MODEL/model.onnx, or MODEL/model.pt for "
-                   "torchscript, when MODEL is a folder)")
-    p.add_argument("--image-size", type=argtype("image_size"), default=None,
+    p.add_argument("-o", "--output", metavar="FILE", help="file to write (default: MODEL/model.onnx, or "
+                   "MODEL/model.pt for torchscript, when MODEL is a folder)")
+    p.add_argument("--image-size", type=argtype("image_size"), default=None, metavar="PX",
                    help="height and width in pixels the file takes (default: the model's evaluation size)")
     p.add_argument("--overwrite", action="store_true", help="replace --output even if nfnet-zoo did not write it")
     p.set_defaults(func=_run_export)
