@@ -180,3 +180,16 @@ def test_the_fold_leaves_the_model_as_it_was_and_gives_its_logits_with_branches_
     x = torch.randn(3, 3, 29, 29)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), net(x), rtol=0, atol=1e-6)
+
+
+def test_a_model_the_exporter_cannot_express_is_one_line(run, tmp_path, capsys, monkeypatch):
+    import nfnet_zoo.export as export
+
+    def fails(*args):
+        raise RuntimeError("Unsupported: data-dependent control flow\nmore detail")
+
+    monkeypatch.setattr(export, "onnx_bytes", fails)
+    assert cli_main(["export", str(run), "-o", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "data-dependent control flow" in err and "--format torchscript" in err
+    assert not (tmp_path / "m.onnx").exists()

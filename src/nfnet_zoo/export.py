@@ -238,7 +238,15 @@ def export_model(spec: str, output: Optional[str] = None, fmt: str = "onnx", siz
     metadata = {MARK: arch, "preprocessing": json.dumps(prep), "num_classes": str(model.num_classes)}
     if names:
         metadata["label_names"] = json.dumps(names)
-    data = (onnx_bytes if fmt == "onnx" else _torchscript_bytes)(served, x, metadata)
+    try:
+        data = (onnx_bytes if fmt == "onnx" else _torchscript_bytes)(served, x, metadata)
+    except NFNetZooError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the exporters raise many types on a layer they cannot express
+        first = str(e).splitlines()[0][:120] if str(e) else ""
+        raise NFNetZooError(f"{fmt} export of {arch} failed ({type(e).__name__}: {first}); "
+                            f"use the model from Python (nfnet_zoo.load_model), or try --format "
+                            f"{'torchscript' if fmt == 'onnx' else 'onnx'}") from None
     write_bytes_atomic(out, data)
     return out
 
