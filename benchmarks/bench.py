@@ -1,8 +1,9 @@
 """nfnet-zoo vs timm's dm_nfnet_f0 with the same weights, measured in one run, interleaved.
 
-Cases: inference (eager fp32, bf16 autocast, torch.compile), a training step (forward, backward,
-AGC, SGD), AGC alone, peak memory of a training step, and end-to-end fine-tuning. Every figure is
-the median of repeated runs after warm-up, with the two models alternating, and every inference
+Cases: inference (eager fp32, bf16 autocast, torch.compile), the exported ONNX model in onnxruntime
+(`nfnet-zoo export`) against eager timm, eager ours and optimize_for_inference at batch 1 and 8, a
+training step (forward, backward, AGC, SGD), AGC alone, peak memory of a training step, and end-to-end
+fine-tuning. Every figure is the median of repeated runs after warm-up, with the two models alternating, and every inference
 case reports how far each model's logits are from DeepMind's numerics (a float64 reference: timm's
 network with DeepMind's weight standardisation and tanh-GELU swapped in, which matches DeepMind's
 own outputs; see tests/test_variants.py). Runs on the CPU, or on a GPU when one is present.
@@ -68,6 +69,7 @@ def _interleaved(fns: dict[str, Callable[[], object]], device, repeats: int, war
             times[k].append(time.perf_counter() - t)
             faults[k].append(_minor_faults() - f)
     result: dict = {k: statistics.median(v) for k, v in times.items()}
+    result["times"] = times
     if "on" in times and "off" in times:
         result["ratios"] = [b / a for a, b in zip(times["on"], times["off"])]
     if "ours" in times and "timm" in times:
@@ -181,6 +183,67 @@ def bench_speed_path(ours, device, batch: int, size: int, repeats: int) -> list[
                   f"{rows[-1]['ratio']:.2f}x, same bits: {same}", flush=True)
     model.to(memory_format=torch.contiguous_format)
     return rows
+
+
+def bench_export(theirs, ours, batches: tuple, size: int, repeats: int) -> list[dict]:
+    """`nfnet-zoo export`'s ONNX file in onnxruntime (default session options: all graph optimisations, one
+    intra-op thread per core) against eager timm, eager ours and optimize_for_inference, fp32 on the CPU, one
+    file for every batch size (dynamic batch)."""
+    import onnxruntime
+
+    from nfnet_zoo.export import fold_standardization, onnx_bytes
+    from nfnet_zoo.models.inference import optimize_for_inference
+
+    ours, theirs = ours.eval(), theirs.eval()
+    session = onnxruntime.InferenceSession(onnx_bytes(fold_standardization(ours), torch.randn(2, 3, size, size), {}),
+                                           providers=["CPUExecutionProvider"])
+    served = optimize_for_inference(copy.deepcopy(ours))  # channels_last, standardised once, no_grad
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
+        xn = x.numpy()
+
+        def eager(m):
+            with torch.inference_mode():
+                return m(x)
+
+        fns = {"timm": lambda: eager(theirs), "ours": lambda: eager(ours),
+               "onnxruntime": lambda: session.run(None, {"image": xn}),
+               "optimize_for_inference": lambda: served(x)}
+        want = eager(ours)
+        dev = {"onnxruntime": (torch.from_numpy(fns["onnxruntime"]()[0]) - want).abs().max().item(),
+               "optimize_for_inference": (served(x) - want).abs().max().item()}
+        t = _interleaved(fns, torch.device("cpu"), repeats)
+        row = dict(batch=batch, size=size, **{f"{k}_s": t[k] for k in fns}, dev=dev)
+        for k in ("ours", "onnxruntime", "optimize_for_inference"):
+            ratios = [a / b for a, b in zip(t["times"]["timm"], t["times"][k])]
+            row[f"{k}_ratio"], row[f"{k}_spread"] = t["timm"] / t[k], (min(ratios), max(ratios))
+        rows.append(row)
+        print(f"export, batch {batch} x {size}: timm eager {t['timm'] * 1e3:.0f} ms; timm / x: "
+              + ", ".join(f"{k} {row[k + '_ratio']:.2f}x ({t[k] * 1e3:.0f} ms)"
+                          for k in ("ours", "onnxruntime", "optimize_for_inference")), flush=True)
+    return rows
+
+
+def _export_lines(rows: list[dict], repeats: int) -> list[str]:
+    lines = ["", "## The exported model in onnxruntime (`nfnet-zoo export`)", "",
+             "`nfnet_f0` (same weights as above) exported as `nfnet-zoo export` does (weight standardisation and the "
+             "scalar multipliers folded into plain convolutions, `torch.onnx.export(dynamo=True)`, one file with a "
+             "dynamic batch), run by "
+             "onnxruntime with its default session options (all graph optimisations, intra-op threads = cores); "
+             "against eager timm `dm_nfnet_f0`, eager ours and `optimize_for_inference` (channels_last, standardised "
+             f"once). fp32, NCHW input, median of {repeats} interleaved repeats; timm / x above 1: x is faster than "
+             "timm's eager model. Last column: max |logit - eager ours|.", "",
+             "| batch x px | timm eager ms | ours eager | onnxruntime | optimize_for_inference | "
+             "onnxruntime single repeats | onnxruntime dev. |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [f"{r[k + '_s'] * 1e3:.0f} ms, {r[k + '_ratio']:.2f}x" for k in ("ours", "onnxruntime",
+                                                                               "optimize_for_inference")]
+        lines.append(f"| {r['batch']} x {r['size']} | {r['timm_s'] * 1e3:.0f} | {' | '.join(cells)} | "
+                     f"{r['onnxruntime_spread'][0]:.2f}-{r['onnxruntime_spread'][1]:.2f} | "
+                     f"{r['dev']['onnxruntime']:.1e} |")
+    return lines
 
 
 def _step_fn(model, which: str, device, batch: int, size: int, fmt) -> Callable[[], None]:
@@ -363,7 +426,7 @@ def _speed_path_lines(rows: list[dict]) -> list[str]:
 
 def write_markdown(path: Path, machine: str, command: str, rows: list[dict], agc: dict | None,
                    mem: dict | None, e2e: str | None, repeats: int, gpu: bool = False,
-                   speed: list[dict] | None = None) -> None:
+                   speed: list[dict] | None = None, export: list[dict] | None = None) -> None:
     lines = [f"Machine: {machine}", "", f"Command: `{command}`", "",
              "Ratios are timm / ours for time (above 1: ours is faster). Each figure is the median of "
              f"{repeats} runs after warm-up, the two models alternating; \"single repeats\" gives the lowest and "
@@ -384,6 +447,8 @@ def write_markdown(path: Path, machine: str, command: str, rows: list[dict], agc
                      f"{faults} | {dev} |")
     if speed:
         lines += _speed_path_lines(speed)
+    if export:
+        lines += _export_lines(export, repeats)
     if agc:
         lines += ["", "## AGC alone (F0 gradients, batch 8, 192 px)", "",
                   f"ours {agc['ours_ms']:.1f} ms, timm's `adaptive_clip_grad` {agc['timm_ms']:.1f} ms: "
@@ -404,7 +469,7 @@ def write_markdown(path: Path, machine: str, command: str, rows: list[dict], agc
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer repeats")
-    p.add_argument("--skip", default="", help="comma-separated: inference,compile,speedpath,train,agc,memory,e2e")
+    p.add_argument("--skip", default="", help="comma-separated: inference,compile,speedpath,export,train,agc,memory,e2e")
     p.add_argument("--out", default=str(HERE.parent / "BENCHMARKS.md"))
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -424,6 +489,7 @@ def main() -> None:
     if "inference" not in skip:
         rows += bench_inference(theirs, ours, device, 32 if gpu else 8, 256, repeats, "compile" not in skip)
     speed = None if "speedpath" in skip else bench_speed_path(ours, device, 32 if gpu else 8, 256, repeats)
+    export = None if "export" in skip or gpu else bench_export(theirs, ours, (1, 8), 256, repeats)
     if "train" not in skip:
         rows += bench_train(theirs, ours, device, 32 if gpu else 8, 192, repeats)
     agc = None
@@ -441,7 +507,8 @@ def main() -> None:
         e2e = r.stdout[r.stdout.find("\nnfnet_zoo_tiny"):] if r.returncode == 0 else f"failed: {r.stderr[-500:]}"
         print(e2e, flush=True)
     command = "python benchmarks/bench.py" + (" --quick" if args.quick else "") + (f" --skip {args.skip}" if skip else "")
-    write_markdown(Path(args.out), machine, command, rows, agc, mem, e2e, repeats, gpu=gpu, speed=speed)
+    write_markdown(Path(args.out), machine, command, rows, agc, mem, e2e, repeats, gpu=gpu, speed=speed,
+                   export=export)
     print(f"wrote {args.out}")
 
 

@@ -25,3 +25,19 @@ def batch(n=4, size=32, seed=1):
 
 def sgd(model):
     return torch.optim.SGD(weight_decay_groups(model, 1e-4), lr=0.2, momentum=0.9, nesterov=True)
+
+
+def model_folder(folder, classes, eval_size=32):
+    """A randomly initialised nfnet_zoo_tiny (residual branches on, probabilities far from uniform) saved as a model
+    folder in the shared form, as a run writes it; returns its path as a string."""
+    from nfnet_zoo.models.shared_config import rewrite_shared
+    torch.manual_seed(0)
+    net = timm.create_model("nfnet_zoo_tiny", num_classes=len(classes))
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if n.endswith("skipinit_gain"):
+                p.fill_(0.5)
+        net.get_classifier().weight.mul_(20)  # probabilities far from uniform, so their order means something
+    timm.models.save_for_hf(net, str(folder), model_config={"label_names": list(classes)}, safe_serialization=True)
+    rewrite_shared(folder / "config.json", eval_size=eval_size)
+    return str(folder)

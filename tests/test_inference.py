@@ -112,3 +112,21 @@ def test_make_bench_speed_path_table_runs_and_finds_the_same_bits():
     assert all(r["same_bits"] and r["on_s"] > 0 and r["off_s"] > 0 for r in rows)
     table = bench._speed_path_lines(rows)
     assert sum(line.startswith("| eval") for line in table) == 4 + 3  # measured, plus the removed kernels' eval rows
+
+
+def test_make_bench_export_table_runs_and_onnxruntime_gives_the_logits():
+    """`make bench`'s exported-model table (benchmarks/bench.py) on a tiny model: one ONNX file at batch 1 and 2,
+    every runtime measured, onnxruntime's logits within float32 rounding of the eager model's."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench
+
+    ours = _model()
+    theirs = copy.deepcopy(ours)
+    rows = bench.bench_export(theirs, ours, (1, 2), size=32, repeats=1)
+    assert [r["batch"] for r in rows] == [1, 2]
+    assert all(r[f"{k}_s"] > 0 for r in rows for k in ("timm", "ours", "onnxruntime", "optimize_for_inference"))
+    assert all(r["dev"]["onnxruntime"] < 1e-5 and r["dev"]["optimize_for_inference"] < 1e-5 for r in rows)
+    assert sum(line.startswith("| 1 x 32") or line.startswith("| 2 x 32") for line in bench._export_lines(rows, 1)) == 2

@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 
 from _images import make_folder
+from _tiny_nfnet import model_folder
 from nfnet_zoo.evaluation import iter_predictions, predict
-from nfnet_zoo.models.shared_config import rewrite_shared
 from nfnet_zoo_cli import main as cli_main
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -32,17 +32,7 @@ CLASSES = ["bright", "dark", "mid"]
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> str:
     """A randomly initialised nfnet_zoo_tiny (residual branches on) saved as a model folder, in the shared form."""
-    torch.manual_seed(0)
-    net = timm.create_model("nfnet_zoo_tiny", num_classes=3)
-    with torch.no_grad():
-        for n, p in net.named_parameters():
-            if n.endswith("skipinit_gain"):
-                p.fill_(0.5)
-        net.get_classifier().weight.mul_(20)  # probabilities far from uniform, so their order means something
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    timm.models.save_for_hf(net, str(folder), model_config={"label_names": CLASSES}, safe_serialization=True)
-    rewrite_shared(folder / "config.json", eval_size=32)
-    return str(folder)
+    return model_folder(tmp_path_factory.mktemp("model") / "tiny", CLASSES)
 
 
 @pytest.fixture(scope="module")

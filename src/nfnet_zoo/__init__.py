@@ -27,6 +27,7 @@ _PUBLIC = {
     "write_model_card": "models.cards", "write_zoo_cards": "models.cards",
     "finetune": "training.finetune", "FinetuneConfig": "training.recipe",
     "evaluate": "evaluation", "predict": "evaluation", "iter_predictions": "evaluation",
+    "export_model": "export",
 }
 __all__ = ["NFNetZooError", *_PUBLIC]
 

@@ -236,6 +236,35 @@ def _run_demo(args: argparse.Namespace) -> None:
         run_demo(args.output, workers=args.workers)
 
 
+# --- export ----------------------------------------------------------------------------------
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="write a model as an ONNX file (or TorchScript) that runs without nfnet-zoo",
+        description="Write MODEL as an ONNX file for onnxruntime (or a TorchScript file), with every "
+        "weight-standardised convolution folded into a plain one (no standardisation runs per call) and a dynamic "
+        "batch size. Input `image`: float32 N x 3 x H x W at the exported size, resized, cropped and normalised as "
+        "the file's metadata_props say (key `preprocessing`: input_size, interpolation, crop_pct, crop_mode, mean, "
+        "std; `label_names`); output `logits`. Atomic write; a file the command did not write is replaced only with "
+        "--overwrite.")
+    p.add_argument("model", metavar="MODEL", help="run folder, local-dir:PATH, hf-hub:REPO, or a registered "
+                   "name with weights (nfnet_f0)")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx",
+                   help="onnx (torch.onnx.export(dynamo=True); needs the onnx extra) or torchscript "
+                   "(torch.jit.trace) (default: onnx)")
+    p.add_argument("-o", "--output", metavar="FILE", help="file to write (default: MODEL/model.onnx, or "
+                   "MODEL/model.pt for torchscript, when MODEL is a folder)")
+    p.add_argument("--image-size", type=argtype("image_size"), default=None, metavar="PX",
+                   help="height and width in pixels the file takes (default: the model's evaluation size)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output even if nfnet-zoo did not write it")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    from nfnet_zoo.export import export_model
+
+    print(f"wrote {export_model(args.model, args.output, args.format, args.image_size, args.overwrite)}")
+
+
 # --- push, publish, cards (Hub publishing: nfnet_zoo.hub) -------------------------------------
 def _add_hub_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repo-id", required=True, help="Hub repo NAMESPACE/NAME (created if missing)")
@@ -325,8 +354,8 @@ def _run_cards(args: argparse.Namespace) -> None:
 
 # --- (other commands register themselves below: one _add_<command> function each) ------------
 
-_COMMANDS = [_add_convert, _add_finetune, _add_curves, _add_evaluate, _add_predict, _add_demo, _add_push, _add_publish,
-             _add_cards]
+_COMMANDS = [_add_convert, _add_finetune, _add_curves, _add_evaluate, _add_predict, _add_export, _add_demo, _add_push,
+             _add_publish, _add_cards]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -339,7 +368,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="nfnet-zoo",
-        description="DeepMind-faithful NFNets for timm: convert, fine-tune, evaluate and publish.",
+        description="DeepMind-faithful NFNets for timm: convert, fine-tune, evaluate, export and publish.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _COMMANDS:

@@ -468,6 +468,7 @@ OTHER: dict[str, Range] = {
     "batch_size": _BATCH,                       # evaluate, predict
     "workers": _WORKERS,                        # evaluate, predict, demo
     "topk": Range(int, 1, 1_000_000),
+    "image_size": Range(int, 1, 4096),          # export: pixels (load.py's _MAX_SIZE bounds a config's sizes alike)
 }
 
 
