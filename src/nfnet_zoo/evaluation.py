@@ -49,6 +49,17 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int]) 
     return [hit[:, :k].any(1) for k in ks]
 
 
+def per_class_accuracy(hit: torch.Tensor, target: torch.Tensor, labels: dict[str, int]) -> dict[str, dict]:
+    """{class name: {"accuracy" (%), "count"}} from per-sample top-1 hits and targets; `labels` maps each class name
+    to its target index. A class without images is left out (a held-out split may lack one)."""
+    out = {}
+    for name, index in labels.items():
+        mask = target == index
+        if mask.any():
+            out[name] = {"accuracy": 100 * hit[mask].float().mean().item(), "count": int(mask.sum())}
+    return out
+
+
 def class_probabilities(net: nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
     """Softmax over the classes (float32); with `tta`, the mean of the image's and its horizontal mirror's.
     Probabilities, not logits, are averaged: each view's vote counts as the probability it reports (averaging
@@ -108,11 +119,7 @@ def evaluate(model: str, data_dir: str | os.PathLike, batch_size: int = 64, work
             correct5.append(c5)
             targets.append(y)
     c1, c5, t = torch.cat(correct1), torch.cat(correct5), torch.cat(targets)
-    per_class = {}
-    for i, c in enumerate(data.classes):
-        mask = t == to_model[i]
-        if mask.any():  # a run's held-out split may lack a class
-            per_class[c] = {"accuracy": 100 * c1[mask].float().mean().item(), "count": int(mask.sum())}
+    per_class = per_class_accuracy(c1, t, {c: to_model[i] for i, c in enumerate(data.classes)})
     return {"model": model, "data_dir": str(data_dir), "split": split, "tta": tta, "num_images": len(t),
             "skipped": len(data.skipped),
             "top1": 100 * c1.float().mean().item(), "top5": 100 * c5.float().mean().item(), "per_class": per_class}
@@ -202,4 +209,4 @@ def csv_header(k: int) -> list[str]:
     return ["image", *(f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "prob")), "error"]
 
 
-__all__ = ["evaluate", "predict", "iter_predictions", "prediction_labels", "format_prediction", "csv_row", "csv_header", "model_label_names", "topk_correct", "class_probabilities", "format_evaluation", "format_predictions"]
+__all__ = ["evaluate", "predict", "iter_predictions", "prediction_labels", "format_prediction", "csv_row", "csv_header", "model_label_names", "topk_correct", "class_probabilities", "per_class_accuracy", "format_evaluation", "format_predictions"]

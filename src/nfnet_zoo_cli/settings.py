@@ -65,6 +65,8 @@ BAD_IMAGES = ("skip", "error")
 CHECK_LEVELS = ("full", "header", "none")
 # timm's schedules that are functions of the update count: exact on resume, stepped per update.
 # Not "plateau" (per epoch, on a metric, with state of its own; deprecated in timm) nor "none".
+# --class-balance: off, class-weighted loss, class-balanced sampler (nfnet_zoo/training/balance.py)
+CLASS_BALANCE = ("none", "loss", "sampler")
 SCHEDULES = ("cosine", "tanh", "step", "multistep", "poly", "wsd", "rsqrt", "constant")
 
 
@@ -196,6 +198,10 @@ class FinetuneConfig:
         0.0, group=RECIPE, within=Range(float, 0, 100), help="learning rate the schedule ends at")
     smoothing: float = setting(
         0.1, group=RECIPE, within=_FRACTION, help="label smoothing")
+    class_balance: str = setting(
+        "none", group=RECIPE, choices=CLASS_BALANCE,
+        help="unequal classes: loss weights each class by N / (K x its count) (label smoothing, mixup and cutmix "
+        "targets included); sampler draws each epoch's N images with replacement, every class equally often")
     mixup: float = setting(
         0.0, group=RECIPE, within=Range(float, 0, 1000), help="mixup alpha, 0 = off")
     cutmix: float = setting(
@@ -466,6 +472,6 @@ def argtype(name: str) -> Callable[[str], Any]:
 
 
 __all__ = ["FinetuneConfig", "Setting", "SettingError", "Range", "SETTINGS", "RESUMABLE", "OTHER", "MIXED_PRECISION",
-           "BAD_IMAGES", "CHECK_LEVELS", "SCHEDULES", "setting", "recorded", "default_workers", "default_of", "flag",
+           "BAD_IMAGES", "CHECK_LEVELS", "SCHEDULES", "CLASS_BALANCE", "setting", "recorded", "default_workers", "default_of", "flag",
            "problem", "validate", "shown_default", "resume_help", "add_finetune_arguments", "finetune_options",
            "markdown_table", "argtype", "key_value"]

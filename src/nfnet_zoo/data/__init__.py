@@ -41,7 +41,7 @@ from .sources import IMAGE_EXTENSIONS, data_files, table_files
 from .samples import Check, ImageData, VAL_SPLIT_DEFAULT, _check_data, _show, to_rgb
 from .folders import _count_once, _folder_data, _scan_classes, _split_folder, _stats, _table_data
 from .hf import Columns, _hf_data, _is_hf_dataset
-from .loading import EpochSampler, ImageDataset, ImageFiles, WorkerSignals, collate_image_files, image_paths, sample_seed
+from .loading import BalancedSampler, EpochSampler, ImageDataset, ImageFiles, WorkerSignals, collate_image_files, image_paths, sample_seed
 
 
 _DATA_FILES = (".csv", ".parquet", ".arrow")  # what --data-dir may name besides a folder
@@ -169,5 +169,5 @@ def run_held_out(data_json: Path, data_dir: str | os.PathLike, bad_images: str =
     return held
 
 
-__all__ = ["ImageData", "load_image_data", "load_eval_samples", "run_held_out", "to_rgb", "ImageDataset", "EpochSampler",
+__all__ = ["ImageData", "load_image_data", "load_eval_samples", "run_held_out", "to_rgb", "ImageDataset", "EpochSampler", "BalancedSampler",
            "sample_seed", "IMAGE_EXTENSIONS", "WorkerSignals", "image_paths", "ImageFiles", "collate_image_files"]

@@ -237,6 +237,7 @@ def build_model_card(run_dir: Union[str, os.PathLike], repo_id: Optional[str] = 
                   ("Weight decay", f"{args.get('weight_decay')} (not on gains and biases)"),
                   ("Gradient clipping", agc),
                   ("Label smoothing", _fmt(args.get("smoothing"), "g")),
+                  ("Class balance", str(args.get("class_balance", "none"))),
                   ("Mixed precision", str(args.get("mixed_precision", "no"))),
                   ("Training images", _fmt(summary.get("num_train"), "d")),
                   ("Training time", f"{summary['train_time_s']} s" if summary.get("train_time_s") is not None else "-")]
@@ -246,6 +247,11 @@ def build_model_card(run_dir: Union[str, os.PathLike], repo_id: Optional[str] = 
         res = (f"## Evaluation\n\nOn the run's validation split ({_fmt(summary.get('num_val'), 'd')} images, best "
                f"epoch {best}): **top-1 {top1:.2f}%**, top-5 {_fmt(top5, '.2f')}%, loss "
                f"{_fmt(summary.get('val_loss'), '.4f')}.")
+        per_class = summary.get("per_class")
+        if isinstance(per_class, dict) and per_class:
+            res += ("\n\nPer class, at that epoch:\n\n| class | images | top-1 |\n|---|---|---|\n" + "\n".join(
+                f"| {str(c).replace('|', '/')} | {_fmt(r.get('count'), 'd')} | {_fmt(r.get('accuracy'), '.2f')} |" for c, r in per_class.items()
+                if isinstance(r, dict)))
         if metrics:
             res += ("\n\n| epoch | train loss | val loss | top-1 | top-5 | lr | AGC clipped units |\n"
                     "|---|---|---|---|---|---|---|\n" + "\n".join(

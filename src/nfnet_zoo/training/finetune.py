@@ -28,7 +28,7 @@ from ..agc import clipped_parameters
 from ..agc_distributed import assert_agc_supported, prepare_for_fsdp2, unscale_and_clip_
 from ..data import ImageData, WorkerSignals
 from ..errors import NFNetZooError
-from ..evaluation import topk_correct
+from ..evaluation import per_class_accuracy, topk_correct
 from ..files import CURVES, write_bytes_atomic, write_json_atomic
 from .curves import INSTALL, curves_png, plotting_problem, run_title
 from .progress import Progress, StopRequest
@@ -61,7 +61,7 @@ def finetune(config: Optional[FinetuneConfig] = None, *, resume: Optional[str] =
         with StopRequest() as stop, t.worker_signals.held():  # the workers leave SIGTERM to this process
             while t.progress.epoch < cfg.epochs:
                 _train_one_epoch(t, stop)  # saves every --save-every updates; on Ctrl-C saves and stops
-                metrics = _validate(t.eval_model, t.val_loader, t.accelerator, len(t.data.classes))
+                metrics = _validate(t.eval_model, t.val_loader, t.accelerator, t.data.classes)
                 _end_of_epoch(t, metrics)  # metrics.jsonl, last (and best) exports, the epoch line
                 _save(t)
         if t.accelerator.is_main_process:
@@ -131,7 +131,7 @@ def _setup(cfg: FinetuneConfig, run: Path, resuming: bool, lock: RunLock) -> _Tr
     train_loader, val_loader, sampler = build_loaders(cfg, data, model, accelerator, worker_signals)
     train_size, test_size = image_sizes(cfg, model)
     notes = [origin(cfg)]
-    mixup, train_loss_fn = build_losses(cfg, len(data.classes))
+    mixup, train_loss_fn = build_losses(cfg, len(data.classes), [label for _, label in data.train])
     lr = cfg.resolved_lr(accelerator.num_processes)
     optimizer = build_optimizer(cfg, model, lr)
 
@@ -316,10 +316,11 @@ def _train_step(t: _Training, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return loss.detach()
 
 
-def _validate(model: nn.Module, loader, accelerator, num_classes: int) -> dict:
-    """Val loss, top-1 and top-5 (%), each sample counted once across processes (None without a val split)."""
+def _validate(model: nn.Module, loader, accelerator, classes: list[str]) -> dict:
+    """Val loss, top-1 and top-5 (%) and per-class top-1, each sample counted once across processes (None without
+    a val split)."""
     if loader is None:
-        return {"val_loss": None, "top1": None, "top5": None}
+        return {"val_loss": None, "top1": None, "top5": None, "per_class": None}
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction="none")
     rows = []
@@ -327,12 +328,14 @@ def _validate(model: nn.Module, loader, accelerator, num_classes: int) -> dict:
         for x, y in loader:
             with accelerator.autocast():
                 out = model(x)
-            c1, c5 = topk_correct(out.float(), y, (1, min(5, num_classes)))
-            per_sample = torch.stack([loss_fn(out.float(), y), c1.float(), c5.float()], 1)
+            c1, c5 = topk_correct(out.float(), y, (1, min(5, len(classes))))
+            per_sample = torch.stack([loss_fn(out.float(), y), c1.float(), c5.float(), y.float()], 1)
             rows.append(accelerator.gather_for_metrics(per_sample))
     model.train()
-    m = torch.cat(rows).double().mean(0).tolist()
-    return {"val_loss": m[0], "top1": 100 * m[1], "top5": 100 * m[2]}
+    rows = torch.cat(rows).double().cpu()
+    m = rows.mean(0).tolist()
+    per_class = per_class_accuracy(rows[:, 1].bool(), rows[:, 3].long(), {c: i for i, c in enumerate(classes)})
+    return {"val_loss": m[0], "top1": 100 * m[1], "top5": 100 * m[2], "per_class": per_class}
 
 
 def _end_of_epoch(t: _Training, metrics: dict) -> None:
@@ -357,7 +360,8 @@ def _end_of_epoch(t: _Training, metrics: dict) -> None:
         write_json_atomic(t.run / "metrics.jsonl", progress.history, lines=True)
         _draw_curves(t)
     if cfg.report_to:
-        accelerator.log({k: v for k, v in row.items() if v is not None and k != "epoch"}, step=progress.epoch + 1)
+        accelerator.log({k: v for k, v in row.items() if v is not None and k not in ("epoch", "per_class")},
+                        step=progress.epoch + 1)
     accelerator.print(_epoch_line(row, cfg.epochs))
     progress.next_epoch()
 

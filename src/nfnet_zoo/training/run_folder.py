@@ -279,7 +279,7 @@ def _summary_table(history: list[dict], best_epoch: Optional[int]) -> str:
 def finish(cfg: FinetuneConfig, run: Path, data: ImageData, progress: Progress, img_size: int) -> None:
     best = progress.best or {}
     summary = {"best_epoch": best.get("epoch"), "top1": best.get("top1"), "top5": best.get("top5"),
-               "val_loss": best.get("val_loss"), "num_train": len(data.train), "num_val": len(data.val),
+               "val_loss": best.get("val_loss"), "per_class": best.get("per_class"), "num_train": len(data.train), "num_val": len(data.val),
                "num_classes": len(data.classes), "label_names": data.classes, "model": cfg.model,
                "base_model": cfg.base_model, "img_size": img_size, "train_time_s": round(progress.train_time, 1)}
     write_json_atomic(run / "summary.json", summary)
