@@ -125,14 +125,17 @@ def test_the_recipe_weights_the_loss_by_the_training_labels():
     assert not isinstance(build_losses(FinetuneConfig(), 2, labels)[1], WeightedCrossEntropy)
 
 
-def test_a_balanced_run_stopped_mid_epoch_resumes_exactly_and_reports_each_class(tmp_path, monkeypatch):
+def test_a_balanced_sam_run_stopped_mid_epoch_resumes_exactly_and_reports_each_class(tmp_path, monkeypatch):
+    """One run for two flags' resume rule (each run costs seconds): the balanced sampler, and SAM with
+    accumulation (an optimizer step's ascent on its first micro-batch)."""
     import importlib
     ft = importlib.import_module("nfnet_zoo.training.finetune")
     data = _imbalanced(tmp_path / "data")
-    kw = dict(TINY, data_dir=str(data), epochs=2, class_balance="sampler", save_every=0, drop=0.2)
+    kw = dict(TINY, data_dir=str(data), epochs=2, class_balance="sampler", save_every=0, drop=0.2, sam=0.05,
+              sam_fraction=0.5, grad_accum_steps=2)
     whole = finetune(output=str(tmp_path / "whole"), **kw)
     stopped = tmp_path / "stopped"
-    monkeypatch.setattr(ft, "StopRequest", _StopAfter(5))  # 16 images, batch 4: step 5 is in epoch 2
+    monkeypatch.setattr(ft, "StopRequest", _StopAfter(2))  # looked at every update, 2 an epoch: stops in epoch 2
     with pytest.raises(KeyboardInterrupt):
         finetune(output=str(stopped), **kw)
     monkeypatch.undo()

@@ -218,6 +218,14 @@ class FinetuneConfig:
     clipping: float = setting(
         0.01, group=RECIPE, within=Range(float, 0, 1000), shown=_PAPER,
         help="AGC lambda on every parameter but the classifier weight, 0 = off")
+    sam: float = setting(
+        0.0, group=RECIPE, within=Range(float, 0, 10),
+        help="sharpness-aware minimisation radius rho (Foret et al.; the paper's F6 + SAM used it), 0 = off; e.g. "
+        "0.05. Each optimizer step also takes an ascent step, on --sam-fraction of its first micro-batch, per process")
+    sam_fraction: float = setting(
+        0.2, group=RECIPE, within=Range(float, 0, 1, open="lo"),
+        help="fraction of the batch SAM's ascent gradient is computed on (the paper's cheaper form; 1 = Foret et "
+        "al.'s)")
     img_size: Optional[int] = setting(
         None, group=RECIPE, within=_SIZE, shown="the variant's train size",
         help="training image size; evaluation uses the variant's test size, scaled alike")

@@ -37,6 +37,7 @@ from .recipe import (FinetuneConfig, build_loaders, build_losses, build_model, b
 from .run_folder import finish, image_data, origin, own_run_folder, resolve, save_model_folder, saved_epoch
 from .runlock import RunLock
 from .runstate import check_room, load_run_state, save_run_state, state_dir
+from .sam import build_sam
 
 
 METRIC_KEYS = ("epoch", "train_loss", "val_loss", "top1", "top5", "lr", "images_per_sec", "clipped_fraction")
@@ -100,6 +101,7 @@ class _Training:
     progress: Progress
     worker_signals: WorkerSignals  # the DataLoader workers' worker_init_fn
     draw_curves: bool = True      # RUN/curves.png each epoch (main process); off without matplotlib
+    sam: Any = None               # sam.SAM (--sam), or None
 
     @property
     def eval_model(self) -> nn.Module:
@@ -152,7 +154,7 @@ def _setup(cfg: FinetuneConfig, run: Path, resuming: bool, lock: RunLock) -> _Tr
         check_room(run, accelerator.unwrap_model(model), ema)
     return _Training(cfg, run, accelerator, data, sampler, train_loader, val_loader, model, unwrapped, optimizer,
                      scheduler, mixup, train_loss_fn, ema, clip_params, lr, model_args, notes, train_size,
-                     test_size, Progress(accelerator.device), worker_signals)
+                     test_size, Progress(accelerator.device), worker_signals, sam=build_sam(cfg, accelerator))
 
 
 def _accelerator(cfg: FinetuneConfig, run: Path):
@@ -299,14 +301,19 @@ def _train_one_epoch(t: _Training, stop: StopRequest) -> None:
 
 def _train_step(t: _Training, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Forward, backward, AGC on the accumulated gradient, step (Accelerate skips the step and AGC on
-    accumulation micro-steps); returns the detached loss."""
+    accumulation micro-steps); with --sam, the ascent step before the first micro-batch's forward and the restore
+    of the weights before AGC (sam.py); returns the detached loss."""
     with t.accelerator.accumulate(t.model):
         if t.mixup is not None:
             x, y = t.mixup(x, y)
         if t.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if t.sam is not None and not t.sam.perturbed:  # the first micro-batch of an optimizer step: w -> w + e
+            t.sam.ascend(t.accelerator, t.model, t.train_loss_fn, x, y)
         loss = t.train_loss_fn(t.model(x), y)
         t.accelerator.backward(loss)
+        if t.sam is not None and t.accelerator.sync_gradients:  # back to w, which AGC and the step move
+            t.sam.restore()
         if t.clip_params is not None:
             stats = unscale_and_clip_(t.accelerator, t.clip_params, t.cfg.clipping)
             if stats is not None:  # None on accumulation micro-steps
