@@ -152,3 +152,12 @@ def test_a_balanced_sam_run_stopped_mid_epoch_resumes_exactly_and_reports_each_c
     card = (whole / "README.md").read_text()
     assert f"| dark | 2 | {summary['per_class']['dark']['accuracy']:.2f} |" in card
     assert "| Class balance | sampler |" in card
+
+
+def test_the_card_lists_every_class_or_the_lowest_fifty():
+    from nfnet_zoo.models.cards import _per_class_table
+    few = _per_class_table({"a|b": {"accuracy": 50.0, "count": 2}, "c": {"accuracy": 100.0, "count": 3}})
+    assert "| a/b | 2 | 50.00 |" in few and "| c | 3 | 100.00 |" in few  # a | in a name cannot break the table
+    many = _per_class_table({f"k{i}": {"accuracy": float(i), "count": 1} for i in range(120)})
+    assert "all 120 in summary.json" in many and "| k49 | 1 | 49.00 |" in many and "| k50 |" not in many
+    assert _per_class_table(None) == _per_class_table({"x": "damaged"}) == ""

@@ -210,7 +210,7 @@ def test_the_hub_probe_against_a_real_server(hub, monkeypatch):
     assert not _hub_reachable()
 
 
-def test_tta_averages_the_probabilities_of_the_image_and_its_mirror(run, data_dir, tmp_path):
+def test_tta_averages_the_probabilities_of_the_image_and_its_mirror(run, data_dir, tmp_path, capsys):
     """--tta against the reference pipeline with torch.flip: the mean of the two softmaxes; and its effect: an image
     and its mirrored file get the same scores with --tta, different ones without (the model is not symmetric)."""
     files = sorted((data_dir / "val").glob("*/*.png"))
@@ -238,3 +238,8 @@ def test_tta_averages_the_probabilities_of_the_image_and_its_mirror(run, data_di
         assert result["tta"] is True and result["top1"] == pytest.approx(100 * hit.float().mean().item())
         for i, c in enumerate(classes):
             assert result["per_class"][c]["accuracy"] == pytest.approx(100 * hit[target == i].float().mean().item())
+    # the command line passes it on
+    assert cli_main(["evaluate", str(run), "--data-dir", str(mirrored), "-j", "0", "--tta", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(100 * hit.float().mean().item())
+    assert cli_main(["predict", str(run), str(m_files[0]), "-k", "3", "--tta", "--jsonl"]) == 0
+    assert torch.allclose(probs(json.loads(capsys.readouterr().out)), ref[0], atol=1e-5)
