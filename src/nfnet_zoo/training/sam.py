@@ -35,10 +35,7 @@ class SAM:
     def __init__(self, rho: float, fraction: float):
         self.rho, self.fraction = rho, fraction
         self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, its value at w) while perturbed
-
-    @property
-    def perturbed(self) -> bool:
-        return bool(self._saved)
+        self.perturbed = False  # between `ascend` and `restore`: the micro-batches of one optimizer step
 
     def ascend(self, accelerator, model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor) -> None:
         """Compute e on this process's first ceil(fraction x len(x)) images and move the weights to w + e. The
@@ -57,6 +54,7 @@ class SAM:
                 self._saved.append((p, p.detach().clone()))
                 p.add_(g.float().mul(scale).to(p.dtype))
                 p.grad = None
+        self.perturbed = True
 
     def restore(self) -> None:
         """Put back the weights w (copies, not w + e - e, which rounding would change)."""
@@ -64,6 +62,7 @@ class SAM:
             for p, w in self._saved:
                 p.copy_(w)
         self._saved = []
+        self.perturbed = False
 
 
 def build_sam(cfg, accelerator) -> "SAM | None":
