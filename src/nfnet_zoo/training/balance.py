@@ -11,8 +11,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
+
 def class_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
     """w_c = N / (K * n_c); a class without training images gets 0 (it is never a target)."""
+    if not len(labels):
+        raise ValueError("class weights need the training labels")
     counts = torch.bincount(torch.as_tensor(list(labels), dtype=torch.long), minlength=num_classes).double()
     return torch.where(counts > 0, len(labels) / (num_classes * counts.clamp(min=1)), 0.0).float()
 
