@@ -104,7 +104,8 @@ def _run_curves(args: argparse.Namespace) -> None:
 
 
 _TTA = ("also score each image's horizontal mirror and average the two views' class probabilities (test-time "
-        "augmentation: twice the compute; helps where the training used flips, as finetune's --hflip does)")
+        "augmentation: twice the compute; for images whose class a mirror keeps, trained with flips as finetune's "
+        "--hflip does; not for digits or text)")
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
