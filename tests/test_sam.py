@@ -157,3 +157,34 @@ def test_two_processes_each_perturb_by_their_own_images(tmp_path):
     whole = loop_step(x, y, 0.5, 0.5)
     assert not _close({n: whole[n] for n in names}, ref, atol=1e-4)
 
+
+
+class _ScalingAccelerator:
+    """What SAM sees of fp16 training: backward of the loss times the GradScaler's scale (no GPU needed)."""
+
+    def __init__(self, scale):
+        self.scale = scale
+
+    def backward(self, loss):
+        (loss * self.scale).backward()
+
+    def no_sync(self, model):
+        import contextlib
+        return contextlib.nullcontext()
+
+
+def test_the_loss_scale_cancels_in_the_ascent_step_and_an_overflow_skips_it():
+    x, y = batch(8)
+    moved = {}
+    for scale in (1.0, 2.0 ** 16, float("inf")):
+        model = tiny(0)
+        before = [p.detach().clone() for p in model.parameters()]
+        sam = SAM(0.5, 0.5)
+        sam.ascend(_ScalingAccelerator(scale), model, torch.nn.CrossEntropyLoss(), x, y)
+        assert sam.perturbed and all(p.grad is None for p in model.parameters())
+        moved[scale] = [p.detach() - b for p, b in zip(model.parameters(), before)]
+        sam.restore()
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # w back bit for bit
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(moved[1.0], moved[2.0 ** 16]))
+    assert math.isclose(math.sqrt(sum((d.double() ** 2).sum().item() for d in moved[1.0])), 0.5, rel_tol=1e-5)
+    assert all(torch.equal(d, torch.zeros_like(d)) for d in moved[float("inf")])

@@ -48,11 +48,12 @@ class SAM:
             accelerator.backward(loss_fn(model(x[:n]), y[:n]))
         grads = [(p, p.grad) for p in params if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for _, g in grads]))
-        scale = torch.where(torch.isfinite(norm) & (norm > 0), self.rho / norm, torch.zeros_like(norm))
+        finite = torch.isfinite(norm) & (norm > 0)  # an overflowed fp16 ascent: no perturbation (no device sync)
+        scale = self.rho / norm
         with torch.no_grad():
             for p, g in grads:
                 self._saved.append((p, p.detach().clone()))
-                p.add_(g.float().mul(scale).to(p.dtype))
+                p.add_(torch.where(finite, g.float() * scale, 0.0).to(p.dtype))
                 p.grad = None
         self.perturbed = True
 
