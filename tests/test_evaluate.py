@@ -208,3 +208,38 @@ def test_the_hub_probe_against_a_real_server(hub, monkeypatch):
     assert _hub_reachable()
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     assert not _hub_reachable()
+
+
+def test_tta_averages_the_probabilities_of_the_image_and_its_mirror(run, data_dir, tmp_path, capsys):
+    """--tta against the reference pipeline with torch.flip: the mean of the two softmaxes; and its effect: an image
+    and its mirrored file get the same scores with --tta, different ones without (the model is not symmetric)."""
+    files = sorted((data_dir / "val").glob("*/*.png"))
+    x_logits = _reference_logits(run, files)
+    mirrored = tmp_path / "mirrored"
+    for f in files:
+        (mirrored / f.parent.name).mkdir(parents=True, exist_ok=True)
+        Image.open(f).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(mirrored / f.parent.name / f.name)
+    m_files = sorted(mirrored.glob("*/*.png"))
+    m_logits = _reference_logits(run, m_files)  # the mirror's preprocessing = the flip of the image's: same crop
+    ref = (x_logits.softmax(1) + m_logits.softmax(1)) / 2
+    plain = predict(str(run), [str(f) for f in files], topk=3)
+    tta = predict(str(run), [str(f) for f in files], topk=3, tta=True)
+    tta_m = predict(str(run), [str(f) for f in m_files], topk=3, tta=True)
+    probs = lambda r: torch.tensor([{q["index"]: q["probability"] for q in r["predictions"]}[i] for i in range(3)])
+    plain_m = predict(str(run), [str(f) for f in m_files], topk=3)
+    assert max((probs(a) - probs(b)).abs().max().item() for a, b in zip(plain, plain_m)) > 1e-3  # flip matters
+    for a, b, p in zip(tta, tta_m, ref):
+        assert torch.allclose(probs(a), p, atol=1e-5) and torch.allclose(probs(b), p, atol=1e-5)
+    classes = ["bright", "dark", "mid"]
+    target = torch.tensor([classes.index(f.parent.name) for f in files])
+    hit = ref.argmax(1) == target
+    for folder in (data_dir, mirrored):
+        result = evaluate(str(run), folder, workers=0, tta=True)
+        assert result["tta"] is True and result["top1"] == pytest.approx(100 * hit.float().mean().item())
+        for i, c in enumerate(classes):
+            assert result["per_class"][c]["accuracy"] == pytest.approx(100 * hit[target == i].float().mean().item())
+    # the command line passes it on
+    assert cli_main(["evaluate", str(run), "--data-dir", str(mirrored), "-j", "0", "--tta", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(100 * hit.float().mean().item())
+    assert cli_main(["predict", str(run), str(m_files[0]), "-k", "3", "--tta", "--jsonl"]) == 0
+    assert torch.allclose(probs(json.loads(capsys.readouterr().out)), ref[0], atol=1e-5)

@@ -186,8 +186,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
     real = ft.build_losses
     calls = {"n": 0}
 
-    def poisoned(cfg, num_classes):
-        mixup, loss_fn = real(cfg, num_classes)
+    def poisoned(cfg, num_classes, *labels):
+        mixup, loss_fn = real(cfg, num_classes, *labels)
 
         def loss(out, y):
             calls["n"] += 1

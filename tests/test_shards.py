@@ -262,3 +262,11 @@ def test_a_resume_with_other_workers_says_it_is_not_exact(timm_wds):
         train, _, _ = _stream_loaders(FinetuneConfig(batch_size=2, workers=0), data, Accelerator(cpu=True), None, None,
                                       None)
     assert len(train) == 9
+
+
+def test_class_balance_is_refused_for_a_stream(timm_wds, tmp_path):
+    # both forms need every training label before the first step; a stream has them only as it is read
+    for how in ("loss", "sampler"):
+        _one_line(f"--class-balance {how} needs every training label.*--class-balance none",
+                  lambda: finetune(data_dir=f"wds/{timm_wds[0]}", output=str(tmp_path / how), class_balance=how,
+                                   **TINY))

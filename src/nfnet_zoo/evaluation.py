@@ -49,6 +49,28 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int]) 
     return [hit[:, :k].any(1) for k in ks]
 
 
+def per_class_accuracy(hit: torch.Tensor, target: torch.Tensor, labels: dict[str, int]) -> dict[str, dict]:
+    """{class name: {"accuracy" (%), "count"}} from per-sample top-1 hits and targets; `labels` maps each class name
+    to its target index. A class without images is left out (a held-out split may lack one)."""
+    out = {}
+    for name, index in labels.items():
+        mask = target == index
+        if mask.any():
+            out[name] = {"accuracy": 100 * hit[mask].float().mean().item(), "count": int(mask.sum())}
+    return out
+
+
+def class_probabilities(net: nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """Softmax over the classes (float32); with `tta`, the mean of the image's and its horizontal mirror's.
+    Probabilities, not logits, are averaged: each view's vote counts as the probability it reports (averaging
+    logits would be a geometric mean, where one over-confident view outweighs the other), and it is the
+    probability `predict` prints."""
+    p = net(x).float().softmax(1)
+    if tta:
+        p = (p + net(x.flip(3)).float().softmax(1)) / 2
+    return p
+
+
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -56,13 +78,14 @@ def _device() -> torch.device:
 # --- evaluate ----------------------------------------------------------------------------------
 def evaluate(model: str, data_dir: str | os.PathLike, batch_size: int = 64, workers: int = 4,
              bad_images: str = "skip", check_images: str = "full", input_key: Optional[str] = None,
-             target_key: Optional[str] = None) -> dict:
+             target_key: Optional[str] = None, tta: bool = False) -> dict:
     """Top-1, top-5 (%) and per-class accuracy of MODEL on the images of `data_dir`.
 
     Folder classes are matched to the model's classes by name; all of the model's classes compete
     (so a folder may hold a subset of them). When MODEL is a run folder and `data_dir` the data it
     was trained on, only the run's held-out split (RUN/data.json) is scored, and `split` says so.
-    `input_key`, `target_key`: the image and label columns of a table or dataset source."""
+    `input_key`, `target_key`: the image and label columns of a table or dataset source. `tta`: score each image by
+    the mean of its and its horizontal mirror's class probabilities (`class_probabilities`)."""
     net = load_model(model)
     names = model_label_names(net)
     run = Path(model).expanduser()
@@ -94,17 +117,13 @@ def evaluate(model: str, data_dir: str | os.PathLike, batch_size: int = 64, work
     correct1, correct5, targets = [], [], []
     with torch.inference_mode():
         for x, y in loader:
-            c1, c5 = topk_correct(net(x.to(device)).float().cpu(), y, (1, k5))
+            c1, c5 = topk_correct(class_probabilities(net, x.to(device), tta).cpu(), y, (1, k5))
             correct1.append(c1)
             correct5.append(c5)
             targets.append(y)
     c1, c5, t = torch.cat(correct1), torch.cat(correct5), torch.cat(targets)
-    per_class = {}
-    for i, c in enumerate(data.classes):
-        mask = t == to_model[i]
-        if mask.any():  # a run's held-out split may lack a class
-            per_class[c] = {"accuracy": 100 * c1[mask].float().mean().item(), "count": int(mask.sum())}
-    return {"model": model, "data_dir": str(data_dir), "split": split, "num_images": len(t),
+    per_class = per_class_accuracy(c1, t, {c: to_model[i] for i, c in enumerate(data.classes)})
+    return {"model": model, "data_dir": str(data_dir), "split": split, "tta": tta, "num_images": len(t),
             "skipped": len(data.skipped),
             "top1": 100 * c1.float().mean().item(), "top5": 100 * c5.float().mean().item(), "per_class": per_class}
 
@@ -112,7 +131,7 @@ def evaluate(model: str, data_dir: str | os.PathLike, batch_size: int = 64, work
 def format_evaluation(result: dict) -> str:
     width = max(len("class"), *(len(c) for c in result["per_class"]))
     rows = [f"{result['model']} on {result['data_dir']}: {result['num_images']} images",
-            f"evaluated on {result['split']}",
+            f"evaluated on {result['split']}" + (", each image with its mirror (--tta)" if result.get("tta") else ""),
             f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%", "",
             f"{'class'.ljust(width)}  {'images':>6}  {'top-1':>7}"]
     rows += [f"{c.ljust(width)}  {r['count']:>6}  {r['accuracy']:>6.2f}%" for c, r in result["per_class"].items()]
@@ -126,13 +145,14 @@ def prediction_labels(model: nn.Module) -> list[str]:
 
 
 def iter_predictions(model: str | nn.Module, images: Iterable[str | os.PathLike], topk: int = 5,
-                     batch_size: int = 32, workers: int = 0) -> Iterator[dict]:
+                     batch_size: int = 32, workers: int = 0, tta: bool = False) -> Iterator[dict]:
     """Top-k labels with probabilities for each image, in order, yielded batch by batch as they are scored:
     {"image", "predictions": [{"label", "index", "probability"}]}, or {"image", "error"} for a file that cannot be
     read as an image (the others are scored). `images` is read lazily, as the batches need it (a stream of paths
     works, and `data.image_paths` gives dataset rows too, each named INPUT/split/row); at most `batch_size` x
     (1 + 2 x `workers`) images are decoded at a time. MODEL is loaded at the first `next()`; pass a loaded model to
-    load it once for several calls."""
+    load it once for several calls. `tta`: each probability is the mean of the image's and its horizontal mirror's
+    (`class_probabilities`)."""
     net = load_model(model) if isinstance(model, (str, os.PathLike)) else model
     names = prediction_labels(net)
     items = (i if isinstance(i, Row) else os.fspath(i) for i in images)
@@ -145,7 +165,7 @@ def iter_predictions(model: str | nn.Module, images: Iterable[str | os.PathLike]
     with torch.inference_mode():
         for paths, x, errors in loader:
             if x is not None:
-                prob, idx = net(x.to(device)).float().softmax(1).topk(k, dim=1)
+                prob, idx = class_probabilities(net, x.to(device), tta).topk(k, dim=1)
                 scored = iter(zip(prob.tolist(), idx.tolist()))
             for path, error in zip(paths, errors):
                 if error is not None:
@@ -156,7 +176,7 @@ def iter_predictions(model: str | nn.Module, images: Iterable[str | os.PathLike]
                     {"label": names[j], "index": j, "probability": p} for p, j in zip(ps, ids)]}
 
 
-def predict(model: str, images: Sequence[str | os.PathLike], topk: int = 5) -> list[dict]:
+def predict(model: str, images: Sequence[str | os.PathLike], topk: int = 5, tta: bool = False) -> list[dict]:
     """Top-k labels with probabilities for each image: [{"image", "predictions": [{"label", "probability"}]}].
 
     A missing file is refused before the model is loaded, and a file that is not a readable image stops it with an
@@ -165,7 +185,7 @@ def predict(model: str, images: Sequence[str | os.PathLike], topk: int = 5) -> l
         if not os.path.lexists(path):
             raise NFNetZooError(f"image {path} does not exist")
     results = []
-    for r in iter_predictions(model, images, topk):
+    for r in iter_predictions(model, images, topk, tta=tta):
         if "error" in r:
             raise NFNetZooError(f"{r['image']}: {r['error']}; pass an image file")
         results.append(r)
@@ -195,4 +215,4 @@ def csv_header(k: int) -> list[str]:
     return ["image", *(f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "prob")), "error"]
 
 
-__all__ = ["evaluate", "predict", "iter_predictions", "prediction_labels", "format_prediction", "csv_row", "csv_header", "model_label_names", "topk_correct", "format_evaluation", "format_predictions"]
+__all__ = ["evaluate", "predict", "iter_predictions", "prediction_labels", "format_prediction", "csv_row", "csv_header", "model_label_names", "topk_correct", "class_probabilities", "per_class_accuracy", "format_evaluation", "format_predictions"]

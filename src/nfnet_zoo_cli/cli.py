@@ -103,6 +103,11 @@ def _run_curves(args: argparse.Namespace) -> None:
     print(f"wrote {write_curves(args.run)}")
 
 
+_TTA = ("also score each image's horizontal mirror and average the two views' class probabilities (test-time "
+        "augmentation: twice the compute; for images whose class a mirror keeps, trained with flips as finetune's "
+        "--hflip does; not for digits or text)")
+
+
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate", help="top-1, top-5 and per-class accuracy of a model on an image folder",
@@ -127,6 +132,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--check-images", choices=CHECK_LEVELS, default="full",
                    help="check before evaluating: decode every image (full), headers only (header), or none "
                    "(default: full)")
+    p.add_argument("--tta", action="store_true", help=_TTA)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=_run_evaluate)
 
@@ -138,7 +144,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     with _plain_warnings():
         result = evaluate(args.model, args.data_dir, batch_size=args.batch_size, workers=args.workers,
                           bad_images=args.bad_images, check_images=args.check_images, input_key=args.input_key,
-                          target_key=args.target_key)
+                          target_key=args.target_key, tta=args.tta)
     print(json.dumps(result, indent=2) if args.json else format_evaluation(result))
 
 
@@ -167,6 +173,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-j", "--workers", type=argtype("workers"), default=default_workers(),
                    help=f"data loading processes (default: 4, or the CPUs available if fewer: {default_workers()} "
                    "here)")
+    p.add_argument("--tta", action="store_true", help=_TTA)
     form = p.add_mutually_exclusive_group()
     form.add_argument("--json", action="store_true", help="print one JSON array, an image's object per line")
     form.add_argument("--jsonl", action="store_true", help="print JSON lines: one object per image")
@@ -192,7 +199,8 @@ def _run_predict(args: argparse.Namespace) -> int:
         rows.writerow(csv_header(k))
     count = failed = 0
     try:
-        for r in iter_predictions(net, paths, args.topk, batch_size=args.batch_size, workers=args.workers):
+        for r in iter_predictions(net, paths, args.topk, batch_size=args.batch_size, workers=args.workers,
+                                  tta=args.tta):
             if args.csv:
                 rows.writerow(csv_row(r, k))
             elif args.jsonl:

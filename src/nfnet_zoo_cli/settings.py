@@ -65,6 +65,8 @@ BAD_IMAGES = ("skip", "error")
 CHECK_LEVELS = ("full", "header", "none")
 # timm's schedules that are functions of the update count: exact on resume, stepped per update.
 # Not "plateau" (per epoch, on a metric, with state of its own; deprecated in timm) nor "none".
+# --class-balance: off, class-weighted loss, class-balanced sampler (nfnet_zoo/training/balance.py)
+CLASS_BALANCE = ("none", "loss", "sampler")
 SCHEDULES = ("cosine", "tanh", "step", "multistep", "poly", "wsd", "rsqrt", "constant")
 
 
@@ -209,6 +211,10 @@ class FinetuneConfig:
         "param_groups_layer_decay over the model's group_matcher); weight decay and AGC apply as without it")
     smoothing: float = setting(
         0.1, group=RECIPE, within=_FRACTION, help="label smoothing")
+    class_balance: str = setting(
+        "none", group=RECIPE, choices=CLASS_BALANCE,
+        help="unequal classes: loss weights each class by N / (K x its count) (label smoothing, mixup and cutmix "
+        "targets included); sampler draws each epoch's N images with replacement, every class equally often")
     mixup: float = setting(
         0.0, group=RECIPE, within=Range(float, 0, 1000), help="mixup alpha, 0 = off")
     cutmix: float = setting(
@@ -230,6 +236,14 @@ class FinetuneConfig:
     clipping: float = setting(
         0.01, group=RECIPE, within=Range(float, 0, 1000), shown=_PAPER,
         help="AGC lambda on every parameter but the classifier weight, 0 = off")
+    sam: float = setting(
+        0.0, group=RECIPE, within=Range(float, 0, 10),
+        help="sharpness-aware minimisation radius rho (Foret et al.; the paper's F6 + SAM used it), 0 = off; e.g. "
+        "0.05. Each optimizer step also takes an ascent step, on --sam-fraction of its first micro-batch, per process")
+    sam_fraction: float = setting(
+        0.2, group=RECIPE, within=Range(float, 0, 1, open="lo"),
+        help="fraction of the batch SAM's ascent gradient is computed on (the paper's cheaper form; 1 = Foret et "
+        "al.'s)")
     img_size: Optional[int] = setting(
         None, group=RECIPE, within=_SIZE, shown="the variant's train size",
         help="training image size; evaluation uses the variant's test size, scaled alike")
@@ -489,6 +503,6 @@ def argtype(name: str) -> Callable[[str], Any]:
 
 
 __all__ = ["FinetuneConfig", "Setting", "SettingError", "Range", "SETTINGS", "RESUMABLE", "OTHER", "MIXED_PRECISION",
-           "BAD_IMAGES", "CHECK_LEVELS", "SCHEDULES", "setting", "recorded", "default_workers", "default_of", "flag",
+           "BAD_IMAGES", "CHECK_LEVELS", "SCHEDULES", "CLASS_BALANCE", "setting", "recorded", "default_workers", "default_of", "flag",
            "problem", "validate", "shown_default", "resume_help", "add_finetune_arguments", "finetune_options",
            "markdown_table", "argtype", "key_value"]

@@ -48,7 +48,7 @@ from .samples import Check, ImageData, VAL_SPLIT_DEFAULT, _check_data, _show, to
 from .folders import _count_once, _folder_data, _scan_classes, _split_folder, _stats, _table_data
 from .hf import Columns, _hf_data, _is_hf_dataset
 from .hfds import is_hub_id, open_hub_id, parse_hub_id, resolve_revision
-from .loading import (EpochSampler, ImageDataset, ImageFiles, Inputs, Row, WorkerSignals, collate_image_files,
+from .loading import (BalancedSampler, EpochSampler, ImageDataset, ImageFiles, Inputs, Row, WorkerSignals, collate_image_files,
                       image_paths, sample_seed)
 from .shards import load_shard_data, shard_root
 
@@ -218,6 +218,6 @@ def _same_data(run_data: ImageData, data_dir: str | os.PathLike) -> bool:
         return False
 
 
-__all__ = ["ImageData", "load_image_data", "load_eval_samples", "run_held_out", "to_rgb", "ImageDataset", "EpochSampler",
+__all__ = ["ImageData", "load_image_data", "load_eval_samples", "run_held_out", "to_rgb", "ImageDataset", "EpochSampler", "BalancedSampler",
            "sample_seed", "IMAGE_EXTENSIONS", "WorkerSignals", "image_paths", "ImageFiles", "collate_image_files",
            "Inputs", "Row"]

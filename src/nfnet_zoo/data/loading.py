@@ -174,14 +174,16 @@ def collate_image_files(items: list) -> tuple[list[str], Optional[torch.Tensor],
     return list(paths), torch.stack(good) if good else None, list(errors)
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
+def sample_seed(seed: int, epoch: int, index: int, draw: int = 0) -> int:
     """The seed of one sample's augmentation: a function of (seed, epoch, index) only, so the
-    augmentation does not depend on workers, processes, or where a resumed run restarted."""
-    return zlib.crc32(f"{seed}:{epoch}:{index}".encode())
+    augmentation does not depend on workers, processes, or where a resumed run restarted. `draw`: the how-many-th
+    time `BalancedSampler` drew the sample in this epoch (0 the first), so that a repeat gets its own crop."""
+    return zlib.crc32(f"{seed}:{epoch}:{index}{f':{draw}' if draw else ''}".encode())
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """(image tensor, label) pairs; an item is an index, or (index, epoch) from `EpochSampler`."""
+    """(image tensor, label) pairs; an item is an index, or (index, epoch) from `EpochSampler` (or (index, epoch,
+    draw) from `BalancedSampler`)."""
 
     def __init__(self, samples: list[tuple[str, int]], opener: Callable[[str], Image.Image],
                  transform: Callable, seed: int = 0):
@@ -191,12 +193,12 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, item):
-        index, epoch = item if isinstance(item, tuple) else (item, None)
+        index, epoch, *draw = item if isinstance(item, tuple) else (item, None)
         key, label = self.samples[index]
         img = self.opener(key)
         if epoch is None:
             return self.transform(img), label
-        return seeded_transform(self.transform, img, sample_seed(self.seed, epoch, index)), label
+        return seeded_transform(self.transform, img, sample_seed(self.seed, epoch, index, *draw)), label
 
 
 def seeded_transform(transform: Callable, img: Image.Image, seed: int) -> torch.Tensor:
@@ -239,6 +241,29 @@ class EpochSampler(torch.utils.data.Sampler):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         for i in torch.randperm(self.n, generator=g).tolist():
             yield i, self.epoch
+
+
+class BalancedSampler(EpochSampler):
+    """`--class-balance sampler`: N draws per epoch, with replacement, each sample with probability proportional to
+    1 / (its class's count), so every class is drawn N / K times in expectation. A function of (seed, epoch) as
+    EpochSampler's shuffle (every process draws the same list and Accelerate gives each its share of the batches;
+    a resumed run draws it again); yields (index, epoch, draw), `draw` counting the sample's repeats in the epoch,
+    which seeds a repeat's augmentation apart from the first (sample_seed). torch.utils.data's
+    WeightedRandomSampler draws from the global RNG, which a resume does not restore at the right point."""
+
+    def __init__(self, labels: Sequence[int], seed: int):
+        super().__init__(len(labels), seed)
+        labels = torch.as_tensor(list(labels), dtype=torch.long)
+        self.cumulative = (1.0 / torch.bincount(labels).double()[labels]).cumsum(0)
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        # inverse-CDF draws (torch.multinomial refuses more than 2**24 samples)
+        u = torch.rand(self.n, generator=g, dtype=torch.float64) * self.cumulative[-1]
+        seen: dict[int, int] = {}
+        for i in torch.searchsorted(self.cumulative, u, right=True).clamp_(max=self.n - 1).tolist():
+            seen[i] = seen.get(i, -1) + 1
+            yield i, self.epoch, seen[i]
 
 
 class WorkerSignals:

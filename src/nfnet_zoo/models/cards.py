@@ -167,6 +167,23 @@ def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _per_class_table(per_class: Any, most: int = 50) -> str:
+    """The validation top-1 of each class at the best epoch (summary.json's per_class); beyond `most` classes, the
+    `most` lowest (the rest are in summary.json)."""
+    if not isinstance(per_class, dict) or not per_class:
+        return ""
+    rows = [(str(c), r) for c, r in per_class.items() if isinstance(r, dict)
+            and all(isinstance(r.get(k), (int, float)) for k in ("accuracy", "count"))]
+    if not rows:
+        return ""
+    title = "Per class, at that epoch:"
+    if len(rows) > most:
+        rows = sorted(rows, key=lambda cr: cr[1]["accuracy"])[:most]
+        title = f"The {most} classes with the lowest top-1 at that epoch (all {len(per_class)} in summary.json):"
+    return (f"\n\n{title}\n\n| class | images | top-1 |\n|---|---|---|\n" + "\n".join(
+        f"| {c.replace('|', '/')} | {r['count']:.0f} | {r['accuracy']:.2f} |" for c, r in rows))
+
+
 def build_model_card(run_dir: Union[str, os.PathLike], repo_id: Optional[str] = None, *,
                      curves: Optional[bool] = None, dataset_id: Optional[str] = None) -> ModelCard:
     """The model card of a fine-tuning run folder, from its config.json, args.json, summary.json, metrics.jsonl.
@@ -243,6 +260,7 @@ def build_model_card(run_dir: Union[str, os.PathLike], repo_id: Optional[str] = 
                   *([("Layer-wise lr decay", f"{args['layer_decay']} per block below the classifier (timm's)")]
                     if args.get("layer_decay") else []),
                   ("Label smoothing", _fmt(args.get("smoothing"), "g")),
+                  ("Class balance", str(args.get("class_balance", "none"))),
                   ("Mixed precision", str(args.get("mixed_precision", "no"))),
                   ("Training images", _fmt(summary.get("num_train"), "d")),
                   ("Training time", f"{summary['train_time_s']} s" if summary.get("train_time_s") is not None else "-")]
@@ -252,6 +270,7 @@ def build_model_card(run_dir: Union[str, os.PathLike], repo_id: Optional[str] = 
         res = (f"## Evaluation\n\nOn the run's validation split ({_fmt(summary.get('num_val'), 'd')} images, best "
                f"epoch {best}): **top-1 {top1:.2f}%**, top-5 {_fmt(top5, '.2f')}%, loss "
                f"{_fmt(summary.get('val_loss'), '.4f')}.")
+        res += _per_class_table(summary.get("per_class"))
         if metrics:
             res += ("\n\n| epoch | train loss | val loss | top-1 | top-5 | lr | AGC clipped units |\n"
                     "|---|---|---|---|---|---|---|\n" + "\n".join(

@@ -30,7 +30,7 @@ from ..agc import clipped_parameters
 from ..agc_distributed import assert_agc_supported, prepare_for_fsdp2, unscale_and_clip_
 from ..data import ImageData, WorkerSignals
 from ..errors import NFNetZooError
-from ..evaluation import topk_correct
+from ..evaluation import per_class_accuracy, topk_correct
 from ..files import CURVES, write_bytes_atomic, write_json_atomic
 from .curves import INSTALL, curves_png, plotting_problem, run_title
 from .freeze import backbone_parameters, drop_frozen_grads
@@ -40,6 +40,7 @@ from .recipe import (FinetuneConfig, build_loaders, build_losses, build_model, b
 from .run_folder import finish, image_data, origin, own_run_folder, resolve, save_model_folder, saved_epoch
 from .runlock import RunLock
 from .runstate import check_room, load_run_state, save_run_state, state_dir
+from .sam import build_sam
 
 
 METRIC_KEYS = ("epoch", "train_loss", "val_loss", "top1", "top5", "lr", "images_per_sec", "clipped_fraction")
@@ -68,7 +69,7 @@ def finetune(config: Optional[FinetuneConfig] = None, *, resume: Optional[str] =
         with StopRequest() as stop, t.worker_signals.held():  # the workers leave SIGTERM to this process
             while t.progress.epoch < cfg.epochs and not early:
                 _train_one_epoch(t, stop)  # saves every --save-every updates; on Ctrl-C saves and stops
-                metrics = _validate(t.eval_model, t.val_loader, t.accelerator, len(t.data.classes))
+                metrics = _validate(t.eval_model, t.val_loader, t.accelerator, t.data.classes)
                 _end_of_epoch(t, metrics)  # metrics.jsonl, last (and best) exports, the epoch line
                 _save(t)
                 early = t.progress.early_stop(cfg.patience)
@@ -109,6 +110,7 @@ class _Training:
     progress: Progress
     worker_signals: WorkerSignals  # the DataLoader workers' worker_init_fn
     draw_curves: bool = True      # RUN/curves.png each epoch (main process); off without matplotlib
+    sam: Any = None               # sam.SAM (--sam), or None
 
     @property
     def frozen(self) -> bool:
@@ -147,7 +149,7 @@ def _setup(cfg: FinetuneConfig, run: Path, resuming: bool, lock: RunLock) -> _Tr
     train_loader, val_loader, sampler = build_loaders(cfg, data, model, accelerator, worker_signals)
     train_size, test_size = image_sizes(cfg, model)
     notes = [origin(cfg)]
-    mixup, train_loss_fn = build_losses(cfg, len(data.classes))
+    mixup, train_loss_fn = build_losses(cfg, len(data.classes), [label for _, label in data.train])
     lr = cfg.resolved_lr(accelerator.num_processes)
     optimizer = build_optimizer(cfg, model, lr)
 
@@ -172,7 +174,8 @@ def _setup(cfg: FinetuneConfig, run: Path, resuming: bool, lock: RunLock) -> _Tr
         check_room(run, accelerator.unwrap_model(model), ema)
     return _Training(cfg, run, accelerator, data, sampler, train_loader, val_loader, model, unwrapped, optimizer,
                      scheduler, mixup, train_loss_fn, ema, clip_params, backbone, lr, model_args, notes, train_size,
-                     test_size, Progress(accelerator.device), worker_signals)
+                     test_size, Progress(accelerator.device), worker_signals,
+                     sam=build_sam(cfg, accelerator))
 
 
 def _accelerator(cfg: FinetuneConfig, run: Path):
@@ -324,16 +327,21 @@ def _train_one_epoch(t: _Training, stop: StopRequest) -> None:
 
 def _train_step(t: _Training, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Forward, backward, AGC on the accumulated gradient, step (Accelerate skips the step and AGC on
-    accumulation micro-steps); returns the detached loss."""
+    accumulation micro-steps); with --sam, the ascent step before the first micro-batch's forward and the restore
+    of the weights before AGC (sam.py); returns the detached loss."""
     with t.accelerator.accumulate(t.model):
         if t.mixup is not None:
             x, y = t.mixup(x, y)
         if t.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if t.sam is not None and not t.sam.perturbed:  # the first micro-batch of an optimizer step: w -> w + e
+            t.sam.ascend(t.accelerator, t.model, t.train_loss_fn, x, y)
         loss = t.train_loss_fn(t.model(x), y)
         t.accelerator.backward(loss)
         if t.frozen:
             drop_frozen_grads(t.backbone)  # before AGC and the step, which then leave these weights alone
+        if t.sam is not None and t.accelerator.sync_gradients:  # back to w, which AGC and the step move
+            t.sam.restore()
         if t.clip_params is not None:
             stats = unscale_and_clip_(t.accelerator, t.clip_params, t.cfg.clipping)
             if stats is not None:  # None on accumulation micro-steps
@@ -343,12 +351,13 @@ def _train_step(t: _Training, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return loss.detach()
 
 
-def _validate(model: nn.Module, loader, accelerator, num_classes: int) -> dict:
-    """Val loss, top-1 and top-5 (%), each sample counted once across processes (None without a val split)."""
+def _validate(model: nn.Module, loader, accelerator, classes: list[str]) -> dict:
+    """Val loss, top-1 and top-5 (%) and per-class top-1, each sample counted once across processes (None without
+    a val split)."""
     if loader is None:
-        return {"val_loss": None, "top1": None, "top5": None}
+        return {"val_loss": None, "top1": None, "top5": None, "per_class": None}
     if getattr(loader, "streamed", False):
-        return _validate_stream(model, loader, accelerator, num_classes)
+        return _validate_stream(model, loader, accelerator, len(classes))
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction="none")
     rows = []
@@ -356,12 +365,14 @@ def _validate(model: nn.Module, loader, accelerator, num_classes: int) -> dict:
         for x, y in loader:
             with accelerator.autocast():
                 out = model(x)
-            c1, c5 = topk_correct(out.float(), y, (1, min(5, num_classes)))
-            per_sample = torch.stack([loss_fn(out.float(), y), c1.float(), c5.float()], 1)
+            c1, c5 = topk_correct(out.float(), y, (1, min(5, len(classes))))
+            per_sample = torch.stack([loss_fn(out.float(), y), c1.float(), c5.float(), y.float()], 1)
             rows.append(accelerator.gather_for_metrics(per_sample))
     model.train()
-    m = torch.cat(rows).double().mean(0).tolist()
-    return {"val_loss": m[0], "top1": 100 * m[1], "top5": 100 * m[2]}
+    rows = torch.cat(rows).double().cpu()
+    m = rows.mean(0).tolist()
+    per_class = per_class_accuracy(rows[:, 1].bool(), rows[:, 3].long(), {c: i for i, c in enumerate(classes)})
+    return {"val_loss": m[0], "top1": 100 * m[1], "top5": 100 * m[2], "per_class": per_class}
 
 
 def _validate_stream(model: nn.Module, loader, accelerator, num_classes: int) -> dict:
@@ -381,8 +392,9 @@ def _validate_stream(model: nn.Module, loader, accelerator, num_classes: int) ->
     sums = accelerator.reduce(sums, "sum") if accelerator.num_processes > 1 else sums
     n = sums[3].item()
     if not n:
-        return {"val_loss": None, "top1": None, "top5": None}
-    return {"val_loss": sums[0].item() / n, "top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n}
+        return {"val_loss": None, "top1": None, "top5": None, "per_class": None}
+    return {"val_loss": sums[0].item() / n, "top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n,
+            "per_class": None}  # per class: not gathered for streams
 
 
 def _end_of_epoch(t: _Training, metrics: dict) -> None:
@@ -407,7 +419,8 @@ def _end_of_epoch(t: _Training, metrics: dict) -> None:
         write_json_atomic(t.run / "metrics.jsonl", progress.history, lines=True)
         _draw_curves(t)
     if cfg.report_to:
-        accelerator.log({k: v for k, v in row.items() if v is not None and k != "epoch"}, step=progress.epoch + 1)
+        accelerator.log({k: v for k, v in row.items() if v is not None and k not in ("epoch", "per_class")},
+                        step=progress.epoch + 1)
     accelerator.print(_epoch_line(row, cfg.epochs))
     progress.next_epoch()
 

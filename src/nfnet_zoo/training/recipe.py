@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from nfnet_zoo_cli.settings import SCHEDULES, FinetuneConfig
 
@@ -181,7 +181,7 @@ def build_loaders(cfg: FinetuneConfig, data: ImageData, model: nn.Module, accele
     workers' signal handling (data.WorkerSignals), which the loop holds while it trains."""
     import torch
     from timm.data import create_transform, resolve_data_config
-    from ..data import EpochSampler, ImageDataset, WorkerSignals
+    from ..data import BalancedSampler, EpochSampler, ImageDataset, WorkerSignals
     from ..models.variants import deepmind_crop_pct
     train_size, test_size = image_sizes(cfg, model)
     dc = resolve_data_config(model=model)
@@ -192,6 +192,10 @@ def build_loaders(cfg: FinetuneConfig, data: ImageData, model: nn.Module, accele
                                std=dc["std"], crop_pct=deepmind_crop_pct(test_size), crop_mode="squash")
     per_step = cfg.batch_size * accelerator.num_processes
     if data.shards:
+        if cfg.class_balance != "none":  # both forms need every training label before the first step
+            raise NFNetZooError(f"--class-balance {cfg.class_balance} needs every training label before training, and "
+                                f"WebDataset shards are streamed; leave it off (--class-balance none) or give the "
+                                f"images in another layout (class folders, parquet, a CSV)")
         return _stream_loaders(cfg, data, accelerator, train_tf, eval_tf, signals or WorkerSignals())
     if len(data.train) < per_step:
         raise NFNetZooError(f"{len(data.train)} training images is fewer than one batch ({cfg.batch_size} x "
@@ -201,7 +205,8 @@ def build_loaders(cfg: FinetuneConfig, data: ImageData, model: nn.Module, accele
     common = dict(num_workers=cfg.workers, pin_memory=accelerator.device.type == "cuda",
                   persistent_workers=cfg.workers > 0, worker_init_fn=signals or WorkerSignals(),
                   prefetch_factor=4 if cfg.workers > 0 else None)
-    sampler = EpochSampler(len(data.train), cfg.seed)
+    sampler = (BalancedSampler([label for _, label in data.train], cfg.seed) if cfg.class_balance == "sampler"
+               else EpochSampler(len(data.train), cfg.seed))
     train = torch.utils.data.DataLoader(
         ImageDataset(data.train, opener, train_tf, cfg.seed), batch_size=cfg.batch_size, sampler=sampler,
         drop_last=True, generator=torch.Generator().manual_seed(cfg.seed), **common)
@@ -252,8 +257,9 @@ def image_sizes(cfg: FinetuneConfig, model: nn.Module) -> tuple[int, int]:
     return train, cfg.test_img_size or eval_size_for(train, v_train, v_test)
 
 
-def build_losses(cfg: FinetuneConfig, num_classes: int) -> tuple[Optional[Any], nn.Module]:
-    """(timm Mixup or None, training loss): soft-target CE with mixup/cutmix, else label smoothing."""
+def build_losses(cfg: FinetuneConfig, num_classes: int, labels: Sequence[int] = ()) -> tuple[Optional[Any], nn.Module]:
+    """(timm Mixup or None, training loss): soft-target CE with mixup/cutmix, else label smoothing; with
+    --class-balance loss, the class-weighted form of either (balance.py), weights from the training `labels`."""
     import torch
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -268,6 +274,9 @@ def build_losses(cfg: FinetuneConfig, num_classes: int) -> tuple[Optional[Any], 
         train_loss = LabelSmoothingCrossEntropy(cfg.smoothing)
     else:
         train_loss = torch.nn.CrossEntropyLoss()
+    if cfg.class_balance == "loss":  # the same targets (mixup's soft ones hold their smoothing), classes weighted
+        from .balance import WeightedCrossEntropy, class_weights
+        train_loss = WeightedCrossEntropy(class_weights(labels, num_classes), cfg.smoothing)
     return mixup, train_loss
 
 

@@ -296,7 +296,8 @@ def finish(cfg: FinetuneConfig, run: Path, data: ImageData, progress: Progress, 
     best = progress.best or {}
     stopped = f"early at epoch {progress.epoch} of {cfg.epochs}: {early}" if early else f"after --epochs {cfg.epochs}"
     summary = {"best_epoch": best.get("epoch"), "top1": best.get("top1"), "top5": best.get("top5"),
-               "val_loss": best.get("val_loss"), "num_train": data.num_train, "num_val": data.num_val,
+               "val_loss": best.get("val_loss"), "per_class": best.get("per_class"), "num_train": data.num_train,
+               "num_val": data.num_val,
                "num_classes": len(data.classes), "label_names": data.classes, "model": cfg.model,
                "base_model": cfg.base_model, "img_size": img_size, "train_time_s": round(progress.train_time, 1),
                "epochs_trained": progress.epoch, "stopped": stopped}
