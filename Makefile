@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/nfnet-zoo demo
 
+# Two pytest workers, a test file each at a time (module fixtures built once): the suite is mostly process starts
+# and small CPU runs, which two workers overlap on two cores.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The Hub tests on huggingface_hub's 1.x line (CI runs the whole suite on the pinned 2.x line).
 HUB1 ?= .venv-hub1
@@ -35,14 +37,15 @@ $(HUB1)/.installed: pyproject.toml constraints.txt
 
 # pyproject.toml's lower bounds (constraints-floor.txt) installed together from nothing, and the tests of what
 # touches their APIs (model creation, finetune, evaluate, predict, push to a local Hub, cards, AGC with
-# accelerate, saved datasets) run with them. CI runs it after `make test`.
+# accelerate, saved datasets, Hub datasets by name, parquet and WebDataset shards) run with them. CI runs it after `make test`.
 FLOOR ?= .venv-floor
 FLOOR_TESTS := tests/test_versions.py tests/test_variants.py tests/test_install.py tests/test_readme.py \
 	tests/test_finetune.py::test_run_folder_contract tests/test_finetune.py::test_result_loads_with_timm_local_dir \
 	tests/test_finetune.py::test_checkpoint_with_other_classes_gets_a_new_head tests/test_finetune.py::test_cli_faults_are_one_line \
 	tests/test_evaluate.py tests/test_hub.py tests/test_received.py tests/test_data.py::test_saved_hf_dataset_with_a_corrupt_row \
 	tests/test_agc_distributed.py::test_accelerate_accumulation_clips_once_on_the_accumulated_gradient \
-	tests/test_agc_distributed.py::test_refuses_fsdp1_and_deepspeed tests/test_ecosystem.py::test_meta_device_and_dtype
+	tests/test_agc_distributed.py::test_refuses_fsdp1_and_deepspeed tests/test_ecosystem.py::test_meta_device_and_dtype \
+	tests/test_hfds.py tests/test_shards.py tests/test_sources.py
 test-floors: $(FLOOR)/.installed
 	$(FLOOR)/bin/python -m pytest -q $(FLOOR_TESTS)
 

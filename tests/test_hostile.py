@@ -371,6 +371,7 @@ BAD_FLAGS = {
     "--log-interval": ["0", NEG, "1e3"],
     "--freeze-epochs": [*INT_BAD, "11"],  # 11: more than the 10 --epochs
     "--layer-decay": ["0", NEG, "1.5", NAN, INF], "--patience": INT_BAD,
+    "--sam": [NEG, "11", NAN, INF], "--sam-fraction": ["0", NEG, "1.5", NAN],
     "--decay-epochs": ["0", NEG, NAN, INF], "--decay-rate": ["0", NEG, HUGE, NAN], "--decay-milestones": ["0", NEG],
 }
 BAD_SCALES = [["2", "-1"], ["0", "0.5"], ["0.6", "0.5"], [NAN, "1"], ["0.1", INF]]
@@ -380,7 +381,8 @@ OTHER_BAD = [  # (command line, where the command would write)
     (["evaluate", "OUT", "--data-dir", "IN", "-b", v], None) for v in ("0", NEG, "1e3", NAN)] + [
     (["evaluate", "OUT", "--data-dir", "IN", "-j", v], None) for v in (NEG, "99999999")] + [
     (["predict", "OUT", "IN", "-k", v], None) for v in ("0", NEG, "99999999999")] + [
-    (["demo", "--output", "OUT", "-j", v], "OUT") for v in (NEG, "nan")]
+    (["demo", "--output", "OUT", "-j", v], "OUT") for v in (NEG, "nan")] + [
+    (["export", "OUT", "--output", "OUT.onnx", "--image-size", v], "OUT.onnx") for v in ("0", NEG, "4097", NAN)]
 
 
 def _refused_in_process(args: list, capsys) -> str:

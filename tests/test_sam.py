@@ -38,7 +38,7 @@ def loop_step(x, y, rho, fraction=1.0, accum=1, clipping=0.0, mixed_precision="n
                         cfg=SimpleNamespace(channels_last=False, clipping=clipping),
                         train_loss_fn=torch.nn.CrossEntropyLoss(), progress=SimpleNamespace(add_clip=lambda f: None),
                         clip_params=clipped_parameters(model) if clipping else None,
-                        sam=SAM(rho, fraction) if rho is not None else None)
+                        sam=SAM(rho, fraction) if rho is not None else None, frozen=False)
     for xb, yb in zip(x.chunk(accum), y.chunk(accum)):
         ft._train_step(t, xb, yb)
     assert t.sam is None or not t.sam.perturbed
