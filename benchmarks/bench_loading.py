@@ -144,19 +144,20 @@ def main() -> None:
     args = p.parse_args()
     batches = args.batches or args.count // args.batch_size - 1
     pool = _jpegs(64)
-    rows = []
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         tmp = Path(tmp)
+        # before datasets is imported: it reads its cache folder once, at import
+        os.environ["NFNET_ZOO_CACHE"] = str(tmp / "checks")
+        os.environ["HF_DATASETS_CACHE"] = str(tmp / "hf-cache")
         t = time.perf_counter()
         make_folder(tmp / "folder", args.count, pool)
         make_parquet(tmp / "folder", tmp / "parquet")
         make_shards(tmp / "folder", tmp / "wds", info=True)
         make_shards(tmp / "folder", tmp / "wds-noinfo", info=False)
         print(f"{args.count} images written in 4 layouts in {time.perf_counter() - t:.0f} s", flush=True)
-        os.environ["NFNET_ZOO_CACHE"] = str(tmp / "checks")
-        os.environ["HF_DATASETS_CACHE"] = str(tmp / "hf-cache")
         w, b = args.workers, args.batch_size
         import datasets
+        assert datasets.config.HF_DATASETS_CACHE == tmp / "hf-cache"
         import nfnet_zoo  # noqa: F401  registers nfnet_f0
         import timm
         datasets.disable_progress_bars()
