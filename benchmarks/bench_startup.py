@@ -106,9 +106,10 @@ def table(results: dict[int, dict[str, float]]) -> list[str]:
 
 
 def write_section(path: Path, lines: list[str]) -> None:
-    """Replace this benchmark's section of BENCHMARKS.md (or append it); nothing else changes."""
+    """Replace the section of BENCHMARKS.md that `lines` heads (lines[0], its `## ` heading), or append it; nothing
+    else changes."""
     old = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = old.find("\n" + HEADING)
+    start = old.find("\n" + lines[0] + "\n")
     if start < 0:
         new = old.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
     else:

@@ -1,6 +1,6 @@
 """Which fine-tuning tools help on a small dataset: measured runs of `nfnet-zoo finetune` on a transfer task.
 
-    python benchmarks/small_data.py [--per-class 10] [--epochs 10] [--seeds 0 1 2] [--only NAME ...] [--out BENCHMARKS.md]
+    python benchmarks/small_data.py [--per-class 20] [--epochs 15] [--lr 0.05] [--seeds 0 1 2] [--only NAME ...] [--out BENCHMARKS.md]
 
 The task needs no network: scikit-learn's digits (the demo's images, `nfnet_zoo.demo.build_digits_folder`).
 - Source: `nfnet_zoo_tiny` trained from scratch on the digits 0-4 (the demo's recipe, --source-epochs epochs).
@@ -82,8 +82,9 @@ def _cell(values: list[float]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--per-class", type=int, default=10)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--per-class", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate of the target runs (batch 16)")
     p.add_argument("--source-epochs", type=int, default=12)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--only", nargs="*", default=None, help="variants whose name contains one of these")
@@ -106,7 +107,7 @@ def main() -> None:
         print(f"source: digits {SOURCE}, {args.source_epochs} epochs, val top-1 {src['last']:.1f} "
               f"({time.perf_counter() - t:.0f} s)", flush=True)
         tune = dict(common, checkpoint=str(tmp / "runs" / "source"), pretrained=False, epochs=args.epochs,
-                    lr=None, lr_base=0.1, batch_size=16, warmup_epochs=1, img_size=32)
+                    lr=args.lr, batch_size=16, warmup_epochs=1, img_size=32)
         results = {}
         for kind, variants in (("balanced", VARIANTS), ("imbalanced", IMBALANCED)):
             data = tmp / kind
@@ -136,7 +137,7 @@ def main() -> None:
              f"on the digits {SOURCE} (val top-1 {src['last']:.1f}%). Target: the digits {TARGET}, {n} training "
              f"images a class (imbalanced: {targets['imbalanced']['5']} of class 5, {targets['imbalanced']['6']} of "
              f"each other), validated on all their images of the demo's val split; {args.epochs} epochs from the "
-             f"source checkpoint, batch 16, seeds {', '.join(map(str, args.seeds))} (mean ± half the range).", ""]
+             f"source checkpoint, batch 16, SGD lr {args.lr} (adamw: 1e-3), seeds {', '.join(map(str, args.seeds))} (mean ± half the range).", ""]
     lines += rows
     print("\n".join(lines))
     write_section(Path(args.out), lines)
