@@ -56,9 +56,10 @@ def _plain_warnings():
 
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "finetune", help="fine-tune an NFNet (or any timm model) on a folder of images, with AGC",
+        "finetune", help="fine-tune an NFNet (or any timm model) on your images (folders, tables, Hub datasets, "
+        "parquet, WebDataset shards), with AGC",
         description="Fine-tune on DIR/<class>/<image> (or DIR/train + DIR/val, a Hugging Face dataset "
-        "saved with save_to_disk, parquet files, or a Hub dataset hfds/NAME; see --data-dir) with the paper's recipe adapted to fine-tuning: SGD with Nesterov "
+        "saved with save_to_disk, parquet files, a CSV, a Hub dataset hfds/NAME or WebDataset shards; see --data-dir) with the paper's recipe adapted to fine-tuning: SGD with Nesterov "
         "momentum 0.9 (--opt: any timm optimizer), lr = --lr-base x global batch / 256, linear warmup then "
         "cosine decay per step (--sched), "
         "weight decay without gains, skip gains and biases, label smoothing, AGC on every parameter but "
@@ -110,7 +111,7 @@ _TTA = ("also score each image's horizontal mirror and average the two views' cl
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "evaluate", help="top-1, top-5 and per-class accuracy of a model on an image folder",
+        "evaluate", help="top-1, top-5 and per-class accuracy of a model on labelled images (any --data-dir source)",
         description="Evaluate MODEL on DIR's val/ (or validation/) folder, or on all of DIR/<class>/* "
         "when it has none, with the model's own evaluation preprocessing. Class folders are matched to "
         "the model's class names. When MODEL is a run folder and DIR the data it was trained on, only "
