@@ -504,6 +504,11 @@ def test_saved_hf_dataset_with_a_corrupt_row(tmp_path):
     assert len(data.train) == 12 and len(data.val) == 6 and data.skipped == ["train/12"]
     original = np.asarray(dd["train"][5]["img"].convert("RGB"))  # datasets' own decoder as reference
     assert np.array_equal(np.asarray(data.opener()("train/5")), original)
+    # a row or split the run's data.json names that the dataset no longer has: one line, not an IndexError
+    for gone in ("train/13", "test/0"):
+        with pytest.raises(NFNetZooError, match=f"cannot read image {gone} .*it changed") as e:
+            data.opener()(gone)
+        assert "\n" not in str(e.value)
 
 
 def test_saved_dataset_without_the_datasets_package_is_one_line(tmp_path, monkeypatch):

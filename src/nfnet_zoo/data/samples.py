@@ -127,7 +127,8 @@ class _Opener:
             img = self.raw(key)
             img.load()
             return to_rgb(img)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        except (OSError, SyntaxError, ValueError, IndexError, KeyError, Image.DecompressionBombError) as e:
+            # IndexError/KeyError: a row or split data.json names is gone (the dataset changed under the run)
             raise NFNetZooError(f"cannot read image {_show(key)} in {_show(self.root)} ({e}): it changed after "
                                 f"the start-up check, or the check did not decode it (--check-images header or "
                                 f"none); remove it and start again") from None
