@@ -260,7 +260,7 @@ def test_a_resume_with_other_workers_says_it_is_not_exact(timm_wds):
     assert data.shards["readers"] == {"processes": 1, "workers": 2}
     with pytest.warns(UserWarning, match=r"read by 2 worker\(s\) on 1 process\(es\), now 0 on 1.*--workers 2 on 1"):
         train, _, _ = _stream_loaders(FinetuneConfig(batch_size=2, workers=0), data, Accelerator(cpu=True), None, None,
-                                      None)
+                                      2, dict(num_workers=0))
     assert len(train) == 9
 
 

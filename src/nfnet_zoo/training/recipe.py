@@ -191,20 +191,21 @@ def build_loaders(cfg: FinetuneConfig, data: ImageData, model: nn.Module, accele
     eval_tf = create_transform(test_size, is_training=False, interpolation=dc["interpolation"], mean=dc["mean"],
                                std=dc["std"], crop_pct=deepmind_crop_pct(test_size), crop_mode="squash")
     per_step = cfg.batch_size * accelerator.num_processes
+    # what every loader here shares: workers, their signal handling, pinned memory for a GPU
+    common = dict(num_workers=cfg.workers, pin_memory=accelerator.device.type == "cuda",
+                  worker_init_fn=signals or WorkerSignals(), prefetch_factor=4 if cfg.workers > 0 else None)
     if data.shards:
         if cfg.class_balance != "none":  # both forms need every training label before the first step
             raise NFNetZooError(f"--class-balance {cfg.class_balance} needs every training label before training, and "
                                 f"WebDataset shards are streamed; leave it off (--class-balance none) or give the "
                                 f"images in another layout (class folders, parquet, a CSV)")
-        return _stream_loaders(cfg, data, accelerator, train_tf, eval_tf, signals or WorkerSignals())
+        return _stream_loaders(cfg, data, accelerator, train_tf, eval_tf, per_step, common)
     if len(data.train) < per_step:
         raise NFNetZooError(f"{len(data.train)} training images is fewer than one batch ({cfg.batch_size} x "
                             f"{accelerator.num_processes} process(es)); lower --batch-size to at most "
                             f"{max(1, len(data.train) // accelerator.num_processes)}")
     opener = data.opener()
-    common = dict(num_workers=cfg.workers, pin_memory=accelerator.device.type == "cuda",
-                  persistent_workers=cfg.workers > 0, worker_init_fn=signals or WorkerSignals(),
-                  prefetch_factor=4 if cfg.workers > 0 else None)
+    common["persistent_workers"] = cfg.workers > 0
     sampler = (BalancedSampler([label for _, label in data.train], cfg.seed) if cfg.class_balance == "sampler"
                else EpochSampler(len(data.train), cfg.seed))
     train = torch.utils.data.DataLoader(
@@ -215,7 +216,8 @@ def build_loaders(cfg: FinetuneConfig, data: ImageData, model: nn.Module, accele
     return train, val, sampler
 
 
-def _stream_loaders(cfg: FinetuneConfig, data: ImageData, accelerator, train_tf, eval_tf, signals: WorkerSignals):
+def _stream_loaders(cfg: FinetuneConfig, data: ImageData, accelerator, train_tf, eval_tf, per_step: int,
+                    common: dict):
     """build_loaders for WebDataset shards (data/shards.py): each process reads its own shards; an epoch is the same
     number of batches on every process (a multiple of --grad-accum-steps), and the stream itself is the "sampler" whose
     `epoch` (and `skip`, the batches a resumed epoch had consumed) the loop sets."""
@@ -228,7 +230,6 @@ def _stream_loaders(cfg: FinetuneConfig, data: ImageData, accelerator, train_tf,
         warnings.warn(f"the run's shards were read by {was['workers']} worker(s) on {was['processes']} process(es), now "
                       f"{cfg.workers} on {accelerator.num_processes}: the epoch in progress goes on with another order "
                       f"of its samples (an exact resume needs --workers {was['workers']} on {was['processes']})")
-    per_step = cfg.batch_size * accelerator.num_processes
     batches = data.num_train // per_step
     batches -= batches % cfg.grad_accum_steps
     if batches < 1:
@@ -238,9 +239,8 @@ def _stream_loaders(cfg: FinetuneConfig, data: ImageData, accelerator, train_tf,
     # workers start afresh each epoch: they copy the stream's epoch and skip when an epoch's iteration begins
     # a generator of their own: iter() would otherwise draw the workers' base seed from the training RNG, once more
     # in a resumed epoch than in the run it continues
-    common = dict(num_workers=cfg.workers, pin_memory=accelerator.device.type == "cuda", worker_init_fn=signals,
-                  prefetch_factor=4 if cfg.workers > 0 else None, batch_size=cfg.batch_size)
-    loader = lambda stream: OnDevice(torch.utils.data.DataLoader(stream, generator=torch.Generator(), **common),
+    loader = lambda stream: OnDevice(torch.utils.data.DataLoader(stream, batch_size=cfg.batch_size,
+                                                                 generator=torch.Generator(), **common),
                                      accelerator.device)
     share = dict(rank=accelerator.process_index, world=accelerator.num_processes, bad_images=cfg.bad_images)
     stream = ShardStream(data, "train", train_tf, seed=cfg.seed, batch_size=cfg.batch_size, batches=batches, **share)
